@@ -1,0 +1,96 @@
+"""AudioEncoder: one ffmpeg process per response, fed from the model's PCM stream.
+
+A DeploymentResponseGenerator cannot be passed to another deployment (ray#57098), so this stage calls the
+model itself: it starts ffmpeg and the model stream together (ffmpeg's start-up overlaps generation),
+writes PCM into ffmpeg as it arrives and yields ffmpeg's output as soon as ffmpeg flushes it. Whatever
+way the response ends (done, error, client gone), ffmpeg is killed and the model stream cancelled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass
+from typing import AsyncIterator, Optional
+
+from ..errors import GenerationError, ServiceUnavailableError
+from ..ffmpeg import ffmpeg_command, find_ffmpeg
+from ..logs import configure_logging
+from ..protocol import Usage
+from ..settings import Settings
+from ..engine.generation import SynthesisRequest
+
+logger = logging.getLogger("sesame_tts")
+
+READ_SIZE = 64 * 1024
+
+
+@dataclass
+class EncodeRequest:
+    synthesis: SynthesisRequest
+    response_format: str
+    speed: float = 1.0
+
+
+class AudioEncoder:
+    def __init__(self, settings: Settings, model):
+        configure_logging(settings.log_level)
+        self._model = model
+        self._ffmpeg, self._ffmpeg_info = find_ffmpeg(settings.ffmpeg_path)
+        if self._ffmpeg is None:
+            logger.error("%s", self._ffmpeg_info)
+
+    async def health(self) -> dict:
+        return {"ok": self._ffmpeg is not None, "ffmpeg": self._ffmpeg_info}
+
+    async def encode(self, request: EncodeRequest) -> AsyncIterator[bytes | Usage]:
+        """Encoded audio bytes as ffmpeg produces them, then the model's `Usage`."""
+        if self._ffmpeg is None:
+            raise ServiceUnavailableError(f"Audio encoding is unavailable: {self._ffmpeg_info}", code="ffmpeg_unavailable")
+        proc = await asyncio.create_subprocess_exec(
+            *ffmpeg_command(self._ffmpeg, request.response_format, request.speed),
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )
+        pcm = self._model.options(stream=True).generate.remote(request.synthesis)
+        usage: list[Usage] = []
+        feeder = asyncio.create_task(self._feed(pcm, proc, usage))
+        try:
+            while data := await proc.stdout.read(READ_SIZE):
+                yield data
+            await feeder  # the model's error, if it failed, surfaces here
+            if await proc.wait() != 0:
+                stderr = (await proc.stderr.read()).decode(errors="replace").strip()
+                raise GenerationError(f"Audio encoding failed (ffmpeg exited {proc.returncode}): {stderr[-300:]}")
+            yield usage[0] if usage else Usage()
+        finally:
+            feeder.cancel()
+            pcm.cancel()
+            await _kill(proc)
+
+    @staticmethod
+    async def _feed(pcm, proc: asyncio.subprocess.Process, usage: list[Usage]) -> None:
+        """Copy the model's PCM into ffmpeg; on a model error kill ffmpeg so the reader stops at once."""
+        try:
+            async for item in pcm:
+                if isinstance(item, Usage):
+                    usage.append(item)
+                    continue
+                proc.stdin.write(item)
+                await proc.stdin.drain()
+            proc.stdin.close()
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # ffmpeg died; the reader sees EOF and the exit code tells why
+        except BaseException:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            raise
+
+
+async def _kill(proc: Optional[asyncio.subprocess.Process]) -> None:
+    if proc is None or proc.returncode is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        proc.kill()
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(proc.wait(), timeout=5)

@@ -1,0 +1,99 @@
+"""Typed errors and the one place that turns any exception into OpenAI's error body.
+
+Deployments raise these; Ray carries them across handles (wrapped in a RayTaskError), and the ingress maps
+them with `to_error_response`. Anything that is not an `APIError` becomes a generic 500 whose details go to
+the log only.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+from fastapi.responses import JSONResponse
+
+logger = logging.getLogger("sesame_tts")
+
+
+class APIError(Exception):
+    """An error with a known HTTP status and OpenAI error type/code."""
+
+    status_code = 500
+    error_type = "server_error"
+    default_code: Optional[str] = "internal_error"
+
+    def __init__(self, message: str, *, param: Optional[str] = None, code: Optional[str] = None):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code or self.default_code
+
+    def __reduce__(self):
+        # Keyword arguments survive pickling across Ray handles.
+        return (_rebuild, (type(self), self.message, self.param, self.code))
+
+    def body(self) -> dict:
+        return error_body(self.message, self.error_type, self.param, self.code)
+
+
+def _rebuild(cls, message, param, code):
+    return cls(message, param=param, code=code)
+
+
+class InvalidRequestError(APIError):
+    status_code = 400
+    error_type = "invalid_request_error"
+    default_code = "invalid_value"
+
+
+class NotFoundError(APIError):
+    status_code = 404
+    error_type = "invalid_request_error"
+    default_code = "not_found"
+
+
+class ServiceUnavailableError(APIError):
+    """The server cannot serve right now (model loading or broken, ffmpeg missing)."""
+
+    status_code = 503
+    error_type = "server_error"
+    default_code = "service_unavailable"
+
+
+class ModelNotReadyError(ServiceUnavailableError):
+    default_code = "model_not_ready"
+
+
+class GenerationError(APIError):
+    """Audio generation or encoding failed part-way."""
+
+    default_code = "generation_failed"
+
+
+def error_body(message: str, error_type: str, param: Optional[str] = None, code: Optional[str] = None) -> dict:
+    return {"error": {"message": message, "type": error_type, "param": param, "code": code}}
+
+
+def unwrap(exc: BaseException) -> BaseException:
+    """The original exception behind Ray's wrappers (RayTaskError keeps it as `.cause`)."""
+    seen = 0
+    while getattr(exc, "cause", None) is not None and seen < 5:
+        exc = exc.cause
+        seen += 1
+    return exc
+
+
+def as_api_error(exc: BaseException) -> APIError:
+    """Any exception as an APIError; unknown ones are logged with their traceback and hidden."""
+    original = unwrap(exc)
+    if isinstance(original, APIError):
+        return original
+    logger.error("unexpected error", exc_info=(type(original), original, original.__traceback__))
+    return APIError("The server had an error while processing your request.")
+
+
+def to_error_response(exc: BaseException) -> JSONResponse:
+    """The one mapping from an exception to an HTTP response with OpenAI's error body."""
+    error = as_api_error(exc)
+    headers = {"Retry-After": "5"} if error.status_code == 503 else None
+    return JSONResponse(error.body(), status_code=error.status_code, headers=headers)

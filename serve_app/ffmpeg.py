@@ -1,0 +1,73 @@
+"""ffmpeg command lines for each response format.
+
+One ffmpeg process encodes one whole response, so every response is one continuous container. Input is
+raw s16le 24 kHz mono on stdin, declared up front: with no probing (`-probesize 32 -analyzeduration 0`) and
+packet flushing, ffmpeg emits output as soon as it has a frame, instead of holding the first mp3 byte
+until the input ends.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from typing import Optional
+
+from .settings import SAMPLE_RATE
+
+# format -> (Content-Type, encoder and muxer arguments)
+FORMATS: dict[str, tuple[str, list[str]]] = {
+    "mp3": ("audio/mpeg", ["-c:a", "libmp3lame", "-b:a", "64k", "-write_xing", "0", "-f", "mp3"]),
+    "opus": ("audio/opus", ["-c:a", "libopus", "-b:a", "32k", "-page_duration", "20000", "-f", "ogg"]),
+    "aac": ("audio/aac", ["-c:a", "aac", "-b:a", "64k", "-f", "adts"]),
+    "flac": ("audio/flac", ["-c:a", "flac", "-sample_fmt", "s16", "-f", "flac"]),
+    # On a pipe ffmpeg writes 0xFFFFFFFF into the RIFF and data sizes (streaming WAV); bitexact drops
+    # the LIST/INFO chunk so the header is the plain 44 bytes.
+    "wav": ("audio/wav", ["-c:a", "pcm_s16le", "-bitexact", "-f", "wav"]),
+    "pcm": ("audio/pcm", ["-c:a", "pcm_s16le", "-f", "s16le"]),
+}
+
+
+def content_type(fmt: str) -> str:
+    return FORMATS[fmt][0]
+
+
+def atempo_chain(speed: float) -> Optional[str]:
+    """A pitch-preserving tempo filter for any speed in [0.25, 4]; atempo takes 0.5..2 per stage."""
+    if abs(speed - 1.0) < 1e-6:
+        return None
+    stages = []
+    while speed > 2.0:
+        stages.append(2.0)
+        speed /= 2.0
+    while speed < 0.5:
+        stages.append(0.5)
+        speed /= 0.5
+    stages.append(speed)
+    return ",".join(f"atempo={s:.6g}" for s in stages)
+
+
+def ffmpeg_command(ffmpeg: str, fmt: str, speed: float = 1.0) -> list[str]:
+    tempo = atempo_chain(speed)
+    return [
+        ffmpeg, "-hide_banner", "-loglevel", "error",
+        "-probesize", "32", "-analyzeduration", "0", "-fflags", "+nobuffer",
+        "-f", "s16le", "-ar", str(SAMPLE_RATE), "-ac", "1", "-i", "pipe:0",
+        *(["-filter:a", tempo] if tempo else []),
+        "-ar", str(SAMPLE_RATE), "-ac", "1", "-map_metadata", "-1",
+        *FORMATS[fmt][1],
+        "-flush_packets", "1", "pipe:1",
+    ]
+
+
+def find_ffmpeg(name: str) -> tuple[Optional[str], str]:
+    """(path, version line) of ffmpeg, or (None, reason) when it cannot be run."""
+    path = shutil.which(name)
+    if path is None:
+        return None, f"ffmpeg not found (FFMPEG_PATH={name}); install it (brew install ffmpeg / apt-get install ffmpeg)"
+    try:
+        out = subprocess.run([path, "-hide_banner", "-version"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return None, f"ffmpeg at {path} does not run: {exc}"
+    if out.returncode != 0:
+        return None, f"ffmpeg at {path} exited {out.returncode}"
+    return path, out.stdout.splitlines()[0] if out.stdout else path

@@ -1,0 +1,87 @@
+"""Request and response models of the HTTP API.
+
+`SpeechRequest` mirrors OpenAI's createSpeech body field for field, in the documentation's order; our
+extensions are fenced off below it. `extra="allow"` keeps clients that send newer or vendor fields working:
+unknown fields are accepted and ignored.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr
+
+from .settings import MODEL_NAME, ResponseFormat
+
+
+class VoiceRef(BaseModel):
+    """OpenAI's object form of `voice` (a custom voice id)."""
+
+    model_config = ConfigDict(extra="allow")
+    id: StrictStr
+
+
+class SpeechRequest(BaseModel):
+    """POST /v1/audio/speech."""
+
+    model_config = ConfigDict(extra="allow")
+
+    # --- OpenAI createSpeech, in the documentation's order ---
+    # Any model name is accepted: this server has one model. Optional so the brief's bare curl works.
+    model: StrictStr = MODEL_NAME
+    # Length limits depend on MAX_INPUT_LENGTH and are checked by the text frontend.
+    input: StrictStr
+    # A preset name, an OpenAI voice name (mapped through voices/aliases.yaml), or {"id": name}.
+    # Optional: DEFAULT_VOICE is used when absent.
+    voice: Optional[Union[StrictStr, VoiceRef]] = None
+    # CSM-1B has no instruction input: accepted for compatibility, logged, and not used.
+    instructions: Optional[StrictStr] = Field(None, max_length=4096)
+    # None means DEFAULT_FORMAT.
+    response_format: Optional[ResponseFormat] = None
+    speed: Union[StrictInt, StrictFloat] = Field(1.0, ge=0.25, le=4.0)
+    stream_format: Literal["audio", "sse"] = "audio"
+
+    # --- Extensions (not in OpenAI's API) ---
+    # Makes sampling reproducible: the same seed, text and voice give the same audio.
+    seed: Optional[StrictInt] = Field(None, ge=0, le=2**63 - 1)
+
+    @property
+    def voice_name(self) -> Optional[str]:
+        return self.voice.id if isinstance(self.voice, VoiceRef) else self.voice
+
+
+class ModelCard(BaseModel):
+    id: str = MODEL_NAME
+    object: Literal["model"] = "model"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    owned_by: str = "sesame"
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class VoiceInfo(BaseModel):
+    id: str
+    name: str
+    description: str
+
+
+class VoiceList(BaseModel):
+    voices: list[VoiceInfo]
+
+
+class Usage(BaseModel):
+    """Token counts of one response: text tokens in, CSM audio frames out."""
+
+    input_tokens: int = 0
+    output_tokens: int = 0
+
+    @property
+    def total_tokens(self) -> int:
+        return self.input_tokens + self.output_tokens
+
+    def as_openai(self) -> dict:
+        return {"input_tokens": self.input_tokens, "output_tokens": self.output_tokens, "total_tokens": self.total_tokens}

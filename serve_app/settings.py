@@ -1,0 +1,124 @@
+"""Every env-tunable setting of the server, in one place.
+
+Values come from the process environment and an optional `.env` file (the environment wins). They are
+validated once, at start-up, and a bad value stops the server with a message naming the variable. The
+Serve app builder loads them and hands the same `Settings` object to every deployment through `.bind()`,
+because the builder runs in its own process and its environment does not reach the replicas.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal, Mapping, Optional
+
+from dotenv import dotenv_values
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+ResponseFormat = Literal["mp3", "opus", "aac", "flac", "wav", "pcm"]
+RESPONSE_FORMATS: tuple[str, ...] = ("mp3", "opus", "aac", "flac", "wav", "pcm")
+
+# The Mimi codec's fixed output: 24 kHz mono, one CSM frame per 80 ms.
+SAMPLE_RATE = 24_000
+FRAME_RATE = 12.5
+SAMPLES_PER_FRAME = int(SAMPLE_RATE / FRAME_RATE)
+
+MODEL_NAME = "csm-1b"
+
+
+class ConfigError(ValueError):
+    """A setting is missing or invalid; the message names the variable and the problem."""
+
+
+class Settings(BaseModel):
+    """Validated server settings. Field names are the environment variable names, lower-cased."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    # The brief's R7 settings.
+    host: str = "0.0.0.0"
+    port: int = Field(8880, ge=1, le=65535)
+    model_id: str = Field("mlx-community/csm-1b", min_length=1)
+    cache_dir: Path = Path("~/.cache/sesame-tts")
+    default_voice: str = "conversational"
+    default_format: ResponseFormat = "mp3"
+    max_input_length: int = Field(4096, ge=1, le=100_000)
+    log_level: Literal["debug", "info", "warning", "error", "critical"] = "info"
+
+    # The model.
+    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    mlx_device: Literal["auto", "cpu", "gpu"] = "auto"
+    hf_token: Optional[SecretStr] = None
+    # Where a hub checkpoint's missing pieces are fetched from (a local MODEL_ID never fetches).
+    tokenizer_id: str = "unsloth/Llama-3.2-1B"
+    mimi_id: str = "kyutai/moshiko-pytorch-bf16"
+    mimi_file: str = "tokenizer-e351c8d8-checkpoint125.safetensors"
+
+    # Text chunking: the first chunk is short so speech starts early.
+    first_chunk_max_chars: int = Field(100, ge=20)
+    chunk_max_chars: int = Field(220, ge=20, le=1000)
+
+    # Streaming: frames decoded per PCM group; the first group is small for a fast first byte.
+    first_group_frames: int = Field(2, ge=1, le=50)
+    group_frames: int = Field(6, ge=1, le=100)
+
+    # Runaway guard: a text chunk may produce at most base + per_char * len(text) seconds of audio.
+    max_audio_base_s: float = Field(2.0, ge=0.08)
+    max_audio_s_per_char: float = Field(0.12, ge=0.0)
+
+    # Presets and ffmpeg.
+    voices_dir: Path = PROJECT_ROOT / "voices"
+    ffmpeg_path: str = "ffmpeg"
+
+    @field_validator("cache_dir", "voices_dir")
+    @classmethod
+    def _expand(cls, value: Path) -> Path:
+        return Path(os.path.expandvars(str(value))).expanduser()
+
+    @field_validator("log_level", "default_format", "dtype", "mlx_device", mode="before")
+    @classmethod
+    def _lower(cls, value):
+        return value.lower() if isinstance(value, str) else value
+
+    @classmethod
+    def load(cls, environ: Optional[Mapping[str, str]] = None, env_file: Optional[Path] = None) -> "Settings":
+        """Read settings from `env_file` (default: `.env` in the working directory, else the project root)
+        overlaid with `environ` (default: the process environment)."""
+        environ = os.environ if environ is None else environ
+        values: dict[str, str] = {}
+        path = env_file or find_env_file(environ)
+        if path is not None:
+            values.update({k: v for k, v in dotenv_values(path).items() if v is not None})
+        values.update(environ)
+        fields = {name.upper(): name for name in cls.model_fields}
+        chosen = {fields[key]: value for key, value in values.items() if key in fields}
+        try:
+            return cls(**chosen)
+        except ValidationError as exc:
+            problems = [
+                f"{'.'.join(str(p) for p in err['loc']).upper()}={err.get('input')!r}: {err['msg']}"
+                for err in exc.errors()
+            ]
+            raise ConfigError("invalid settings: " + "; ".join(problems)) from None
+
+    def public_dict(self) -> dict:
+        """The settings safe to log: secrets are masked."""
+        data = self.model_dump(mode="json")
+        data["hf_token"] = "***" if self.hf_token else None
+        return data
+
+
+def find_env_file(environ: Mapping[str, str]) -> Optional[Path]:
+    """ENV_FILE if set, else the first `.env` in the working directory or the project root."""
+    if environ.get("ENV_FILE"):
+        path = Path(environ["ENV_FILE"]).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"ENV_FILE={path}: no such file")
+        return path
+    for folder in (Path.cwd(), PROJECT_ROOT):
+        candidate = folder / ".env"
+        if candidate.is_file():
+            return candidate
+    return None
