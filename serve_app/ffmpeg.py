@@ -20,9 +20,8 @@ FORMATS: dict[str, tuple[str, list[str]]] = {
     "opus": ("audio/opus", ["-c:a", "libopus", "-b:a", "32k", "-page_duration", "20000", "-f", "ogg"]),
     "aac": ("audio/aac", ["-c:a", "aac", "-b:a", "64k", "-f", "adts"]),
     "flac": ("audio/flac", ["-c:a", "flac", "-sample_fmt", "s16", "-f", "flac"]),
-    # On a pipe ffmpeg writes 0xFFFFFFFF into the RIFF and data sizes (streaming WAV); bitexact drops
-    # the LIST/INFO chunk so the header is the plain 44 bytes.
-    "wav": ("audio/wav", ["-c:a", "pcm_s16le", "-bitexact", "-f", "wav"]),
+    # On a pipe ffmpeg writes 0xFFFFFFFF into the RIFF and data sizes (streaming WAV).
+    "wav": ("audio/wav", ["-c:a", "pcm_s16le", "-f", "wav"]),
     "pcm": ("audio/pcm", ["-c:a", "pcm_s16le", "-f", "s16le"]),
 }
 
@@ -53,7 +52,8 @@ def ffmpeg_command(ffmpeg: str, fmt: str, speed: float = 1.0) -> list[str]:
         "-probesize", "32", "-analyzeduration", "0", "-fflags", "+nobuffer",
         "-f", "s16le", "-ar", str(SAMPLE_RATE), "-ac", "1", "-i", "pipe:0",
         *(["-filter:a", tempo] if tempo else []),
-        "-ar", str(SAMPLE_RATE), "-ac", "1", "-map_metadata", "-1",
+        # No metadata and no encoder tags: the WAV header is the plain 44 bytes, mp3 has no ID3 tag.
+        "-ar", str(SAMPLE_RATE), "-ac", "1", "-map_metadata", "-1", "-fflags", "+bitexact", "-flags:a", "+bitexact",
         *FORMATS[fmt][1],
         "-flush_packets", "1", "pipe:1",
     ]

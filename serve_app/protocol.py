@@ -39,7 +39,7 @@ class SpeechRequest(BaseModel):
     instructions: Optional[StrictStr] = Field(None, max_length=4096)
     # None means DEFAULT_FORMAT.
     response_format: Optional[ResponseFormat] = None
-    speed: Union[StrictInt, StrictFloat] = Field(1.0, ge=0.25, le=4.0)
+    speed: StrictFloat = Field(1.0, ge=0.25, le=4.0)  # StrictFloat still takes JSON integers
     stream_format: Literal["audio", "sse"] = "audio"
 
     # --- Extensions (not in OpenAI's API) ---

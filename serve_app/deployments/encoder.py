@@ -65,6 +65,8 @@ class AudioEncoder:
             yield usage[0] if usage else Usage()
         finally:
             feeder.cancel()
+            # Its exception (if any) was raised above or is moot now; don't log it as "never retrieved".
+            feeder.add_done_callback(lambda task: task.cancelled() or task.exception())
             pcm.cancel()
             await _kill(proc)
 
@@ -75,16 +77,25 @@ class AudioEncoder:
             async for item in pcm:
                 if isinstance(item, Usage):
                     usage.append(item)
-                    continue
-                proc.stdin.write(item)
-                await proc.stdin.drain()
+                elif not await _write(proc, item):
+                    return  # ffmpeg is gone; the reader sees EOF and its exit code says why
             proc.stdin.close()
-        except (BrokenPipeError, ConnectionResetError):
-            pass  # ffmpeg died; the reader sees EOF and the exit code tells why
         except BaseException:
             with contextlib.suppress(ProcessLookupError):
                 proc.kill()
             raise
+
+
+async def _write(proc: asyncio.subprocess.Process, data: bytes) -> bool:
+    """Write to ffmpeg's stdin; False once ffmpeg has exited (a dead pipe or a closed transport)."""
+    if proc.stdin.is_closing():
+        return False
+    try:
+        proc.stdin.write(data)
+        await proc.stdin.drain()
+        return True
+    except (BrokenPipeError, ConnectionResetError, RuntimeError):
+        return False
 
 
 async def _kill(proc: Optional[asyncio.subprocess.Process]) -> None:

@@ -102,7 +102,7 @@ class SpeechIngress:
             raise
         logger.info("request %s voice=%s format=%s chars=%d chunks=%d first byte %.0f ms", request_id,
                     plan.preset.name, fmt, plan.characters, len(plan.chunks), 1000 * (time.perf_counter() - started))
-        headers = {"X-Request-Id": request_id, "Cache-Control": "no-cache"}
+        headers = {"Cache-Control": "no-cache"}
         if body.stream_format == "sse":
             return StreamingResponse(_sse_events(first, stream), media_type="text/event-stream", headers=headers)
         return StreamingResponse(_audio_bytes(first, stream), media_type=content_type(fmt), headers=headers)

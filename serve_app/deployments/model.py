@@ -16,7 +16,7 @@ from ..logs import configure_logging
 from ..protocol import Usage
 from ..settings import MODEL_NAME, Settings
 from ..voices import VoiceLibrary
-from ..engine.generation import CSMEngine, SynthesisRequest, select_device
+from ..engine.generation import CSMEngine, SynthesisRequest, describe_device, select_device
 from ..engine.worker import ModelWorker
 
 logger = logging.getLogger("sesame_tts")
@@ -63,7 +63,7 @@ class CSMModel:
     async def health(self) -> dict:
         state = "ready" if self._engine else ("failed" if self._error else "loading")
         info = {"status": state, "model": MODEL_NAME, "model_id": self._settings.model_id,
-                "device": str(self._device), "dtype": self._settings.dtype, "queued": self._worker.waiting}
+                "device": describe_device(self._device), "dtype": self._settings.dtype, "queued": self._worker.waiting}
         if self._error:
             info["error"] = self._error
         return info

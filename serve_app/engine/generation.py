@@ -67,13 +67,20 @@ class _Tokens:
         return len(self.ids)
 
 
-def select_device(choice: str) -> mx.Device:
+def select_device(choice: str) -> mx.DeviceType:
     """The MLX device for this replica: the GPU (Metal or CUDA) where MLX has one, else the CPU."""
     if choice == "cpu" or (choice == "auto" and not mx.is_available(mx.gpu)):
         return mx.cpu
     if not mx.is_available(mx.gpu):
         raise RuntimeError("MLX_DEVICE=gpu but this MLX build has no GPU backend (install mlx[cuda] or run on a Mac)")
     return mx.gpu
+
+
+def describe_device(device: mx.DeviceType) -> str:
+    """'cpu', 'gpu (metal)' or 'gpu (cuda)'."""
+    if device != mx.gpu:
+        return "cpu"
+    return "gpu (metal)" if mx.metal.is_available() else "gpu (cuda)"
 
 
 def max_frames_for(text: str, settings: Settings) -> int:

@@ -47,7 +47,7 @@ class _CallJob:
 class ModelWorker:
     """A single daemon thread running submitted calls and generator jobs one at a time."""
 
-    def __init__(self, device: Optional[mx.Device] = None, name: str = "mlx-worker"):
+    def __init__(self, device: Optional[mx.DeviceType] = None, name: str = "mlx-worker"):
         self._device = device
         self._jobs: "queue.Queue[Any]" = queue.Queue()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)

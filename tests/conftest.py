@@ -1,0 +1,100 @@
+"""Shared fixtures: a tiny random-weight checkpoint, and the real server started once per session.
+
+The server is started exactly as the README does (`python -m serve_app.launch`, i.e. `serve run` on
+serve_config.yaml) with MODEL_ID pointing at the tiny checkpoint, on a free loopback port. Nothing here
+reaches the network.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# Small runaway caps: the tiny model never emits end-of-speech, so every request runs to its cap.
+TEST_ENV = {
+    "MAX_AUDIO_BASE_S": "0.5",
+    "MAX_AUDIO_S_PER_CHAR": "0.05",
+    "LOG_LEVEL": "info",
+    "HF_HUB_OFFLINE": "1",
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    from serve_app.tiny_checkpoint import write_checkpoint
+
+    return write_checkpoint(tmp_path_factory.mktemp("tiny-csm"))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, base_url: str, proc: subprocess.Popen, log: Path):
+        self.base_url = base_url
+        self.api = f"{base_url}/v1"
+        self.proc = proc
+        self.log = log
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+@pytest.fixture(scope="session")
+def server(tiny_checkpoint, tmp_path_factory) -> Server:
+    work = tmp_path_factory.mktemp("server")
+    env_file = work / "empty.env"
+    env_file.write_text("")
+    port = _free_port()
+    env = {**os.environ, **TEST_ENV, "MODEL_ID": str(tiny_checkpoint), "CACHE_DIR": str(work / "cache"),
+           "HOST": "127.0.0.1", "PORT": str(port), "ENV_FILE": str(env_file), "RAY_ADDRESS": "local"}
+    log = work / "server.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "serve_app.launch"], cwd=ROOT, env=env, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 180
+    while True:
+        if proc.poll() is not None:
+            pytest.fail(f"server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            if httpx.get(f"{base}/health", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            _stop(proc)
+            pytest.fail(f"server not healthy after 180 s:\n{log.read_text()[-3000:]}")
+        time.sleep(0.5)
+    yield Server(base, proc, log)
+    _stop(proc)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+@pytest.fixture(scope="session")
+def openai_client(server):
+    from openai import OpenAI
+
+    return OpenAI(base_url=server.api, api_key="sk-test-unused", max_retries=0, timeout=60)
