@@ -35,7 +35,7 @@ class ConfigError(ValueError):
 class Settings(BaseModel):
     """Validated server settings. Field names are the environment variable names, lower-cased."""
 
-    model_config = ConfigDict(extra="ignore", frozen=True)
+    model_config = ConfigDict(extra="ignore", frozen=True, validate_default=True)
 
     # The brief's R7 settings.
     host: str = "0.0.0.0"

@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Set up if needed, then run the whole test suite (offline: a tiny random-weight checkpoint, real Ray
+# Serve, real ffmpeg). Extra arguments go to pytest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+./ops/setup.sh
+exec .venv/bin/python -m pytest "$@"

@@ -1,0 +1,127 @@
+"""Checkpoint resolution and loading: a local folder, a hub id served from the cache, and broken ones."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from serve_app.engine.checkpoint import ModelLoadError, TextTokenizer, load_csm, load_mimi, resolve_checkpoint
+from serve_app.settings import Settings
+from serve_app.tiny_checkpoint import MIMI_FILE
+
+
+def settings(model_id, **kw) -> Settings:
+    return Settings(model_id=str(model_id), **kw)
+
+
+def test_local_folder_resolves_every_piece(tiny_checkpoint):
+    files = resolve_checkpoint(settings(tiny_checkpoint))
+    assert files.root == tiny_checkpoint.resolve()
+    assert [p.name for p in files.weights] == ["model.safetensors"]
+    assert files.tokenizer_dir == files.root
+    assert files.mimi_weights.name == MIMI_FILE and files.mimi_config["quantizer_nq"] == 32
+
+
+def test_tokenizer_wraps_text_in_bos_and_eos(tiny_checkpoint):
+    tok = TextTokenizer(tiny_checkpoint)
+    ids = tok.encode("[0]Hello there")
+    assert ids[0] == tok._tok.token_to_id("<|begin_of_text|>")
+    assert ids[-1] == tok._tok.token_to_id("<|end_of_text|>")
+    assert len(tok.encode("[0]😀 你好")) > 4  # byte-level: nothing is unknown
+
+
+def _hub_repo(cache: Path, repo_id: str, files: dict[str, Path]) -> Path:
+    """Lay files out as huggingface_hub's cache does: models--org--name/{refs/main,snapshots/<sha>/...}."""
+    base = cache / "hub" / f"models--{repo_id.replace('/', '--')}"
+    sha = "0" * 40
+    snapshot = base / "snapshots" / sha
+    for rel, src in files.items():
+        (snapshot / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(src, snapshot / rel)
+    (base / "refs").mkdir(parents=True, exist_ok=True)
+    (base / "refs" / "main").write_text(sha)
+    return snapshot
+
+
+def test_hub_id_loads_from_cache_without_network(tiny_checkpoint, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    everything = {str(p.relative_to(tiny_checkpoint)): p for p in tiny_checkpoint.rglob("*") if p.is_file()}
+    snapshot = _hub_repo(tmp_path, "test-org/csm-tiny", everything)
+    s = settings("test-org/csm-tiny", cache_dir=tmp_path)
+    files = resolve_checkpoint(s)
+    assert files.root == snapshot
+    load_csm(files, "bfloat16")
+    load_mimi(files)
+
+
+def test_hub_id_fetches_tokenizer_and_mimi_from_their_own_repos(tiny_checkpoint, tmp_path, monkeypatch):
+    """The mlx-community layout: config, weights and prompts only; the rest comes from TOKENIZER_ID/MIMI_ID."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    model_files = {n: tiny_checkpoint / n for n in ["config.json", "model.safetensors", "prompts/conversational_a.wav"]}
+    _hub_repo(tmp_path, "test-org/csm", model_files)
+    tok = _hub_repo(tmp_path, "test-org/tokenizer", {n: tiny_checkpoint / n for n in ["tokenizer.json", "tokenizer_config.json"]})
+    mimi = _hub_repo(tmp_path, "test-org/mimi", {MIMI_FILE: tiny_checkpoint / "mimi" / MIMI_FILE})
+    s = settings("test-org/csm", cache_dir=tmp_path, tokenizer_id="test-org/tokenizer", mimi_id="test-org/mimi")
+    files = resolve_checkpoint(s)
+    assert files.tokenizer_dir == tok
+    assert files.mimi_weights == mimi / MIMI_FILE
+    assert files.mimi_config is None  # the real Mimi config (mimi_202407) applies
+
+
+def test_uncached_hub_id_offline_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelLoadError, match="cannot download test-org/absent"):
+        resolve_checkpoint(settings("test-org/absent", cache_dir=tmp_path))
+
+
+@pytest.fixture
+def broken(tiny_checkpoint, tmp_path) -> Path:
+    copy = tmp_path / "ckpt"
+    shutil.copytree(tiny_checkpoint, copy)
+    return copy
+
+
+def test_missing_directory(tmp_path):
+    with pytest.raises(ModelLoadError, match="no such directory"):
+        resolve_checkpoint(settings(tmp_path / "nope"))
+
+
+@pytest.mark.parametrize("remove,words", [
+    ("config.json", "no config.json"), ("model.safetensors", "no *.safetensors"),
+    ("tokenizer.json", "no tokenizer.json"), ("mimi", "no mimi/*.safetensors"),
+])
+def test_local_folder_missing_a_piece(broken, remove, words):
+    target = broken / remove
+    shutil.rmtree(target) if target.is_dir() else target.unlink()
+    with pytest.raises(ModelLoadError, match=words.replace("*", r"\*")):
+        resolve_checkpoint(settings(broken))
+
+
+def test_truncated_weights_name_the_file(broken):
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: 4096])
+    with pytest.raises(ModelLoadError, match="cannot read weights .*model.safetensors"):
+        load_csm(resolve_checkpoint(settings(broken)), "bfloat16")
+
+
+def test_weights_that_do_not_fit_the_config(broken):
+    config = json.loads((broken / "config.json").read_text())
+    config["hidden_size"] = 96
+    (broken / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelLoadError, match="do not fit config.json"):
+        load_csm(resolve_checkpoint(settings(broken)), "bfloat16")
+
+
+def test_corrupt_config(broken):
+    (broken / "config.json").write_text("{not json")
+    with pytest.raises(ModelLoadError, match="config.json"):
+        resolve_checkpoint(settings(broken))
+
+
+def test_corrupt_mimi(broken):
+    (broken / "mimi" / MIMI_FILE).write_bytes(b"garbage")
+    with pytest.raises(ModelLoadError, match="Mimi weights"):
+        load_mimi(resolve_checkpoint(settings(broken)))

@@ -1,0 +1,169 @@
+"""The CSM engine on the tiny checkpoint: streaming, seeds, caps, context and cancellation, without Ray."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from serve_app.deployments.model import CSMModel
+from serve_app.engine.generation import CSMEngine, ContextSegment, SynthesisRequest, _Tokens, max_frames_for
+from serve_app.engine.worker import ModelWorker
+from serve_app.errors import ModelNotReadyError
+from serve_app.protocol import Usage
+from serve_app.settings import SAMPLES_PER_FRAME, Settings
+from serve_app.voices import VoiceLibrary
+
+CAPS = dict(max_audio_base_s=0.5, max_audio_s_per_char=0.05)
+
+
+@pytest.fixture(scope="module")
+def voices() -> VoiceLibrary:
+    return VoiceLibrary.load(Settings().voices_dir)
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_checkpoint, voices) -> CSMEngine:
+    return CSMEngine.load(Settings(model_id=str(tiny_checkpoint), **CAPS), voices)
+
+
+def run(engine, chunks, voice="conversational", voices=None, **kw):
+    preset = VoiceLibrary.load(Settings().voices_dir).resolve(voice)
+    items = list(engine.synthesize(SynthesisRequest(chunks, preset, **kw)))
+    assert isinstance(items[-1], Usage)
+    return items[:-1], items[-1]
+
+
+def test_streams_small_first_group_then_larger_groups(engine):
+    pcm, usage = run(engine, ["Hello there, friend."], seed=1)
+    sizes = [len(p) // 2 for p in pcm]
+    assert sizes[0] == engine.settings.first_group_frames * SAMPLES_PER_FRAME
+    assert sizes[1] == engine.settings.group_frames * SAMPLES_PER_FRAME
+    assert usage.output_tokens == max_frames_for("Hello there, friend.", engine.settings)
+    assert sum(sizes) == usage.output_tokens * SAMPLES_PER_FRAME
+    samples = np.frombuffer(b"".join(pcm), "<i2")
+    assert np.sqrt(np.mean(samples.astype(float) ** 2)) > 300  # audible, not silence
+
+
+def test_seed_is_reproducible_and_per_request(engine):
+    a, _ = run(engine, ["Same text."], seed=42)
+    b, _ = run(engine, ["Same text."], seed=42)
+    c, _ = run(engine, ["Same text."], seed=43)
+    assert a == b and a != c
+
+
+def test_runaway_cap_from_text_length(engine):
+    short = max_frames_for("Hi.", engine.settings)
+    long = max_frames_for("Hi." * 50, engine.settings)
+    assert short == 9 and long > 10 * short  # 0.5 s + 0.05 s/char at 12.5 frames/s
+    _, usage = run(engine, ["Hi.", "Second chunk here."], seed=1)
+    assert usage.output_tokens == short + max_frames_for("Second chunk here.", engine.settings)
+
+
+def test_later_chunks_see_earlier_chunks_as_context(engine, monkeypatch):
+    seen = []
+    original = engine._fit_context
+
+    def spy(fixed, history, budget):
+        chosen = original(fixed, history, budget)
+        seen.append((len(fixed), len(history), len(chosen)))
+        return chosen
+
+    monkeypatch.setattr(engine, "_fit_context", spy)
+    run(engine, ["One.", "Two.", "Three."], seed=1)
+    assert seen == [(1, 0, 1), (1, 1, 2), (1, 2, 3)]  # voice prompt + every earlier chunk
+
+
+def test_context_keeps_the_prompt_and_the_most_recent_history():
+    def seg(n):
+        return _Tokens(np.zeros((n, 33), np.int32), np.zeros((n, 33), bool))
+
+    prompt, old, mid, new = seg(100), seg(300), seg(300), seg(300)
+    chosen = CSMEngine._fit_context([prompt], [old, mid, new], budget=750)
+    assert chosen == [prompt, mid, new]
+    assert CSMEngine._fit_context([seg(900)], [new], budget=500) == [new]
+
+
+def test_conversation_context_segments_are_accepted(engine):
+    audio = np.sin(np.linspace(0, 200, 24000)).astype(np.float32) * 0.3
+    context = [ContextSegment(speaker=1, text="Earlier turn.", audio=audio)]
+    pcm, usage = run(engine, ["Reply."], voice="fast", seed=1, context=context)
+    assert usage.output_tokens > 0 and pcm
+
+
+def test_cancel_stops_within_a_frame(engine):
+    frames = []
+    cancel = threading.Event()
+    preset = VoiceLibrary.load(Settings().voices_dir).resolve("fast")
+    gen = engine.synthesize(SynthesisRequest(["A long sentence " * 20], preset, seed=1), cancel.is_set)
+    first = next(gen)
+    cancel.set()
+    frames = list(gen)
+    assert len(first) == 2 * 2 * SAMPLES_PER_FRAME
+    assert frames == []  # nothing more after the cancel, not even the final group
+
+
+def test_worker_stream_cancels_when_consumer_leaves():
+    produced = []
+
+    def make(cancelled):
+        for i in range(1000):
+            if cancelled():
+                return
+            produced.append(i)
+            time.sleep(0.005)
+            yield i
+
+    async def consume():
+        worker = ModelWorker()
+        async for item in worker.stream(make):
+            if item == 2:
+                break
+        await asyncio.sleep(0.1)
+        worker.stop()
+
+    asyncio.run(consume())
+    assert len(produced) < 10
+
+
+def test_worker_runs_everything_on_one_thread():
+    worker = ModelWorker()
+    names = {worker.submit(lambda: threading.current_thread().name).result() for _ in range(5)}
+    assert names == {"mlx-worker"}
+    worker.stop()
+
+
+def test_model_deployment_reports_load_failure(tmp_path, voices):
+    model = CSMModel(Settings(model_id=str(tmp_path / "missing")), voices)
+    for _ in range(100):
+        health = asyncio.run(model.health())
+        if health["status"] != "loading":
+            break
+        time.sleep(0.05)
+    assert health["status"] == "failed" and "no such directory" in health["error"]
+
+    async def first():
+        async for item in model.generate(None):
+            return item
+
+    with pytest.raises(ModelNotReadyError, match="failed to load.*no such directory") as info:
+        asyncio.run(first())
+    assert info.value.status_code == 503
+
+
+def test_model_deployment_streams_when_ready(tiny_checkpoint, voices):
+    model = CSMModel(Settings(model_id=str(tiny_checkpoint), **CAPS), voices)
+
+    async def collect():
+        for _ in range(200):
+            if (await model.health())["status"] == "ready":
+                break
+            await asyncio.sleep(0.05)
+        request = SynthesisRequest(["Hello."], voices.resolve("fast"), seed=1)
+        return [item async for item in model.generate(request)]
+
+    items = asyncio.run(collect())
+    assert all(isinstance(i, bytes) for i in items[:-1]) and isinstance(items[-1], Usage)

@@ -1,0 +1,59 @@
+"""ffmpeg command lines: tempo chains for every speed, and real encodes that start before input ends."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import time
+
+import numpy as np
+import pytest
+
+from serve_app.ffmpeg import FORMATS, atempo_chain, ffmpeg_command, find_ffmpeg
+from tests.audio import decode, duration
+
+
+@pytest.mark.parametrize("speed,stages", [(1.0, None), (2.0, [2.0]), (4.0, [2.0, 2.0]), (0.25, [0.5, 0.5]),
+                                           (3.0, [2.0, 1.5]), (0.3, [0.5, 0.6]), (0.75, [0.75])])
+def test_atempo_chain(speed, stages):
+    chain = atempo_chain(speed)
+    if stages is None:
+        assert chain is None
+        return
+    values = [float(s.split("=")[1]) for s in chain.split(",")]
+    assert values == pytest.approx(stages)
+    assert all(0.5 <= v <= 2.0 for v in values)
+    assert math.prod(values) == pytest.approx(speed)
+
+
+def _tone(seconds: float) -> bytes:
+    t = np.arange(int(24000 * seconds)) / 24000
+    return (np.sin(2 * np.pi * 220 * t) * 8000).astype("<i2").tobytes()
+
+
+@pytest.mark.parametrize("fmt", sorted(FORMATS))
+@pytest.mark.parametrize("speed", [1.0, 4.0, 0.25])
+def test_encode_round_trip(fmt, speed):
+    ffmpeg, _ = find_ffmpeg("ffmpeg")
+    out = subprocess.run(ffmpeg_command(ffmpeg, fmt, speed), input=_tone(1.0), capture_output=True, check=True).stdout
+    seconds = duration(decode(out, "pcm" if fmt == "pcm" else None))
+    assert seconds == pytest.approx(1.0 / speed, rel=0.12, abs=0.08)
+
+
+def test_first_mp3_bytes_come_before_input_ends():
+    ffmpeg, _ = find_ffmpeg("ffmpeg")
+    proc = subprocess.Popen(ffmpeg_command(ffmpeg, "mp3"), stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        proc.stdin.write(_tone(0.5))
+        proc.stdin.flush()
+        started = time.monotonic()
+        first = proc.stdout.read1(65536)  # returns as soon as ffmpeg flushed something
+        assert first and time.monotonic() - started < 2.0
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_missing_ffmpeg_is_reported():
+    path, reason = find_ffmpeg("definitely-not-ffmpeg")
+    assert path is None and "not found" in reason
