@@ -126,7 +126,7 @@ def to_kyutai(key: str, value: mx.array) -> tuple[str, mx.array]:
     return key, value
 
 
-def _write_mimi(out: Path, full_size: bool) -> None:
+def _write_mimi(out: Path, full_size: bool, dtype) -> None:
     from mlx_audio.codec.models.mimi.mimi import Mimi
 
     cfg = mimi_config(full_size)
@@ -141,7 +141,7 @@ def _write_mimi(out: Path, full_size: bool) -> None:
             value = mx.random.normal(value.shape)
         elif key.endswith(("cluster_usage", "initialized")):
             value = mx.ones(value.shape)
-        params[key] = value
+        params[key] = value.astype(dtype) if mx.issubdtype(value.dtype, mx.floating) else value
     (out / "mimi").mkdir(exist_ok=True)
     kyutai = dict(to_kyutai(k, v) for k, v in params.items())
     mx.save_safetensors(str(out / "mimi" / MIMI_FILE), kyutai)
@@ -179,8 +179,10 @@ def write_checkpoint(out: Path, full_size: bool = False, seed: int = 0) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     mx.random.seed(seed)
     vocab = _write_tokenizer(out)
-    _write_csm(out, csm_config(vocab, full_size), mx.bfloat16 if full_size else mx.float32)
-    _write_mimi(out, full_size)
+    # Full size stores bf16 like the published weights (kyutai's Mimi file is bf16); tiny stays float32.
+    dtype = mx.bfloat16 if full_size else mx.float32
+    _write_csm(out, csm_config(vocab, full_size), dtype)
+    _write_mimi(out, full_size, dtype)
     _write_prompts(out, seconds=1.0)
     return out
 

@@ -19,13 +19,13 @@ pytestmark = pytest.mark.server
 
 TEXT = "Hello Burke, this is Max."
 
-# format -> (ffprobe format_name, codec_name, sample rate as decoded, bit rate or None)
+# format -> (ffprobe format_name, codec_name, sample rate as decoded, exact bit rate, approximate kbps)
 EXPECTED = {
-    "mp3": ("mp3", "mp3", "24000", 64000),
-    "opus": ("ogg", "opus", "48000", None),  # Opus always decodes at 48 kHz; the input rate is in OpusHead
-    "aac": ("aac", "aac", "24000", None),
-    "flac": ("flac", "flac", "24000", None),
-    "wav": ("wav", "pcm_s16le", "24000", 384000),
+    "mp3": ("mp3", "mp3", "24000", 64000, None),
+    "opus": ("ogg", "opus", "48000", None, 32),  # Opus always decodes at 48 kHz; the input rate is in OpusHead
+    "aac": ("aac", "aac", "24000", None, 64),
+    "flac": ("flac", "flac", "24000", None, None),
+    "wav": ("wav", "pcm_s16le", "24000", 384000, None),
 }
 CONTENT_TYPES = {"mp3": "audio/mpeg", "opus": "audio/opus", "aac": "audio/aac", "flac": "audio/flac",
                  "wav": "audio/wav", "pcm": "audio/pcm"}
@@ -51,14 +51,17 @@ def test_each_container_format_decodes(openai_client, fmt):
         assert response.headers["transfer-encoding"] == "chunked"
         data = response.read()
     info = probe(data)
-    format_name, codec, rate, bit_rate = EXPECTED[fmt]
+    format_name, codec, rate, bit_rate, kbps = EXPECTED[fmt]
     assert info["format"]["format_name"] == format_name
     assert info["stream"]["codec_name"] == codec
     assert info["stream"]["sample_rate"] == rate
     assert info["stream"]["channels"] == 1
     if bit_rate:
         assert int(info["stream"]["bit_rate"]) == bit_rate
-    assert_audible(decode(data))
+    samples = decode(data)
+    assert_audible(samples)
+    if kbps:  # size over duration, container overhead included
+        assert 0.6 * kbps < len(data) * 8 / 1000 / duration(samples) < 1.5 * kbps
 
 
 def test_wav_header_is_a_streaming_header(server):

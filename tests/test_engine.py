@@ -167,3 +167,15 @@ def test_model_deployment_streams_when_ready(tiny_checkpoint, voices):
 
     items = asyncio.run(collect())
     assert all(isinstance(i, bytes) for i in items[:-1]) and isinstance(items[-1], Usage)
+
+
+def test_missing_prompt_clip_names_the_voice(tiny_checkpoint, tmp_path, voices):
+    import shutil
+
+    copy = tmp_path / "ckpt"
+    shutil.copytree(tiny_checkpoint, copy)
+    (copy / "prompts" / "conversational_b.wav").unlink()
+    from serve_app.engine.checkpoint import ModelLoadError
+
+    with pytest.raises(ModelLoadError, match="voice 'professional' prompt.audio: .*conversational_b.wav.* not found"):
+        CSMEngine.load(Settings(model_id=str(copy)), voices)

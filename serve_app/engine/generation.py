@@ -13,6 +13,7 @@ import math
 import os
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Iterator, Optional
 
 import mlx.core as mx
@@ -21,7 +22,7 @@ import numpy as np
 from ..protocol import Usage
 from ..settings import FRAME_RATE, SAMPLE_RATE, Settings
 from ..voices import VoiceLibrary, VoicePreset
-from .checkpoint import CheckpointFiles, TextTokenizer, load_csm, load_mimi, resolve_checkpoint
+from .checkpoint import CheckpointFiles, ModelLoadError, TextTokenizer, load_csm, load_mimi, resolve_checkpoint
 
 logger = logging.getLogger("sesame_tts")
 
@@ -127,15 +128,21 @@ class CSMEngine:
     # --- prompts and tokens ---------------------------------------------------------------------------
 
     def load_voice_prompts(self, voices: VoiceLibrary) -> None:
-        """Encode every preset's reference audio with Mimi once, at load."""
+        """Encode every preset's reference clip with Mimi once, at load (a clip shared by presets once)."""
         from mlx_audio.utils import load_audio
 
+        codes_by_path: dict[Path, np.ndarray] = {}
         for preset in voices.presets.values():
             if preset.prompt is None:
                 continue
-            path = preset.prompt.resolve(self.settings.voices_dir, self.files.root)
-            audio = np.array(load_audio(str(path), sample_rate=SAMPLE_RATE), dtype=np.float32)
-            segment = ContextSegment(preset.speaker, preset.prompt.text, audio=audio)
+            try:
+                path = preset.prompt.resolve(self.settings.voices_dir, self.files.root)
+                if path not in codes_by_path:
+                    audio = np.array(load_audio(str(path), sample_rate=SAMPLE_RATE), dtype=np.float32)
+                    codes_by_path[path] = self.encode_audio(audio)
+            except Exception as exc:
+                raise ModelLoadError(f"voice '{preset.name}' prompt.audio: {exc}") from None
+            segment = ContextSegment(preset.speaker, preset.prompt.text, codes=codes_by_path[path])
             self._prompts[preset.name] = self._segment_tokens(segment)
             logger.info("voice %s: prompt %s, %d positions", preset.name, path.name, len(self._prompts[preset.name]))
 
