@@ -51,10 +51,13 @@ class SpeechRequest(BaseModel):
         return self.voice.id if isinstance(self.voice, VoiceRef) else self.voice
 
 
+_STARTED = int(time.time())
+
+
 class ModelCard(BaseModel):
     id: str = MODEL_NAME
     object: Literal["model"] = "model"
-    created: int = Field(default_factory=lambda: int(time.time()))
+    created: int = _STARTED  # stable for the life of the server
     owned_by: str = "sesame"
 
 

@@ -57,7 +57,7 @@ def validation_error(exc: RequestValidationError) -> InvalidRequestError:
         return InvalidRequestError("We could not parse the JSON body of your request.", code="invalid_json")
     if kind == "model_attributes_type" or not loc:
         return InvalidRequestError("The request body must be a JSON object.", code="invalid_json")
-    # voice accepts a string or {"id": ...}; pydantic reports each branch, the param is what matters.
+    # loc[0] is the field; deeper parts (voice's union branches) do not matter to the client.
     param = loc[0]
     if kind == "missing":
         return InvalidRequestError(f"Missing required parameter: '{param}'.", param=param, code="missing_required_parameter")
