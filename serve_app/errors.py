@@ -46,6 +46,12 @@ class InvalidRequestError(APIError):
     default_code = "invalid_value"
 
 
+class AuthenticationError(APIError):
+    status_code = 401
+    error_type = "invalid_request_error"
+    default_code = "invalid_api_key"
+
+
 class NotFoundError(APIError):
     status_code = 404
     error_type = "invalid_request_error"
@@ -81,6 +87,12 @@ def unwrap(exc: BaseException) -> BaseException:
         exc = exc.cause
         seen += 1
     return exc
+
+
+def status_of(exc: BaseException) -> int:
+    """The HTTP status an exception maps to (no logging)."""
+    original = unwrap(exc)
+    return original.status_code if isinstance(original, APIError) else 500
 
 
 def as_api_error(exc: BaseException) -> APIError:

@@ -47,6 +47,9 @@ class Settings(BaseModel):
     max_input_length: int = Field(4096, ge=1, le=100_000)
     log_level: Literal["debug", "info", "warning", "error", "critical"] = "info"
 
+    # When set, /v1 requests need `Authorization: Bearer <API_KEY>` (/health stays open).
+    api_key: Optional[SecretStr] = None
+
     # The model.
     dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
     mlx_device: Literal["auto", "cpu", "gpu"] = "auto"
@@ -107,6 +110,7 @@ class Settings(BaseModel):
         """The settings safe to log: secrets are masked."""
         data = self.model_dump(mode="json")
         data["hf_token"] = "***" if self.hf_token else None
+        data["api_key"] = "***" if self.api_key else None
         return data
 
 

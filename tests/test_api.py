@@ -196,10 +196,11 @@ def _ffmpeg_pids() -> list[int]:
     return [int(p) for p in out.stdout.split()]
 
 
-def _wait_no_ffmpeg(timeout: float = 5.0) -> list[int]:
+def _wait_ffmpeg(running: bool, timeout: float = 5.0) -> list[int]:
+    """ffmpeg pids, once they are (running=True) or are not (False) there, or at the timeout."""
     deadline = time.monotonic() + timeout
-    while _ffmpeg_pids() and time.monotonic() < deadline:
-        time.sleep(0.05)
+    while bool(_ffmpeg_pids()) != running and time.monotonic() < deadline:
+        time.sleep(0.02)
     return _ffmpeg_pids()
 
 
@@ -208,8 +209,9 @@ def test_disconnect_frees_the_model_and_kills_ffmpeg(server):
     with httpx.stream("POST", f"{server.api}/audio/speech", timeout=60,
                       json={"input": long_text, "response_format": "mp3"}) as response:
         assert response.status_code == 200
-        next(response.iter_raw())
-        assert _ffmpeg_pids(), "the response's ffmpeg should be running"
+        chunks = response.iter_raw()  # held: a dropped iterator closes the stream at once
+        next(chunks)
+        assert _wait_ffmpeg(running=True, timeout=1.0), "the response's ffmpeg should be running"
     # Closed after the first chunk. Left running, the rest would take over 10 s of generation here.
     started = time.perf_counter()
     with httpx.stream("POST", f"{server.api}/audio/speech", timeout=60,
@@ -219,7 +221,7 @@ def test_disconnect_frees_the_model_and_kills_ffmpeg(server):
         first_byte = time.perf_counter() - started
         assert sum(len(c) for c in chunks) > 0
     assert first_byte < 2.0, f"next request waited {first_byte:.2f} s: the abandoned one kept the model"
-    assert _wait_no_ffmpeg() == [], "ffmpeg processes left behind"
+    assert _wait_ffmpeg(running=False) == [], "ffmpeg processes left behind"
 
 
 def test_ffmpeg_dying_mid_stream_aborts_the_body(server):

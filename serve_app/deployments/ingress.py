@@ -8,21 +8,25 @@ broken chunked body, not a complete file) or ends an SSE stream with an error ev
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import hmac
 import json
 import logging
-import time
 import uuid
 from typing import AsyncIterator
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..errors import InvalidRequestError, NotFoundError, as_api_error, error_body, to_error_response
+from ..errors import (
+    AuthenticationError, InvalidRequestError, NotFoundError, as_api_error, error_body, status_of, to_error_response,
+)
 from ..ffmpeg import content_type
 from ..logs import configure_logging
+from ..observability import RequestRecord
 from ..protocol import ModelCard, ModelList, SpeechRequest, Usage, VoiceList
 from ..settings import Settings
 from ..engine.generation import SynthesisRequest
@@ -36,6 +40,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        RequestRecord(new_request_id()).finish("400")
         return to_error_response(validation_error(exc))
 
     @app.exception_handler(StarletteHTTPException)
@@ -65,6 +70,10 @@ def validation_error(exc: RequestValidationError) -> InvalidRequestError:
     return InvalidRequestError(f"Invalid value for '{param}': {err.get('msg')}.", param=param, code=code)
 
 
+def new_request_id() -> str:
+    return uuid.uuid4().hex[:12]
+
+
 class SpeechIngress:
     def __init__(self, settings: Settings, frontend, encoder, model):
         configure_logging(settings.log_level)
@@ -80,32 +89,48 @@ class SpeechIngress:
     def build_asgi_app(self) -> FastAPI:
         app = FastAPI(title="Sesame TTS", description="OpenAI-compatible text-to-speech with Sesame CSM-1B on MLX.")
         install_error_handlers(app)
-        app.add_api_route("/v1/audio/speech", self.create_speech, methods=["POST"], response_class=StreamingResponse)
-        app.add_api_route("/v1/models", self.list_models, methods=["GET"], response_model=ModelList)
-        app.add_api_route("/v1/models/{model_id}", self.get_model, methods=["GET"], response_model=ModelCard)
-        app.add_api_route("/v1/audio/voices", self.list_voices, methods=["GET"], response_model=VoiceList)
+        auth = [Depends(self.check_api_key)]
+        app.add_api_route("/v1/audio/speech", self.create_speech, methods=["POST"], response_class=StreamingResponse,
+                          dependencies=auth)
+        app.add_api_route("/v1/models", self.list_models, methods=["GET"], response_model=ModelList, dependencies=auth)
+        app.add_api_route("/v1/models/{model_id}", self.get_model, methods=["GET"], response_model=ModelCard,
+                          dependencies=auth)
+        app.add_api_route("/v1/audio/voices", self.list_voices, methods=["GET"], response_model=VoiceList,
+                          dependencies=auth)
         app.add_api_route("/health", self.health, methods=["GET"])
         return app
 
+    async def check_api_key(self, request: Request) -> None:
+        """With API_KEY set, require `Authorization: Bearer <API_KEY>`; without it, accept any or none."""
+        if self._settings.api_key is None:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        expected = self._settings.api_key.get_secret_value()
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), expected.encode()):
+            raise AuthenticationError("Incorrect or missing API key. Send 'Authorization: Bearer <API_KEY>'.")
+
     async def create_speech(self, body: SpeechRequest):
         """OpenAI createSpeech: streamed audio (chunked) or server-sent events."""
-        request_id = uuid.uuid4().hex[:12]
-        plan = await self._frontend.prepare.remote(body)
-        fmt = body.response_format or self._settings.default_format
-        synthesis = SynthesisRequest(chunks=plan.chunks, preset=plan.preset, seed=body.seed, request_id=request_id)
-        stream = self._encoder.options(stream=True).encode.remote(EncodeRequest(synthesis, fmt, float(body.speed)))
-        started = time.perf_counter()
+        record = RequestRecord(new_request_id(), characters=len(body.input), speed=float(body.speed))
         try:
-            first = await stream.__anext__()
-        except BaseException:
-            stream.cancel()
+            plan = await self._frontend.prepare.remote(body)
+            record.voice = plan.preset.name
+            record.fmt = body.response_format or self._settings.default_format
+            synthesis = SynthesisRequest(plan.chunks, plan.preset, seed=body.seed, request_id=record.request_id)
+            stream = self._encoder.options(stream=True).encode.remote(EncodeRequest(synthesis, record.fmt, record.speed))
+            try:
+                first = await stream.__anext__()
+            except BaseException:
+                stream.cancel()
+                raise
+        except BaseException as exc:
+            record.finish("cancelled" if isinstance(exc, asyncio.CancelledError) else str(status_of(exc)))
             raise
-        logger.info("request %s voice=%s format=%s chars=%d chunks=%d first byte %.0f ms", request_id,
-                    plan.preset.name, fmt, plan.characters, len(plan.chunks), 1000 * (time.perf_counter() - started))
+        record.mark_first_byte()
         headers = {"Cache-Control": "no-cache"}
         if body.stream_format == "sse":
-            return StreamingResponse(_sse_events(first, stream), media_type="text/event-stream", headers=headers)
-        return StreamingResponse(_audio_bytes(first, stream), media_type=content_type(fmt), headers=headers)
+            return StreamingResponse(_sse_events(first, stream, record), media_type="text/event-stream", headers=headers)
+        return StreamingResponse(_audio_bytes(first, stream, record), media_type=content_type(record.fmt), headers=headers)
 
     async def list_models(self) -> ModelList:
         return ModelList(data=[ModelCard()])
@@ -134,16 +159,35 @@ class SpeechIngress:
         return JSONResponse(body, status_code=200 if ok else 503)
 
 
-async def _audio_bytes(first, stream) -> AsyncIterator[bytes]:
+async def _items(first, stream, record: RequestRecord) -> AsyncIterator[bytes]:
+    """The encoder's audio bytes (first included); its final `Usage` goes into the record."""
+    item = first
+    while True:
+        if isinstance(item, Usage):
+            record.usage = item
+        else:
+            yield item
+        try:
+            item = await stream.__anext__()
+        except StopAsyncIteration:
+            return
+
+
+def _ended(exc: BaseException) -> str:
+    return "cancelled" if isinstance(exc, (asyncio.CancelledError, GeneratorExit)) else "aborted"
+
+
+async def _audio_bytes(first, stream, record: RequestRecord) -> AsyncIterator[bytes]:
     """Raw audio. An error after the first byte propagates, so the server aborts the chunked body."""
     try:
-        if isinstance(first, bytes):
-            yield first
-        async for item in stream:
-            if isinstance(item, bytes):
-                yield item
+        async for data in _items(first, stream, record):
+            yield data
+        record.finish("ok")
     except BaseException as exc:
-        logger.warning("audio stream aborted after it started: %s", as_api_error(exc).message)
+        record.finish(_ended(exc))
+        if not isinstance(exc, (asyncio.CancelledError, GeneratorExit)):
+            logger.warning("request %s: audio stream aborted after it started: %s", record.request_id,
+                           as_api_error(exc).message)
         raise
     finally:
         stream.cancel()
@@ -153,24 +197,19 @@ def _sse(event: dict) -> str:
     return f"data: {json.dumps(event, separators=(',', ':'))}\n\n"
 
 
-async def _sse_events(first, stream) -> AsyncIterator[str]:
+async def _sse_events(first, stream, record: RequestRecord) -> AsyncIterator[str]:
     """speech.audio.delta events, then speech.audio.done with usage, then [DONE]; an error event on failure."""
     try:
-        usage = Usage()
-        item = first
-        while True:
-            if isinstance(item, bytes):
-                yield _sse({"type": "speech.audio.delta", "audio": base64.b64encode(item).decode()})
-            elif isinstance(item, Usage):
-                usage = item
-            try:
-                item = await stream.__anext__()
-            except StopAsyncIteration:
-                break
-        yield _sse({"type": "speech.audio.done", "usage": usage.as_openai()})
+        async for data in _items(first, stream, record):
+            yield _sse({"type": "speech.audio.delta", "audio": base64.b64encode(data).decode()})
+        yield _sse({"type": "speech.audio.done", "usage": record.usage.as_openai()})
         yield "data: [DONE]\n\n"
+        record.finish("ok")
     except Exception as exc:
-        error = as_api_error(exc)
-        yield _sse({"type": "error", **error.body()})
+        record.finish(_ended(exc))
+        yield _sse({"type": "error", **as_api_error(exc).body()})
+    except BaseException as exc:
+        record.finish(_ended(exc))
+        raise
     finally:
         stream.cancel()

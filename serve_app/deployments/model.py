@@ -13,6 +13,7 @@ from typing import AsyncIterator, Optional
 
 from ..errors import ModelNotReadyError
 from ..logs import configure_logging
+from ..observability import set_model_load
 from ..protocol import Usage
 from ..settings import MODEL_NAME, Settings
 from ..voices import VoiceLibrary
@@ -57,8 +58,13 @@ class CSMModel:
     async def generate(self, request: SynthesisRequest) -> AsyncIterator[bytes | Usage]:
         """Stream s16le PCM chunks for the request, then one `Usage`."""
         engine = self._require_engine()
-        async for item in self._worker.stream(lambda cancelled: engine.synthesize(request, cancelled)):
-            yield item
+        set_model_load(self._worker.waiting + 1, int(self._worker.busy))
+        try:
+            async for item in self._worker.stream(lambda cancelled: engine.synthesize(request, cancelled)):
+                set_model_load(self._worker.waiting, 1)
+                yield item
+        finally:
+            set_model_load(self._worker.waiting, int(self._worker.busy))
 
     async def health(self) -> dict:
         state = "ready" if self._engine else ("failed" if self._error else "loading")

@@ -50,6 +50,7 @@ class ModelWorker:
     def __init__(self, device: Optional[mx.DeviceType] = None, name: str = "mlx-worker"):
         self._device = device
         self._jobs: "queue.Queue[Any]" = queue.Queue()
+        self.busy = False  # a job is running now
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
@@ -89,10 +90,14 @@ class ModelWorker:
             job = self._jobs.get()
             if job is None:
                 return
-            if isinstance(job, _CallJob):
-                self._run_call(job)
-            else:
-                self._run_stream(job)
+            self.busy = True
+            try:
+                if isinstance(job, _CallJob):
+                    self._run_call(job)
+                else:
+                    self._run_stream(job)
+            finally:
+                self.busy = False
 
     @staticmethod
     def _run_call(job: _CallJob) -> None:
