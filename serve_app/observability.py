@@ -12,7 +12,7 @@ import functools
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
 from .protocol import Usage
 from .settings import FRAME_RATE
@@ -65,6 +65,7 @@ class RequestRecord:
     started: float = field(default_factory=time.perf_counter)
     first_byte: Optional[float] = None
     usage: Usage = field(default_factory=Usage)
+    on_finish: Optional[Callable[[], None]] = None
     done: bool = False
 
     def mark_first_byte(self) -> None:
@@ -79,6 +80,8 @@ class RequestRecord:
         if self.done:
             return
         self.done = True
+        if self.on_finish is not None:
+            self.on_finish()
         total = time.perf_counter() - self.started
         rtf = total / self.audio_seconds if self.audio_seconds else None
         ttfb = f"{1000 * self.first_byte:.0f}" if self.first_byte is not None else "-"

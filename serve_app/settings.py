@@ -75,6 +75,11 @@ class Settings(BaseModel):
     voices_dir: Path = PROJECT_ROOT / "voices"
     ffmpeg_path: str = "ffmpeg"
 
+    @property
+    def drain_flag(self) -> Path:
+        """Present while the service is stopping: new speech requests get 503, in-flight ones finish."""
+        return self.cache_dir / "draining"
+
     @field_validator("cache_dir", "voices_dir")
     @classmethod
     def _expand(cls, value: Path) -> Path:

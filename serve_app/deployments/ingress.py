@@ -22,7 +22,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import (
-    AuthenticationError, InvalidRequestError, NotFoundError, as_api_error, error_body, status_of, to_error_response,
+    AuthenticationError, InvalidRequestError, NotFoundError, ServiceUnavailableError, as_api_error, error_body,
+    status_of, to_error_response,
 )
 from ..ffmpeg import content_type
 from ..logs import configure_logging
@@ -81,6 +82,7 @@ class SpeechIngress:
         self._frontend = frontend
         self._encoder = encoder
         self._model = model
+        self._in_flight = 0  # speech requests between arrival and their last byte
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         """Serve calls this on the replica after __init__; routes are bound methods of this instance."""
@@ -107,11 +109,16 @@ class SpeechIngress:
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
         expected = self._settings.api_key.get_secret_value()
         if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), expected.encode()):
+            RequestRecord(new_request_id()).finish("401")
             raise AuthenticationError("Incorrect or missing API key. Send 'Authorization: Bearer <API_KEY>'.")
 
     async def create_speech(self, body: SpeechRequest):
         """OpenAI createSpeech: streamed audio (chunked) or server-sent events."""
-        record = RequestRecord(new_request_id(), characters=len(body.input), speed=float(body.speed))
+        if self._settings.drain_flag.exists():
+            raise ServiceUnavailableError("The server is shutting down; retry shortly.", code="shutting_down")
+        self._in_flight += 1
+        record = RequestRecord(new_request_id(), characters=len(body.input), speed=float(body.speed),
+                               on_finish=self._request_done)
         try:
             plan = await self._frontend.prepare.remote(body)
             record.voice = plan.preset.name
@@ -132,6 +139,9 @@ class SpeechIngress:
             return StreamingResponse(_sse_events(first, stream, record), media_type="text/event-stream", headers=headers)
         return StreamingResponse(_audio_bytes(first, stream, record), media_type=content_type(record.fmt), headers=headers)
 
+    def _request_done(self) -> None:
+        self._in_flight -= 1
+
     async def list_models(self) -> ModelList:
         return ModelList(data=[ModelCard()])
 
@@ -148,12 +158,16 @@ class SpeechIngress:
         model = await self._model.health.remote()
         encoder = await self._encoder.health.remote()
         voices = [v.id for v in await self._frontend.voices.remote()]
-        ok = model["status"] == "ready" and encoder["ok"]
+        draining = self._settings.drain_flag.exists()
+        ok = model["status"] == "ready" and encoder["ok"] and not draining
         reasons = [r for r in (model.get("error"), None if encoder["ok"] else encoder["ffmpeg"]) if r]
         if model["status"] == "loading":
             reasons.append("model is loading")
-        body = {"status": "ok" if ok else "unavailable", "model": model, "ffmpeg": encoder["ffmpeg"], "voices": voices,
-                "device": model["device"]}
+        if draining:
+            reasons.append("shutting down")
+        body = {"status": "ok" if ok else ("draining" if draining else "unavailable"), "model": model,
+                "ffmpeg": encoder["ffmpeg"], "voices": voices, "device": model["device"],
+                "in_flight": self._in_flight}
         if reasons:
             body["reason"] = "; ".join(reasons)
         return JSONResponse(body, status_code=200 if ok else 503)

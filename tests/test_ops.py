@@ -1,0 +1,157 @@
+"""Operations: the service files, and the control script's start/status/stop cycle on the tiny checkpoint
+(with API_KEY, the per-request log line, Ray Serve metrics and a graceful stop with a stream in flight)."""
+
+from __future__ import annotations
+
+import json
+import os
+import plistlib
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.audio import decode, duration
+from tests.conftest import ROOT, TEST_ENV, _free_port
+
+CTL = ROOT / "ops" / "sesame-tts"
+
+
+def ctl(*args, env=None, timeout=300) -> subprocess.CompletedProcess:
+    return subprocess.run([str(CTL), *args], env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_launchd_plist_parses_and_points_at_real_paths():
+    plist = plistlib.loads(ctl("print-plist").stdout.encode())
+    assert plist["Label"] == "com.sesame-tts"
+    assert plist["ProgramArguments"] == [str(CTL), "run"]
+    assert os.access(plist["ProgramArguments"][0], os.X_OK)
+    assert Path(plist["WorkingDirectory"]) == ROOT
+    path = plist["EnvironmentVariables"]["PATH"].split(":")
+    assert str(ROOT / ".venv" / "bin") in path and (ROOT / ".venv" / "bin" / "python").exists()
+    assert "/opt/homebrew/bin" in path  # Homebrew's ffmpeg on Apple Silicon
+    assert plist["RunAtLoad"] is True and plist["KeepAlive"] == {"SuccessfulExit": False}
+    assert plist["ExitTimeOut"] >= 55  # longer than the drain (40 s) plus Serve's shutdown
+    assert plist["StandardOutPath"].endswith("launchd.log")
+
+
+def test_systemd_unit_points_at_real_paths():
+    unit = ctl("print-unit").stdout
+    lines = dict(line.split("=", 1) for line in unit.splitlines() if "=" in line and not line.startswith("#"))
+    assert lines["ExecStart"] == f"{CTL} run"
+    assert lines["WorkingDirectory"] == str(ROOT)
+    assert lines["Restart"] == "on-failure" and lines["KillSignal"] == "SIGTERM"
+    assert int(lines["TimeoutStopSec"]) >= 55
+
+
+def _metric_lines(name: str) -> list[str]:
+    """Lines for `name` from the Prometheus targets Ray lists for its newest cluster."""
+    discovery = Path("/tmp/ray/prom_metrics_service_discovery.json")
+    if not discovery.exists():
+        return []
+    found = []
+    for target in json.loads(discovery.read_text())[0]["targets"]:
+        try:
+            text = httpx.get(f"http://{target}/metrics", timeout=5).text
+        except httpx.HTTPError:
+            continue
+        found += [line for line in text.splitlines() if line.startswith(name)]
+    return found
+
+
+def _session_processes(sid: int) -> list[str]:
+    out = subprocess.run(["ps", "-eo", "sid=,pid=,args="], capture_output=True, text=True).stdout
+    return [line for line in out.splitlines() if line.split()[0] == str(sid)]
+
+
+def test_control_script_cycle(tiny_checkpoint, tmp_path):
+    cache = tmp_path / "cache"
+    port = _free_port()
+    env = {**os.environ, **TEST_ENV, "MODEL_ID": str(tiny_checkpoint), "CACHE_DIR": str(cache), "HOST": "127.0.0.1",
+           "PORT": str(port), "API_KEY": "sk-local-secret", "ENV_FILE": str(tmp_path / "none.env"),
+           "RAY_ADDRESS": "local"}
+    (tmp_path / "none.env").write_text("")
+    api = f"http://127.0.0.1:{port}/v1"
+    started = ctl("start", env=env)
+    assert started.returncode == 0, started.stdout + started.stderr
+    try:
+        pid = int((cache / "server.pid").read_text())
+        serve_pid = int(subprocess.run(["pgrep", "-f", f"{cache}/serve_config.yaml"], capture_output=True,
+                                       text=True).stdout.split()[0])
+        again = ctl("start", env=env)
+        assert again.returncode != 0 and "already running" in again.stderr
+
+        status = ctl("status", env=env)
+        assert status.returncode == 0, status.stdout + status.stderr
+        assert f"running (pid {pid})" in status.stdout and "health:  ok" in status.stdout
+        assert "status: RUNNING" in status.stdout  # `serve status` through Ray's token authentication
+
+        # API_KEY: /v1 needs the bearer token, /health does not.
+        assert httpx.get(f"http://127.0.0.1:{port}/health", timeout=10).status_code == 200
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "sk-local-secret"}):
+            r = httpx.post(f"{api}/audio/speech", json={"input": "hi"}, headers=headers, timeout=30)
+            assert r.status_code == 401
+            assert r.json()["error"]["code"] == "invalid_api_key" and r.json()["error"]["type"] == "invalid_request_error"
+        assert httpx.get(f"{api}/models", timeout=10).status_code == 401
+        good = {"Authorization": "Bearer sk-local-secret"}
+        r = httpx.post(f"{api}/audio/speech", json={"input": "Logged and counted.", "response_format": "wav"},
+                       headers=good, timeout=60)
+        assert r.status_code == 200 and duration(decode(r.content)) > 0.5
+
+        # One log line per request, in the rotated server log, never with the key.
+        deadline = time.monotonic() + 20
+        while "status=ok" not in (cache / "server.log").read_text() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        log = (cache / "server.log").read_text()
+        line = next(l for l in log.splitlines() if "request id=" in l and "status=ok" in l)
+        for part in ("voice=conversational", "format=wav", "chars=19", "ttfb_ms=", "audio_s=", "rtf="):
+            assert part in line
+        assert "status=401" in log
+        assert "sk-local-secret" not in log
+        assert "\x1b[" not in log  # colour codes stripped
+
+        # Ray Serve custom metrics reach the node's Prometheus endpoint (exported every few seconds).
+        deadline = time.monotonic() + 40
+        while not _metric_lines("ray_sesame_tts_requests") and time.monotonic() < deadline:
+            time.sleep(1)
+        for name in ("ray_sesame_tts_requests", "ray_sesame_tts_time_to_first_byte_seconds_bucket",
+                     "ray_sesame_tts_real_time_factor_bucket", "ray_sesame_tts_audio_seconds",
+                     "ray_sesame_tts_queue_depth", "ray_sesame_tts_active_batch_size"):
+            assert _metric_lines(name), f"{name} not exported"
+        assert any('status="ok"' in l and 'format="wav"' in l for l in _metric_lines("ray_sesame_tts_requests"))
+
+        assert "request id=" in ctl("logs", "20", env=env).stdout
+
+        # Stop with a stream in flight: it finishes whole, new requests get 503, then everything is gone.
+        result = {}
+
+        def long_request():
+            body = {"input": "A longer answer that keeps the model busy for a few seconds here. " * 3,
+                    "response_format": "wav"}
+            result["response"] = httpx.post(f"{api}/audio/speech", json=body, headers=good, timeout=120)
+
+        client = threading.Thread(target=long_request)
+        client.start()
+        time.sleep(1.0)
+        stopper = subprocess.Popen([str(CTL), "stop"], env=env, stdout=subprocess.PIPE, text=True)
+        time.sleep(1.0)
+        refused = httpx.post(f"{api}/audio/speech", json={"input": "late"}, headers=good, timeout=30)
+        assert refused.status_code == 503 and refused.json()["error"]["code"] == "shutting_down"
+        client.join(120)
+        stop_out, _ = stopper.communicate(timeout=120)
+        assert stopper.returncode == 0 and "stopped in" in stop_out
+        response = result["response"]
+        assert response.status_code == 200
+        assert duration(decode(response.content)) == pytest.approx(0.5 + 0.05 * 200, abs=0.6)  # not cut short
+    finally:
+        ctl("stop", env=env)
+    assert not (cache / "server.pid").exists()
+    assert not (cache / "draining").exists()
+    time.sleep(1)
+    assert _session_processes(serve_pid) == [], "processes left behind"
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+    assert ctl("status", env=env).returncode != 0
