@@ -30,8 +30,20 @@ from typing import Optional
 
 import yaml
 
-from .settings import PROJECT_ROOT, ConfigError, Settings
+from dotenv import dotenv_values
+
+from .settings import PROJECT_ROOT, Settings, find_env_file
 from .voices import VoiceLibrary
+
+
+def export_ray_variables() -> None:
+    """RAY_* entries of .env (e.g. RAY_GRAFANA_HOST for the dashboard) reach Ray like shell variables do."""
+    path = find_env_file(os.environ)
+    if path is None:
+        return
+    for key, value in dotenv_values(path).items():
+        if key.startswith("RAY_") and value is not None:
+            os.environ.setdefault(key, value)
 
 
 def render_config(settings: Settings, source: Path) -> Path:
@@ -162,6 +174,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         settings = Settings.load()
+        export_ray_variables()
         if args.print_env:
             print(f"HOST={settings.host}\nPORT={settings.port}\nCACHE_DIR={settings.cache_dir}")
             return

@@ -29,3 +29,36 @@ def test_builder_applies_serve_options(tmp_path):
     assert app is not None
     assert DEPLOYMENT_OPTIONS["CSMModel"]["num_replicas"] == 1
     assert sum(o["ray_actor_options"]["num_cpus"] for o in DEPLOYMENT_OPTIONS.values()) < 1.5
+
+
+def test_pid_file_refuses_a_live_server_and_replaces_a_stale_one(tmp_path):
+    import os
+
+    import pytest
+
+    from serve_app.launch import claim_pid_file
+
+    pid_file = tmp_path / "server.pid"
+    pid_file.write_text(f"{os.getppid()}\n")  # a live process
+    with pytest.raises(SystemExit, match="already running"):
+        claim_pid_file(pid_file)
+    pid_file.write_text("4194303\n")  # above pid_max: certainly not running
+    claim_pid_file(pid_file)
+    assert pid_file.read_text().strip() == str(os.getpid())
+    pid_file.write_text("garbage")
+    claim_pid_file(pid_file)
+    assert pid_file.read_text().strip() == str(os.getpid())
+
+
+def test_ray_variables_from_env_file_reach_serve_run(tmp_path, monkeypatch):
+    import os
+
+    from serve_app.launch import export_ray_variables
+
+    env_file = tmp_path / ".env"
+    env_file.write_text("RAY_GRAFANA_HOST=http://127.0.0.1:3000\nPORT=9000\n")
+    monkeypatch.setenv("ENV_FILE", str(env_file))
+    monkeypatch.delenv("RAY_GRAFANA_HOST", raising=False)
+    export_ray_variables()
+    assert os.environ["RAY_GRAFANA_HOST"] == "http://127.0.0.1:3000"
+    monkeypatch.delenv("RAY_GRAFANA_HOST")

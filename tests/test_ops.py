@@ -6,7 +6,9 @@ from __future__ import annotations
 import json
 import os
 import plistlib
+import shutil
 import subprocess
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -47,9 +49,9 @@ def test_systemd_unit_points_at_real_paths():
     assert int(lines["TimeoutStopSec"]) >= 55
 
 
-def _metric_lines(name: str) -> list[str]:
-    """Lines for `name` from the Prometheus targets Ray lists for its newest cluster."""
-    discovery = Path("/tmp/ray/prom_metrics_service_discovery.json")
+def _metric_lines(name: str, ray_dir: Path) -> list[str]:
+    """Lines for `name` from the Prometheus targets Ray lists for the cluster under `ray_dir`."""
+    discovery = ray_dir / "ray" / "prom_metrics_service_discovery.json"
     if not discovery.exists():
         return []
     found = []
@@ -67,12 +69,20 @@ def _session_processes(sid: int) -> list[str]:
     return [line for line in out.splitlines() if line.split()[0] == str(sid)]
 
 
-def test_control_script_cycle(tiny_checkpoint, tmp_path):
+@pytest.fixture
+def ray_dir():
+    """A Ray temp root of this cluster's own (short: Ray's socket paths must fit in 107 characters)."""
+    path = Path(tempfile.mkdtemp(prefix="r", dir="/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def test_control_script_cycle(tiny_checkpoint, tmp_path, ray_dir):
     cache = tmp_path / "cache"
     port = _free_port()
     env = {**os.environ, **TEST_ENV, "MODEL_ID": str(tiny_checkpoint), "CACHE_DIR": str(cache), "HOST": "127.0.0.1",
            "PORT": str(port), "API_KEY": "sk-local-secret", "ENV_FILE": str(tmp_path / "none.env"),
-           "RAY_ADDRESS": "local"}
+           "RAY_ADDRESS": "local", "RAY_TMPDIR": str(ray_dir)}
     (tmp_path / "none.env").write_text("")
     api = f"http://127.0.0.1:{port}/v1"
     started = ctl("start", env=env)
@@ -113,15 +123,18 @@ def test_control_script_cycle(tiny_checkpoint, tmp_path):
         assert "sk-local-secret" not in log
         assert "\x1b[" not in log  # colour codes stripped
 
-        # Ray Serve custom metrics reach the node's Prometheus endpoint (exported every few seconds).
-        deadline = time.monotonic() + 40
-        while not _metric_lines("ray_sesame_tts_requests") and time.monotonic() < deadline:
-            time.sleep(1)
-        for name in ("ray_sesame_tts_requests", "ray_sesame_tts_time_to_first_byte_seconds_bucket",
-                     "ray_sesame_tts_real_time_factor_bucket", "ray_sesame_tts_audio_seconds",
-                     "ray_sesame_tts_queue_depth", "ray_sesame_tts_active_batch_size"):
-            assert _metric_lines(name), f"{name} not exported"
-        assert any('status="ok"' in l and 'format="wav"' in l for l in _metric_lines("ray_sesame_tts_requests"))
+        # Ray Serve custom metrics reach the node's Prometheus endpoint (each process exports every few seconds).
+        names = ("ray_sesame_tts_requests", "ray_sesame_tts_time_to_first_byte_seconds_bucket",
+                 "ray_sesame_tts_real_time_factor_bucket", "ray_sesame_tts_audio_seconds",
+                 "ray_sesame_tts_queue_depth", "ray_sesame_tts_active_batch_size")
+        deadline = time.monotonic() + 60
+        while not all(_metric_lines(n, ray_dir) for n in names) and time.monotonic() < deadline:
+            time.sleep(2)
+        for name in names:
+            assert _metric_lines(name, ray_dir), f"{name} not exported"
+        requests = _metric_lines("ray_sesame_tts_requests", ray_dir)
+        assert any('status="ok"' in l and 'format="wav"' in l for l in requests)
+        assert any('status="401"' in l for l in requests)  # only this server (with API_KEY) answers 401
 
         assert "request id=" in ctl("logs", "20", env=env).stdout
 
