@@ -123,8 +123,8 @@ def supervise(command: list[str], settings: Settings) -> int:
     log.addHandler(handler)
     log.setLevel(logging.INFO)
     log.propagate = False
-    # SIGINT must reach serve run as KeyboardInterrupt (its graceful path: serve.shutdown() drains replicas);
-    # a process started in the background inherits SIGINT ignored, so reset it for the child.
+    # serve run shuts Serve down (serve.shutdown()) only on SIGINT; SIGTERM kills it outright. Neither waits
+    # for streams in flight, hence our drain first. A background process inherits SIGINT ignored: reset it.
     child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     stopping = threading.Event()
