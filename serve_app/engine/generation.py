@@ -18,6 +18,8 @@ from typing import Callable, Iterator, Optional
 
 import mlx.core as mx
 import numpy as np
+from mlx_audio.lm.models.cache import make_prompt_cache
+from mlx_audio.lm.sample_utils import apply_top_k
 
 from ..protocol import Usage
 from ..settings import FRAME_RATE, SAMPLE_RATE, Settings
@@ -92,8 +94,6 @@ def max_frames_for(text: str, settings: Settings) -> int:
 
 def sample_top_k(logits: mx.array, temperature: float, top_k: int, key: mx.array) -> mx.array:
     """One token per row from the top-k of `logits`, with an explicit PRNG key (so a seed is per request)."""
-    from mlx_audio.lm.sample_utils import apply_top_k
-
     logits = logits.astype(mx.float32)
     if top_k < logits.shape[-1]:
         logits = apply_top_k(logits, top_k)
@@ -197,8 +197,6 @@ class CSMEngine:
 
     def _frame(self, tokens: mx.array, mask: mx.array, cache, key: mx.array, temperature: float, top_k: int) -> mx.array:
         """One 80 ms frame: the backbone step, then the depth decoder over the remaining codebooks."""
-        from mlx_audio.lm.models.cache import make_prompt_cache
-
         m = self.model
         h = (m._embed_tokens(tokens) * mx.expand_dims(mask, -1)).sum(axis=2)
         last = m.backbone(h, cache=cache)[:, -1, :]
@@ -245,7 +243,7 @@ class CSMEngine:
                 ids = np.concatenate([seg.ids for seg in context] + [text.ids])
                 mask = np.concatenate([seg.mask for seg in context] + [text.mask])
                 tokens, tokens_mask = mx.array(ids)[None], mx.array(mask)[None]
-                cache = _backbone_cache(self.model)
+                cache = make_prompt_cache(self.model.backbone)
                 usage.input_tokens += len(text)
                 frames: list[np.ndarray] = []
                 pending: list[np.ndarray] = []
@@ -274,8 +272,3 @@ class CSMEngine:
         finally:
             mx.clear_cache()
 
-
-def _backbone_cache(model):
-    from mlx_audio.lm.models.cache import make_prompt_cache
-
-    return make_prompt_cache(model.backbone)
