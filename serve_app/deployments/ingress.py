@@ -187,8 +187,11 @@ async def _items(first, stream, record: RequestRecord) -> AsyncIterator[bytes]:
             return
 
 
+_CLIENT_GONE = (asyncio.CancelledError, GeneratorExit)  # how a disconnect reaches a response generator
+
+
 def _ended(exc: BaseException) -> str:
-    return "cancelled" if isinstance(exc, (asyncio.CancelledError, GeneratorExit)) else "aborted"
+    return "cancelled" if isinstance(exc, _CLIENT_GONE) else "aborted"
 
 
 async def _audio_bytes(first, stream, record: RequestRecord) -> AsyncIterator[bytes]:
@@ -199,7 +202,7 @@ async def _audio_bytes(first, stream, record: RequestRecord) -> AsyncIterator[by
         record.finish("ok")
     except BaseException as exc:
         record.finish(_ended(exc))
-        if not isinstance(exc, (asyncio.CancelledError, GeneratorExit)):
+        if not isinstance(exc, _CLIENT_GONE):
             logger.warning("request %s: audio stream aborted after it started: %s", record.request_id,
                            as_api_error(exc).message)
         raise
