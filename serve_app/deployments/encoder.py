@@ -53,16 +53,15 @@ class AudioEncoder:
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
         )
         pcm = self._model.options(stream=True).generate.remote(request.synthesis)
-        usage: list[Usage] = []
-        feeder = asyncio.create_task(self._feed(pcm, proc, usage))
+        feeder = asyncio.create_task(self._feed(pcm, proc))
         try:
             while data := await proc.stdout.read(READ_SIZE):
                 yield data
-            await feeder  # the model's error, if it failed, surfaces here
+            usage = await feeder  # the model's error, if it failed, surfaces here
             if await proc.wait() != 0:
                 stderr = (await proc.stderr.read()).decode(errors="replace").strip()
                 raise GenerationError(f"Audio encoding failed (ffmpeg exited {proc.returncode}): {stderr[-300:]}")
-            yield usage[0] if usage else Usage()
+            yield usage
         finally:
             feeder.cancel()
             # Its exception (if any) was raised above or is moot now; don't log it as "never retrieved".
@@ -71,15 +70,18 @@ class AudioEncoder:
             await _kill(proc)
 
     @staticmethod
-    async def _feed(pcm, proc: asyncio.subprocess.Process, usage: list[Usage]) -> None:
-        """Copy the model's PCM into ffmpeg; on a model error kill ffmpeg so the reader stops at once."""
+    async def _feed(pcm, proc: asyncio.subprocess.Process) -> Usage:
+        """Copy the model's PCM into ffmpeg and return the model's `Usage`; on a model error kill ffmpeg so
+        the reader stops at once."""
+        usage = Usage()
         try:
             async for item in pcm:
                 if isinstance(item, Usage):
-                    usage.append(item)
+                    usage = item
                 elif not await _write(proc, item):
-                    return  # ffmpeg is gone; the reader sees EOF and its exit code says why
+                    return usage  # ffmpeg is gone; the reader sees EOF and its exit code says why
             proc.stdin.close()
+            return usage
         except BaseException:
             with contextlib.suppress(ProcessLookupError):
                 proc.kill()
