@@ -58,6 +58,32 @@ class NotFoundError(APIError):
     default_code = "not_found"
 
 
+class PayloadTooLargeError(APIError):
+    status_code = 413
+    error_type = "invalid_request_error"
+    default_code = "request_too_large"
+
+
+class RateLimitError(APIError):
+    """Too many requests are already waiting for the model; `retry_after` says when to come back."""
+
+    status_code = 429
+    error_type = "requests"  # what OpenAI sends for request-rate limits
+    default_code = "rate_limit_exceeded"
+
+    def __init__(self, message: str, *, param: Optional[str] = None, code: Optional[str] = None,
+                 retry_after: int = 1):
+        super().__init__(message, param=param, code=code)
+        self.retry_after = retry_after
+
+    def __reduce__(self):
+        return (_rebuild_rate_limit, (self.message, self.param, self.code, self.retry_after))
+
+
+def _rebuild_rate_limit(message, param, code, retry_after):
+    return RateLimitError(message, param=param, code=code, retry_after=retry_after)
+
+
 class ServiceUnavailableError(APIError):
     """The server cannot serve right now (model loading or broken, ffmpeg missing)."""
 
@@ -68,6 +94,12 @@ class ServiceUnavailableError(APIError):
 
 class ModelNotReadyError(ServiceUnavailableError):
     default_code = "model_not_ready"
+
+
+class OutOfMemoryError(ServiceUnavailableError):
+    """MLX could not allocate (or the replica passed MLX_MEMORY_LIMIT_MB) while generating."""
+
+    default_code = "out_of_memory"
 
 
 class GenerationError(APIError):
@@ -89,10 +121,19 @@ def unwrap(exc: BaseException) -> BaseException:
     return exc
 
 
+def _is_replica_death(exc: BaseException) -> bool:
+    """A replica process died or became unreachable (Serve starts a new one)."""
+    from ray.exceptions import RayActorError  # ActorDiedError and ActorUnavailableError too
+
+    return isinstance(exc, RayActorError)
+
+
 def status_of(exc: BaseException) -> int:
     """The HTTP status an exception maps to (no logging)."""
     original = unwrap(exc)
-    return original.status_code if isinstance(original, APIError) else 500
+    if isinstance(original, APIError):
+        return original.status_code
+    return 503 if _is_replica_death(original) else 500
 
 
 def as_api_error(exc: BaseException) -> APIError:
@@ -100,6 +141,10 @@ def as_api_error(exc: BaseException) -> APIError:
     original = unwrap(exc)
     if isinstance(original, APIError):
         return original
+    if _is_replica_death(original):
+        logger.warning("a replica died while serving a request: %s", type(original).__name__)
+        return ServiceUnavailableError("The model process restarted while serving this request; retry shortly.",
+                                       code="model_restarting")
     logger.error("unexpected error", exc_info=(type(original), original, original.__traceback__))
     return APIError("The server had an error while processing your request.")
 
@@ -107,5 +152,9 @@ def as_api_error(exc: BaseException) -> APIError:
 def to_error_response(exc: BaseException) -> JSONResponse:
     """The one mapping from an exception to an HTTP response with OpenAI's error body."""
     error = as_api_error(exc)
-    headers = {"Retry-After": "5"} if error.status_code == 503 else None
+    headers = None
+    if isinstance(error, RateLimitError):
+        headers = {"Retry-After": str(error.retry_after)}
+    elif error.status_code == 503:
+        headers = {"Retry-After": "5"}
     return JSONResponse(error.body(), status_code=error.status_code, headers=headers)

@@ -88,3 +88,16 @@ class Usage(BaseModel):
 
     def as_openai(self) -> dict:
         return {"input_tokens": self.input_tokens, "output_tokens": self.output_tokens, "total_tokens": self.total_tokens}
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: Optional[str] = None
+    code: Optional[str] = None
+
+
+class ErrorResponse(BaseModel):
+    """OpenAI's error body; every non-2xx answer of this server has this shape."""
+
+    error: ErrorDetail

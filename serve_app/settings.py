@@ -71,6 +71,15 @@ class Settings(BaseModel):
     max_audio_base_s: float = Field(2.0, ge=0.08)
     max_audio_s_per_char: float = Field(0.12, ge=0.0)
 
+    # Overload and hostile input. One request generates at a time; up to MAX_QUEUED_REQUESTS more wait,
+    # and beyond that a request gets 429 with Retry-After before any audio.
+    max_queued_requests: int = Field(16, ge=0, le=200)
+    # Request bodies over this many bytes get 413 (4,096 characters of input are at most ~50 KB of JSON).
+    max_request_bytes: int = Field(256 * 1024, ge=1024)
+    # MLX memory the model replica may use (MB, 0 = no limit beyond the machine's). A request that would
+    # pass it fails with 503 out_of_memory and the replica releases MLX's cache; the others carry on.
+    mlx_memory_limit_mb: int = Field(0, ge=0)
+
     # Presets and ffmpeg.
     voices_dir: Path = PROJECT_ROOT / "voices"
     ffmpeg_path: str = "ffmpeg"

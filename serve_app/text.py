@@ -32,69 +32,96 @@ def normalize(text: str) -> str:
     return _SPACES.sub(" ", text).strip()
 
 
-def _split_after(pattern: re.Pattern, text: str) -> list[str]:
-    parts, start = [], 0
-    for match in pattern.finditer(text):
-        parts.append(text[start : match.end()])
-        start = match.end()
-    parts.append(text[start:])
-    return [p.strip() for p in parts if p.strip()]
+Span = tuple[int, int]  # [start, end) in the normalised text
+
+
+def _split_after(pattern: re.Pattern, text: str, start: int, end: int) -> list[Span]:
+    """`text[start:end]` cut after each match of `pattern`, as spans with the spaces at their ends left out."""
+    spans, begin = [], start
+    for match in pattern.finditer(text, start, end):
+        spans.append((begin, match.end()))
+        begin = match.end()
+    spans.append((begin, end))
+    stripped = []
+    for a, b in spans:
+        while a < b and text[a] == " ":
+            a += 1
+        while b > a and text[b - 1] == " ":
+            b -= 1
+        if a < b:
+            stripped.append((a, b))
+    return stripped
+
+
+def _sentences(text: str) -> tuple[str, list[Span]]:
+    """The normalised text and its sentences' spans; a newline always ends a sentence."""
+    normal, spans = "", []
+    for line in text.splitlines():
+        line = normalize(line)
+        if not line:
+            continue
+        offset = len(normal) + 1 if normal else 0
+        normal = f"{normal} {line}" if normal else line
+        spans += [(offset + a, offset + b) for a, b in _split_after(_SENTENCE_END, line, 0, len(line))]
+    return normal, spans
 
 
 def split_sentences(text: str) -> list[str]:
     """Sentences of `text`; a newline always ends one."""
-    sentences: list[str] = []
-    for line in text.splitlines():
-        sentences.extend(_split_after(_SENTENCE_END, normalize(line)))
-    return sentences
+    normal, spans = _sentences(text)
+    return [normal[a:b] for a, b in spans]
 
 
-def _hard_split(word: str, limit: int) -> list[str]:
-    """Split a word longer than `limit`, never separating a base character from its combining marks."""
-    parts = []
-    while len(word) > limit:
-        cut = limit
-        while cut > 1 and unicodedata.combining(word[cut]):
-            cut -= 1
-        parts.append(word[:cut])
-        word = word[cut:]
-    parts.append(word)
-    return parts
+def _cut(word: str, limit: int) -> int:
+    """Where to cut a word longer than `limit`: at most `limit` characters, never separating a base
+    character from its combining marks."""
+    cut = limit
+    while cut > 1 and unicodedata.combining(word[cut]):
+        cut -= 1
+    return cut
 
 
-def _split_finer(piece: str, limit: int) -> list[str]:
-    """One level finer than `piece`: its clauses, else its words, else the word cut to `limit`."""
-    clauses = _split_after(_CLAUSE_END, piece)
+def _split_finer(text: str, start: int, end: int) -> list[Span] | None:
+    """One level finer than the span: its clauses, else its words; None for a single word."""
+    clauses = _split_after(_CLAUSE_END, text, start, end)
     if len(clauses) > 1:
         return clauses
-    words = piece.split(" ")
-    if len(words) > 1:
-        return words
-    return _hard_split(piece, limit)
+    words = _split_after(_SPACES, text, start, end)
+    return words if len(words) > 1 else None
 
 
 def chunk_text(text: str, max_chars: int, first_max_chars: int | None = None) -> list[str]:
     """Split `text` into chunks of at most `max_chars` (the first at most `first_max_chars`).
 
     Whole sentences are packed greedily; a sentence that does not fit is broken at clause boundaries,
-    then between words.
+    then between words. Chunks are always exact stretches of the normalised text, so whatever separated
+    two pieces there (a space, or nothing after CJK punctuation) separates them in a chunk too.
     """
     first_max_chars = first_max_chars or max_chars
+    normal, spans = _sentences(text)
     chunks: list[str] = []
-    current = ""
-    pieces = deque(split_sentences(text))
+    current: Span | None = None
+    pieces = deque(spans)
     while pieces:
         limit = first_max_chars if not chunks else max_chars
-        piece = pieces.popleft()
-        candidate = f"{current} {piece}" if current else piece
-        if len(candidate) <= limit:
-            current = candidate
+        a, b = pieces.popleft()
+        begin = current[0] if current else a
+        if b - begin <= limit:
+            current = (begin, b)
         elif current:
-            chunks.append(current)
-            current = ""
-            pieces.appendleft(piece)
+            chunks.append(normal[current[0] : current[1]])
+            current = None
+            pieces.appendleft((a, b))
         else:
-            pieces.extendleft(reversed(_split_finer(piece, limit)))
+            finer = _split_finer(normal, a, b)
+            if finer is None:
+                # One word longer than the limit: its head becomes a chunk, its rest goes on as a piece (no
+                # space between them is invented, and the rest may share a chunk with the next words).
+                cut = a + _cut(normal[a:b], limit)
+                chunks.append(normal[a:cut])
+                pieces.appendleft((cut, b))
+            else:
+                pieces.extendleft(reversed(finer))
     if current:
-        chunks.append(current)
+        chunks.append(normal[current[0] : current[1]])
     return chunks

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import httpx
 import pytest
@@ -52,35 +53,56 @@ class Server:
     def log_text(self) -> str:
         return self.log.read_text(errors="replace")
 
+    def health(self) -> httpx.Response:
+        return httpx.get(f"{self.base_url}/health", timeout=10)
 
-@pytest.fixture(scope="session")
-def server(tiny_checkpoint, tmp_path_factory) -> Server:
-    work = tmp_path_factory.mktemp("server")
+    def wait_until(self, ready: Callable[[httpx.Response], bool], timeout: float = 180) -> httpx.Response:
+        """Poll /health until `ready(response)`; fail with the log's tail if the server exits or times out."""
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.proc.poll() is not None:
+                pytest.fail(f"server exited with {self.proc.returncode}:\n{self.log_text()[-3000:]}")
+            try:
+                response = self.health()
+                if ready(response):
+                    return response
+            except (httpx.HTTPError, ValueError, KeyError):  # not up yet: Serve's proxy answers in plain text
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"server not ready after {timeout} s:\n{self.log_text()[-3000:]}")
+            time.sleep(0.3)
+
+    def stop(self) -> None:
+        _stop(self.proc)
+
+
+def launch_server(work: Path, model_id: Path, **env_overrides: str) -> Server:
+    """Start `python -m serve_app.launch` (as the README does) on a free loopback port; returns at once."""
+    work.mkdir(parents=True, exist_ok=True)
     env_file = work / "empty.env"
     env_file.write_text("")
     port = _free_port()
-    env = {**os.environ, **TEST_ENV, "MODEL_ID": str(tiny_checkpoint), "CACHE_DIR": str(work / "cache"),
-           "HOST": "127.0.0.1", "PORT": str(port), "ENV_FILE": str(env_file), "RAY_ADDRESS": "local"}
+    env = {**os.environ, **TEST_ENV, "MODEL_ID": str(model_id), "CACHE_DIR": str(work / "cache"),
+           "HOST": "127.0.0.1", "PORT": str(port), "ENV_FILE": str(env_file), "RAY_ADDRESS": "local", **env_overrides}
     log = work / "server.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen([sys.executable, "-m", "serve_app.launch"], cwd=ROOT, env=env, stdout=out,
                                 stderr=subprocess.STDOUT, start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while True:
-        if proc.poll() is not None:
-            pytest.fail(f"server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if time.monotonic() > deadline:
-            _stop(proc)
-            pytest.fail(f"server not healthy after 180 s:\n{log.read_text()[-3000:]}")
-        time.sleep(0.5)
-    yield Server(base, proc, log)
-    _stop(proc)
+    return Server(f"http://127.0.0.1:{port}", proc, log)
+
+
+def healthy(response: httpx.Response) -> bool:
+    return response.status_code == 200
+
+
+@pytest.fixture(scope="session")
+def server(tiny_checkpoint, tmp_path_factory) -> Server:
+    server = launch_server(tmp_path_factory.mktemp("server"), tiny_checkpoint)
+    try:
+        server.wait_until(healthy)
+        yield server
+    finally:
+        server.stop()
 
 
 def _stop(proc: subprocess.Popen) -> None:

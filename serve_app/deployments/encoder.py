@@ -38,11 +38,12 @@ class AudioEncoder:
         configure_logging(settings.log_level)
         self._model = model
         self._ffmpeg, self._ffmpeg_info = find_ffmpeg(settings.ffmpeg_path)
+        self._running = 0  # ffmpeg processes alive now (a leak would show here and in the soak test)
         if self._ffmpeg is None:
             logger.error("%s", self._ffmpeg_info)
 
     async def health(self) -> dict:
-        return {"ok": self._ffmpeg is not None, "ffmpeg": self._ffmpeg_info}
+        return {"ok": self._ffmpeg is not None, "ffmpeg": self._ffmpeg_info, "running": self._running}
 
     async def encode(self, request: EncodeRequest) -> AsyncIterator[bytes | Usage]:
         """Encoded audio bytes as ffmpeg produces them, then the model's `Usage`."""
@@ -52,6 +53,7 @@ class AudioEncoder:
             *ffmpeg_command(self._ffmpeg, request.response_format, request.speed),
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
         )
+        self._running += 1
         pcm = self._model.options(stream=True).generate.remote(request.synthesis)
         feeder = asyncio.create_task(self._feed(pcm, proc))
         try:
@@ -67,7 +69,10 @@ class AudioEncoder:
             # Its exception (if any) was raised above or is moot now; don't log it as "never retrieved".
             feeder.add_done_callback(lambda task: task.cancelled() or task.exception())
             pcm.cancel()
-            await _kill(proc)
+            try:
+                await _kill(proc)
+            finally:
+                self._running -= 1
 
     @staticmethod
     async def _feed(pcm, proc: asyncio.subprocess.Process) -> Usage:

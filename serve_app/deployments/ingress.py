@@ -9,29 +9,29 @@ broken chunked body, not a complete file) or ends an SSE stream with an error ev
 from __future__ import annotations
 
 import asyncio
-import base64
 import hmac
-import json
 import logging
 import uuid
-from typing import AsyncIterator
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import (
-    AuthenticationError, InvalidRequestError, NotFoundError, ServiceUnavailableError, as_api_error, error_body,
-    status_of, to_error_response,
+    AuthenticationError, InvalidRequestError, NotFoundError, PayloadTooLargeError, RateLimitError,
+    ServiceUnavailableError, error_body, status_of, to_error_response,
 )
-from ..ffmpeg import content_type
+from ..ffmpeg import FORMATS
 from ..logs import configure_logging
 from ..observability import RequestRecord
-from ..protocol import ModelCard, ModelList, SpeechRequest, Usage, VoiceList
+from ..protocol import ErrorResponse, ModelCard, ModelList, SpeechRequest, VoiceList
 from ..settings import Settings
 from ..engine.generation import SynthesisRequest
 from .encoder import EncodeRequest
+from .limits import Admission, BodySizeLimit
+from .streaming import SpeechStream
 
 logger = logging.getLogger("sesame_tts")
 
@@ -46,6 +46,8 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 413:
+            return to_error_response(PayloadTooLargeError(str(exc.detail)))
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
         return JSONResponse(error_body(str(exc.detail), kind, None, None), status_code=exc.status_code)
 
@@ -71,6 +73,42 @@ def validation_error(exc: RequestValidationError) -> InvalidRequestError:
     return InvalidRequestError(f"Invalid value for '{param}': {err.get('msg')}.", param=param, code=code)
 
 
+_ERROR_DESCRIPTIONS = {
+    400: "Invalid request (OpenAI error body).",
+    401: "Missing or wrong API key, when API_KEY is set.",
+    404: "No such model.",
+    413: "Request body over MAX_REQUEST_BYTES.",
+    429: "MAX_QUEUED_REQUESTS are already waiting; see the Retry-After header.",
+    500: "Generation failed.",
+    503: "Model loading or failed, ffmpeg missing, out of memory, or shutting down; see Retry-After.",
+}
+
+
+def _errors(*statuses: int) -> dict:
+    return {s: {"model": ErrorResponse, "description": _ERROR_DESCRIPTIONS[s]} for s in statuses}
+
+
+SPEECH_RESPONSES = {
+    200: {"description": "Audio as it is generated (chunked), or server-sent events when stream_format is 'sse'.",
+          "content": {**{ctype: {"schema": {"type": "string", "format": "binary"}} for ctype, _ in FORMATS.values()},
+                      "text/event-stream": {"schema": {"type": "string"}}}},
+    **_errors(400, 401, 413, 429, 500, 503),
+}
+
+
+def _openapi_without_422(app: FastAPI) -> dict:
+    """FastAPI documents 422 for validation errors; this server answers them with 400 (as OpenAI does)."""
+    if app.openapi_schema is None:
+        schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+        for path in schema.get("paths", {}).values():
+            for operation in path.values():
+                operation.get("responses", {}).pop("422", None)
+        for name in ("HTTPValidationError", "ValidationError"):
+            schema.get("components", {}).get("schemas", {}).pop(name, None)
+        app.openapi_schema = schema
+    return app.openapi_schema
+
+
 def new_request_id() -> str:
     return uuid.uuid4().hex[:12]
 
@@ -82,7 +120,8 @@ class SpeechIngress:
         self._frontend = frontend
         self._encoder = encoder
         self._model = model
-        self._in_flight = 0  # speech requests between arrival and their last byte
+        # Speech requests between admission and their last byte; bounded, and the stop drain waits for it.
+        self._admission = Admission(settings.max_queued_requests)
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         """Serve calls this on the replica after __init__; routes are bound methods of this instance."""
@@ -91,15 +130,19 @@ class SpeechIngress:
     def build_asgi_app(self) -> FastAPI:
         app = FastAPI(title="Sesame TTS", description="OpenAI-compatible text-to-speech with Sesame CSM-1B on MLX.")
         install_error_handlers(app)
+        app.add_middleware(BodySizeLimit, max_bytes=self._settings.max_request_bytes)
         auth = [Depends(self.check_api_key)]
         app.add_api_route("/v1/audio/speech", self.create_speech, methods=["POST"], response_class=StreamingResponse,
-                          dependencies=auth)
-        app.add_api_route("/v1/models", self.list_models, methods=["GET"], response_model=ModelList, dependencies=auth)
+                          dependencies=auth, responses=SPEECH_RESPONSES)
+        app.add_api_route("/v1/models", self.list_models, methods=["GET"], response_model=ModelList, dependencies=auth,
+                          responses=_errors(401))
         app.add_api_route("/v1/models/{model_id}", self.get_model, methods=["GET"], response_model=ModelCard,
-                          dependencies=auth)
+                          dependencies=auth, responses=_errors(401, 404))
         app.add_api_route("/v1/audio/voices", self.list_voices, methods=["GET"], response_model=VoiceList,
-                          dependencies=auth)
-        app.add_api_route("/health", self.health, methods=["GET"])
+                          dependencies=auth, responses=_errors(401))
+        app.add_api_route("/health", self.health, methods=["GET"],
+                          responses={503: {"description": "Not ready: the body says why (same shape as 200)."}})
+        app.openapi = lambda: _openapi_without_422(app)
         return app
 
     async def check_api_key(self, request: Request) -> None:
@@ -116,9 +159,13 @@ class SpeechIngress:
         """OpenAI createSpeech: streamed audio (chunked) or server-sent events."""
         if self._settings.drain_flag.exists():
             raise ServiceUnavailableError("The server is shutting down; retry shortly.", code="shutting_down")
-        self._in_flight += 1
+        try:
+            self._admission.admit()
+        except RateLimitError:
+            RequestRecord(new_request_id(), characters=len(body.input)).finish("429")
+            raise
         record = RequestRecord(new_request_id(), characters=len(body.input), speed=float(body.speed),
-                               on_finish=self._request_done)
+                               on_finish=self._admission.release)
         try:
             plan = await self._frontend.prepare.remote(body)
             record.voice = plan.preset.name
@@ -134,13 +181,7 @@ class SpeechIngress:
             record.finish("cancelled" if isinstance(exc, asyncio.CancelledError) else str(status_of(exc)))
             raise
         record.mark_first_byte()
-        headers = {"Cache-Control": "no-cache"}
-        if body.stream_format == "sse":
-            return StreamingResponse(_sse_events(first, stream, record), media_type="text/event-stream", headers=headers)
-        return StreamingResponse(_audio_bytes(first, stream, record), media_type=content_type(record.fmt), headers=headers)
-
-    def _request_done(self) -> None:
-        self._in_flight -= 1
+        return SpeechStream(first, stream, record).response(body.stream_format == "sse", {"Cache-Control": "no-cache"})
 
     async def list_models(self) -> ModelList:
         return ModelList(data=[ModelCard()])
@@ -167,66 +208,7 @@ class SpeechIngress:
             reasons.append("shutting down")
         body = {"status": "ok" if ok else ("draining" if draining else "unavailable"), "model": model,
                 "ffmpeg": encoder["ffmpeg"], "voices": voices, "device": model["device"],
-                "in_flight": self._in_flight}
+                "in_flight": self._admission.active, "encoders_running": encoder["running"]}
         if reasons:
             body["reason"] = "; ".join(reasons)
         return JSONResponse(body, status_code=200 if ok else 503)
-
-
-async def _items(first, stream, record: RequestRecord) -> AsyncIterator[bytes]:
-    """The encoder's audio bytes (first included); its final `Usage` goes into the record."""
-    item = first
-    while True:
-        if isinstance(item, Usage):
-            record.usage = item
-        else:
-            yield item
-        try:
-            item = await stream.__anext__()
-        except StopAsyncIteration:
-            return
-
-
-_CLIENT_GONE = (asyncio.CancelledError, GeneratorExit)  # how a disconnect reaches a response generator
-
-
-def _ended(exc: BaseException) -> str:
-    return "cancelled" if isinstance(exc, _CLIENT_GONE) else "aborted"
-
-
-async def _audio_bytes(first, stream, record: RequestRecord) -> AsyncIterator[bytes]:
-    """Raw audio. An error after the first byte propagates, so the server aborts the chunked body."""
-    try:
-        async for data in _items(first, stream, record):
-            yield data
-        record.finish("ok")
-    except BaseException as exc:
-        record.finish(_ended(exc))
-        if not isinstance(exc, _CLIENT_GONE):
-            logger.warning("request %s: audio stream aborted after it started: %s", record.request_id,
-                           as_api_error(exc).message)
-        raise
-    finally:
-        stream.cancel()
-
-
-def _sse(event: dict) -> str:
-    return f"data: {json.dumps(event, separators=(',', ':'))}\n\n"
-
-
-async def _sse_events(first, stream, record: RequestRecord) -> AsyncIterator[str]:
-    """speech.audio.delta events, then speech.audio.done with usage, then [DONE]; an error event on failure."""
-    try:
-        async for data in _items(first, stream, record):
-            yield _sse({"type": "speech.audio.delta", "audio": base64.b64encode(data).decode()})
-        yield _sse({"type": "speech.audio.done", "usage": record.usage.as_openai()})
-        yield "data: [DONE]\n\n"
-        record.finish("ok")
-    except Exception as exc:
-        record.finish(_ended(exc))
-        yield _sse({"type": "error", **as_api_error(exc).body()})
-    except BaseException as exc:
-        record.finish(_ended(exc))
-        raise
-    finally:
-        stream.cancel()

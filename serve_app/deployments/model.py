@@ -18,6 +18,7 @@ from ..protocol import Usage
 from ..settings import MODEL_NAME, Settings
 from ..voices import VoiceLibrary
 from ..engine.generation import CSMEngine, SynthesisRequest, describe_device, select_device
+from ..engine.memory import memory_report
 from ..engine.worker import ModelWorker
 
 logger = logging.getLogger("sesame_tts")
@@ -69,7 +70,8 @@ class CSMModel:
     async def health(self) -> dict:
         state = "ready" if self._engine else ("failed" if self._error else "loading")
         info = {"status": state, "model": MODEL_NAME, "model_id": self._settings.model_id,
-                "device": describe_device(self._device), "dtype": self._settings.dtype, "queued": self._worker.waiting}
+                "device": describe_device(self._device), "dtype": self._settings.dtype, "queued": self._worker.waiting,
+                "memory": memory_report()}
         if self._error:
             info["error"] = self._error
         return info

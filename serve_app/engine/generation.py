@@ -24,6 +24,7 @@ from mlx_audio.lm.sample_utils import apply_top_k
 from ..protocol import Usage
 from ..settings import FRAME_RATE, SAMPLE_RATE, Settings
 from ..voices import VoiceLibrary, VoicePreset
+from .memory import MemoryGuard
 from .checkpoint import CheckpointFiles, ModelLoadError, TextTokenizer, load_csm, load_mimi, resolve_checkpoint
 
 logger = logging.getLogger("sesame_tts")
@@ -114,10 +115,12 @@ class CSMEngine:
         self.num_codebooks = model.args.audio_num_codebooks
         self._decoder = MimiStreamingDecoder(mimi)
         self._prompts: dict[str, _Tokens] = {}
+        self.memory = MemoryGuard(settings.mlx_memory_limit_mb)
 
     @classmethod
     def load(cls, settings: Settings, voices: Optional[VoiceLibrary] = None) -> "CSMEngine":
         started = time.perf_counter()
+        MemoryGuard(settings.mlx_memory_limit_mb).install()
         files = resolve_checkpoint(settings)
         engine = cls(load_csm(files, settings.dtype), load_mimi(files), TextTokenizer(files.tokenizer_dir), settings, files)
         if voices is not None:
@@ -234,6 +237,7 @@ class CSMEngine:
         usage = Usage()
         group = settings.first_group_frames
         self._decoder.reset()
+        self.memory.begin_request()
         try:
             for chunk in request.chunks:
                 text = self._text_tokens(chunk, preset.speaker)
@@ -250,6 +254,7 @@ class CSMEngine:
                 for _ in range(max_frames):
                     if cancelled():
                         return
+                    self.memory.check()
                     key, subkey = mx.random.split(key)
                     codes = np.array(self._frame(tokens, tokens_mask, cache, subkey, preset.temperature, preset.top_k))[0]
                     if not codes.any():
@@ -269,6 +274,11 @@ class CSMEngine:
                 if frames:
                     history.append(self._segment_tokens(ContextSegment(preset.speaker, chunk, codes=np.stack(frames, axis=1))))
             yield usage
+        except Exception as exc:
+            translated = MemoryGuard.translate(exc)
+            if translated is exc:
+                raise
+            raise translated from exc
         finally:
-            mx.clear_cache()
+            mx.clear_cache()  # also after a failure: the next request starts with MLX's cache released
 

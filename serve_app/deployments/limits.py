@@ -1,0 +1,85 @@
+"""The ingress's guards against overload and oversized bodies.
+
+`Admission` bounds the speech requests inside the pipeline (the one generating plus the ones queued for
+the model): a request beyond the bound gets 429 at once, before any audio, with a Retry-After that
+estimates when a place frees up. The ingress runs as one replica, so its count is the server's count.
+
+`BodySizeLimit` is ASGI middleware: a declared Content-Length over the limit gets 413 without reading the
+body; a chunked body is counted as it arrives and stopped at the limit.
+"""
+
+from __future__ import annotations
+
+import math
+
+from fastapi import HTTPException
+
+from ..errors import PayloadTooLargeError, RateLimitError, to_error_response
+
+MODEL_SLOTS = 1  # requests the model generates at the same time (its single MLX thread)
+_SMOOTHING = 0.2  # weight of the newest duration in the running average
+
+
+class Admission:
+    """Counts admitted speech requests; `admit` raises `RateLimitError` when the pipeline is full."""
+
+    def __init__(self, max_queued: int, slots: int = MODEL_SLOTS):
+        self.capacity = slots + max_queued
+        self.active = 0
+        self._mean_s = 1.0  # running mean of admitted requests' durations (queueing included)
+
+    def admit(self) -> None:
+        if self.active >= self.capacity:
+            raise RateLimitError(
+                f"The server is at capacity ({self.capacity} speech requests in progress or queued); "
+                "retry after the time in the Retry-After header.", retry_after=self.retry_after())
+        self.active += 1
+
+    def release(self, duration_s: float) -> None:
+        self.active -= 1
+        self._mean_s += _SMOOTHING * (duration_s - self._mean_s)
+
+    def retry_after(self) -> int:
+        """Seconds until a place is likely free. With the pipeline full and served in order, a request's
+        duration is about `capacity` service times, so one completion comes every mean/capacity."""
+        return max(1, min(30, math.ceil(self._mean_s / self.capacity)))
+
+
+class BodyTooLarge(HTTPException):
+    """Raised from the counting `receive`; FastAPI passes HTTPExceptions through body parsing untouched."""
+
+    def __init__(self, limit: int):
+        super().__init__(status_code=413, detail=too_large_message(limit))
+
+
+def too_large_message(limit: int) -> str:
+    return f"The request body is larger than this server accepts ({limit} bytes)."
+
+
+class BodySizeLimit:
+    """ASGI middleware enforcing `max_bytes` on HTTP request bodies."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers") or ()).get(b"content-length")
+        # A malformed Content-Length is the HTTP server's to reject; only a real number is judged here.
+        if declared is not None and declared.strip().isdigit() and int(declared) > self.max_bytes:
+            response = to_error_response(PayloadTooLargeError(too_large_message(self.max_bytes)))
+            return await response(scope, receive, send)
+        received = 0
+
+        async def counting_receive():
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise BodyTooLarge(self.max_bytes)
+            return message
+
+        await self.app(scope, counting_receive, send)

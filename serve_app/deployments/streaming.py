@@ -1,0 +1,116 @@
+"""The body of a committed (200) speech response: raw audio bytes or server-sent events.
+
+A failure after audio has started cannot change the status any more; it aborts a raw audio stream (the
+client sees a broken chunked body, not a complete file) or ends an SSE stream with an error event.
+Whatever way the response ends, the encoder stream is cancelled and the request's record finished, even
+when the client left before Starlette started the body (it then never runs the body generator at all).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+from typing import AsyncIterator
+
+from fastapi.responses import StreamingResponse
+
+from ..errors import as_api_error
+from ..ffmpeg import content_type
+from ..observability import RequestRecord
+from ..protocol import Usage
+
+logger = logging.getLogger("sesame_tts")
+
+_CLIENT_GONE = (asyncio.CancelledError, GeneratorExit)  # how a disconnect reaches a response generator
+
+
+def _ended(exc: BaseException) -> str:
+    return "cancelled" if isinstance(exc, _CLIENT_GONE) else "aborted"
+
+
+def _sse(event: dict) -> str:
+    return f"data: {json.dumps(event, separators=(',', ':'))}\n\n"
+
+
+class _ClosingResponse(StreamingResponse):
+    """A StreamingResponse that calls `on_close` after it ends, however it ends."""
+
+    def __init__(self, content, *, on_close, **kwargs):
+        super().__init__(content, **kwargs)
+        self._on_close = on_close
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._on_close()
+
+
+class SpeechStream:
+    """One response's audio: the encoder's stream (its first item already received) and the record."""
+
+    def __init__(self, first, stream, record: RequestRecord):
+        self._first = first
+        self._stream = stream
+        self._record = record
+
+    def response(self, sse: bool, headers: dict) -> StreamingResponse:
+        if sse:
+            return _ClosingResponse(self._sse_events(), on_close=self.close, media_type="text/event-stream",
+                                    headers=headers)
+        return _ClosingResponse(self._audio_bytes(), on_close=self.close, media_type=content_type(self._record.fmt),
+                                headers=headers)
+
+    def close(self) -> None:
+        """Cancel the encoder stream and finish the record (both do nothing the second time)."""
+        self._record.finish("cancelled")
+        self._stream.cancel()
+
+    async def _items(self) -> AsyncIterator[bytes]:
+        """The encoder's audio bytes (first included); its final `Usage` goes into the record."""
+        item = self._first
+        while True:
+            if isinstance(item, Usage):
+                self._record.usage = item
+            else:
+                yield item
+            try:
+                item = await self._stream.__anext__()
+            except StopAsyncIteration:
+                return
+
+    async def _audio_bytes(self) -> AsyncIterator[bytes]:
+        """Raw audio. An error after the first byte propagates, so the server aborts the chunked body."""
+        record = self._record
+        try:
+            async for data in self._items():
+                yield data
+            record.finish("ok")
+        except BaseException as exc:
+            record.finish(_ended(exc))
+            if not isinstance(exc, _CLIENT_GONE):
+                logger.warning("request %s: audio stream aborted after it started: %s", record.request_id,
+                               as_api_error(exc).message)
+            raise
+        finally:
+            self._stream.cancel()
+
+    async def _sse_events(self) -> AsyncIterator[str]:
+        """speech.audio.delta events, then speech.audio.done with usage, then [DONE]; an error event on failure."""
+        record = self._record
+        try:
+            async for data in self._items():
+                yield _sse({"type": "speech.audio.delta", "audio": base64.b64encode(data).decode()})
+            yield _sse({"type": "speech.audio.done", "usage": record.usage.as_openai()})
+            yield "data: [DONE]\n\n"
+            record.finish("ok")
+        except Exception as exc:
+            record.finish(_ended(exc))
+            yield _sse({"type": "error", **as_api_error(exc).body()})
+        except BaseException as exc:
+            record.finish(_ended(exc))
+            raise
+        finally:
+            self._stream.cancel()

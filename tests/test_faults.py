@@ -1,0 +1,130 @@
+"""Faults: ffmpeg missing at start, a model that fails to load, and memory exhaustion during generation.
+
+Each fault server is the real application started as the README does; both start in parallel. (ffmpeg
+dying mid-stream is in test_api.py; a killed model replica in test_reliability.py; SIGTERM with streams
+in flight in test_ops.py.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import time
+from pathlib import Path
+
+import httpx
+import mlx.core as mx
+import pytest
+
+from serve_app.deployments.model import CSMModel
+from serve_app.engine.generation import SynthesisRequest
+from serve_app.errors import OutOfMemoryError
+from serve_app.settings import Settings
+from serve_app.text import chunk_text
+from serve_app.voices import VoiceLibrary
+from tests.conftest import launch_server
+
+pytestmark = pytest.mark.server
+
+MISSING_FFMPEG = "/nonexistent/bin/ffmpeg"
+
+
+@pytest.fixture(scope="module")
+def fault_servers(tiny_checkpoint, tmp_path_factory):
+    broken = tmp_path_factory.mktemp("broken-checkpoint")
+    shutil.copytree(tiny_checkpoint, broken, dirs_exist_ok=True)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # truncated mid-file
+    no_ffmpeg = launch_server(tmp_path_factory.mktemp("no-ffmpeg"), tiny_checkpoint, FFMPEG_PATH=MISSING_FFMPEG)
+    bad_model = launch_server(tmp_path_factory.mktemp("bad-model"), broken)
+    try:
+        no_ffmpeg.wait_until(lambda r: r.json()["model"]["status"] == "ready")
+        bad_model.wait_until(lambda r: r.json()["model"]["status"] == "failed")
+        yield {"no_ffmpeg": no_ffmpeg, "bad_model": bad_model}
+    finally:
+        no_ffmpeg.stop()
+        bad_model.stop()
+
+
+def assert_503(response: httpx.Response, code: str) -> dict:
+    assert response.status_code == 503, response.text
+    assert response.headers["retry-after"].isdigit()
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert (error["type"], error["code"]) == ("server_error", code)
+    return error
+
+
+def test_missing_ffmpeg_is_named_by_health_and_requests_get_503(fault_servers):
+    server = fault_servers["no_ffmpeg"]
+    health = server.health()
+    assert health.status_code == 503
+    assert MISSING_FFMPEG in health.json()["reason"]
+    started = time.monotonic()
+    for fmt in ("mp3", "pcm"):
+        error = assert_503(httpx.post(f"{server.api}/audio/speech", json={"input": "hi", "response_format": fmt},
+                                      timeout=30), "ffmpeg_unavailable")
+        assert MISSING_FFMPEG in error["message"]
+    assert time.monotonic() - started < 10, "nothing may hang"
+    assert httpx.get(f"{server.api}/models", timeout=10).status_code == 200  # the rest of the API still works
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / 100.0  # utime + stime, in clock ticks of 1/100 s
+
+
+def test_model_load_failure_names_the_file_and_does_not_spin(fault_servers):
+    server = fault_servers["bad_model"]
+    health = server.health()
+    assert health.status_code == 503
+    body = health.json()
+    assert body["model"]["status"] == "failed"
+    assert "model.safetensors" in body["reason"]
+    error = assert_503(httpx.post(f"{server.api}/audio/speech", json={"input": "hi"}, timeout=30), "model_not_ready")
+    assert "model.safetensors" in error["message"]
+    # The failed replica stays up, idle, reporting why: no restart loop, no busy thread.
+    pid = body["model"]["memory"]["pid"]
+    cpu_before = _cpu_seconds(pid)
+    time.sleep(3)
+    assert server.health().json()["model"]["memory"]["pid"] == pid
+    assert _cpu_seconds(pid) - cpu_before < 0.5
+
+
+@pytest.fixture
+def restore_mlx_memory_limit():
+    previous = mx.set_memory_limit(1 << 40)
+    mx.set_memory_limit(previous)
+    yield
+    mx.set_memory_limit(previous)
+
+
+def _run(model: CSMModel, request: SynthesisRequest) -> list:
+    async def collect():
+        return [item async for item in model.generate(request)]
+
+    return asyncio.run(collect())
+
+
+def test_memory_limit_fails_that_request_releases_the_cache_and_the_next_succeeds(tiny_checkpoint,
+                                                                                  restore_mlx_memory_limit):
+    """The model deployment's class, run in-process with MLX_MEMORY_LIMIT_MB=30: a short request peaks at
+    about 19 MiB on the tiny checkpoint and a 1,000-character one at about 40 MiB (measured)."""
+    settings = Settings(model_id=str(tiny_checkpoint), mlx_memory_limit_mb=30, max_audio_base_s=0.16,
+                        max_audio_s_per_char=0.0)
+    voices = VoiceLibrary.load(settings.voices_dir)
+    model = CSMModel(settings, voices)
+    deadline = time.monotonic() + 60
+    while asyncio.run(model.health())["status"] == "loading":
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    big = SynthesisRequest(chunk_text("word " * 200, 220, 100), voices.resolve("conversational"), seed=1)
+    with pytest.raises(OutOfMemoryError) as info:
+        _run(model, big)
+    assert info.value.status_code == 503 and info.value.code == "out_of_memory"
+    assert "MLX_MEMORY_LIMIT_MB=30" in info.value.message
+    assert asyncio.run(model.health())["memory"]["mlx_cache_mb"] == 0  # MLX's cache was released
+    small = SynthesisRequest(["Hi there."], voices.resolve("fast"), seed=1)
+    items = _run(model, small)
+    assert sum(len(item) for item in items if isinstance(item, bytes)) > 0
+    assert items[-1].output_tokens > 0
