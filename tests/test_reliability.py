@@ -13,10 +13,18 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 
 import httpx
 import pytest
+import schemathesis
+from hypothesis import HealthCheck, given, settings
 from openai import OpenAI
+from schemathesis import GenerationMode
+from schemathesis.checks import not_a_server_error
+from schemathesis.specs.openapi.checks import (
+    content_type_conformance, response_schema_conformance, status_code_conformance,
+)
 
 from tests.audio import decode, duration, rms
 from tests.conftest import ROOT, healthy, launch_server
@@ -171,6 +179,38 @@ def test_soak_memory_stays_flat_and_no_child_process_is_left(busy, tmp_path):
     assert all(sample["ffmpeg_running"] == 0 for sample in report["curve"])
     ffmpeg = [line for line in _session_processes(busy.proc.pid) if "ffmpeg" in line]
     assert ffmpeg == [], ffmpeg
+
+
+FUZZ_EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "150"))  # per generation mode (valid, invalid)
+
+
+@pytest.mark.parametrize("mode", [GenerationMode.POSITIVE, GenerationMode.NEGATIVE], ids=["valid", "invalid"])
+def test_schema_fuzzing_gets_only_documented_statuses_with_openai_bodies(busy, mode):
+    """Requests generated from the server's own OpenAPI document, across all its operations."""
+    schema = schemathesis.openapi.from_url(f"{busy.base_url}/openapi.json")
+    seen: list[int] = []
+
+    @given(case=schema.as_strategy(generation_mode=mode))
+    @settings(max_examples=FUZZ_EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+    def check(case):
+        response = case.call(timeout=120)
+        seen.append(response.status_code)
+        case.validate_response(response, checks=[not_a_server_error, status_code_conformance,
+                                                 content_type_conformance, response_schema_conformance])
+        if response.status_code >= 400 and case.path != "/health":
+            assert set(response.json()["error"]) == {"message", "type", "param", "code"}
+
+    check()
+    print(f"\nfuzzing ({mode.value}): {len(seen)} requests, statuses {dict(sorted(Counter(seen).items()))}")
+    assert len(seen) >= FUZZ_EXAMPLES // 2
+
+
+def test_server_is_healthy_after_fuzzing(busy):
+    assert busy.health().status_code == 200
+    # Bad input is answered, not logged as a failure: no traceback from the ingress or the text frontend.
+    noisy = [line for line in busy.log_text().splitlines()
+             if ("SpeechIngress" in line or "TextFrontend" in line) and "Traceback" in line]
+    assert noisy == []
 
 
 def _session_processes(sid: int) -> list[str]:

@@ -30,8 +30,18 @@ class TextFrontend:
         self._settings = settings
         self._voices = voices
 
-    def prepare(self, request: SpeechRequest) -> SpeechPlan:
-        """Check the input and voice, and split the text into chunks; invalid input raises a 400."""
+    def prepare(self, request: SpeechRequest) -> SpeechPlan | InvalidRequestError:
+        """Check the input and voice, and split the text into chunks.
+
+        Invalid input is an expected outcome, so the 400 comes back as a value for the ingress to raise:
+        an exception raised here would make Ray Serve log a "Request failed" traceback for every typo.
+        """
+        try:
+            return self._plan(request)
+        except InvalidRequestError as exc:
+            return exc
+
+    def _plan(self, request: SpeechRequest) -> SpeechPlan:
         text = request.input
         limit = self._settings.max_input_length
         if len(text) > limit:

@@ -17,10 +17,11 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, StreamingResponse
+from ray.exceptions import RayActorError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import (
-    AuthenticationError, InvalidRequestError, NotFoundError, PayloadTooLargeError, RateLimitError,
+    APIError, AuthenticationError, InvalidRequestError, NotFoundError, PayloadTooLargeError, RateLimitError,
     ServiceUnavailableError, error_body, status_of, to_error_response,
 )
 from ..ffmpeg import FORMATS
@@ -50,6 +51,14 @@ def install_error_handlers(app: FastAPI) -> None:
             return to_error_response(PayloadTooLargeError(str(exc.detail)))
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
         return JSONResponse(error_body(str(exc.detail), kind, None, None), status_code=exc.status_code)
+
+    # Expected failures (our typed errors, Ray's replica deaths; Ray's task errors also subclass the
+    # error they carry) are answered here. The catch-all below also answers, but Starlette then re-raises
+    # for the server to log, which Serve does with a traceback: right for bugs, noise for a bad voice name.
+    @app.exception_handler(APIError)
+    @app.exception_handler(RayActorError)
+    async def _expected_error(request: Request, exc: Exception) -> JSONResponse:
+        return to_error_response(exc)
 
     @app.exception_handler(Exception)
     async def _any_error(request: Request, exc: Exception) -> JSONResponse:
@@ -88,10 +97,14 @@ def _errors(*statuses: int) -> dict:
     return {s: {"model": ErrorResponse, "description": _ERROR_DESCRIPTIONS[s]} for s in statuses}
 
 
+# One server-sent event: `data` is a JSON speech.audio.delta / speech.audio.done / error event, or [DONE].
+SSE_EVENT_SCHEMA = {"type": "object", "required": ["data"],
+                    "properties": {"data": {"type": "string"}, "event": {"type": "string"}}}
+
 SPEECH_RESPONSES = {
     200: {"description": "Audio as it is generated (chunked), or server-sent events when stream_format is 'sse'.",
           "content": {**{ctype: {"schema": {"type": "string", "format": "binary"}} for ctype, _ in FORMATS.values()},
-                      "text/event-stream": {"schema": {"type": "string"}}}},
+                      "text/event-stream": {"schema": SSE_EVENT_SCHEMA}}},
     **_errors(400, 401, 413, 429, 500, 503),
 }
 
@@ -168,6 +181,8 @@ class SpeechIngress:
                                on_finish=self._admission.release)
         try:
             plan = await self._frontend.prepare.remote(body)
+            if isinstance(plan, APIError):
+                raise plan
             record.voice = plan.preset.name
             record.fmt = body.response_format or self._settings.default_format
             synthesis = SynthesisRequest(plan.chunks, plan.preset, seed=body.seed, request_id=record.request_id)

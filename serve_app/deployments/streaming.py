@@ -15,6 +15,7 @@ import logging
 from typing import AsyncIterator
 
 from fastapi.responses import StreamingResponse
+from ray.exceptions import TaskCancelledError
 
 from ..errors import as_api_error
 from ..ffmpeg import content_type
@@ -23,7 +24,8 @@ from ..protocol import Usage
 
 logger = logging.getLogger("sesame_tts")
 
-_CLIENT_GONE = (asyncio.CancelledError, GeneratorExit)  # how a disconnect reaches a response generator
+# How a disconnect reaches a response generator.
+_CLIENT_GONE = (asyncio.CancelledError, GeneratorExit, TaskCancelledError)
 
 
 def _ended(exc: BaseException) -> str:
@@ -44,6 +46,10 @@ class _ClosingResponse(StreamingResponse):
     async def __call__(self, scope, receive, send):
         try:
             await super().__call__(scope, receive, send)
+        except TaskCancelledError:
+            # Serve's way of telling the replica that the client disconnected (raised from `receive`): the
+            # response is over, nobody is left to answer, and it is no server error.
+            pass
         finally:
             self._on_close()
 
