@@ -249,7 +249,8 @@ def soak(base_url: str, count: int, api_key: Optional[str], ffmpeg: str) -> dict
     with httpx.Client(timeout=120) as client:
         for i in range(count):
             fmt = FORMATS[i % len(FORMATS)]
-            body = {"input": TEXTS[i % len(TEXTS)], "response_format": fmt}
+            # The two shorter texts: a leak shows per request, so more requests per minute find it sooner.
+            body = {"input": TEXTS[i % 2], "response_format": fmt}
             response = client.post(f"{base_url}/v1/audio/speech", json=body, headers=headers)
             try:
                 if response.status_code != 200 or decoded_seconds(ffmpeg, response.content, fmt) <= 0:
