@@ -29,8 +29,8 @@ class APIError(Exception):
         self.code = code or self.default_code
 
     def __reduce__(self):
-        # Keyword arguments survive pickling across Ray handles.
-        return (_rebuild, (type(self), self.message, self.param, self.code))
+        # Keyword arguments (and any extra attributes, such as retry_after) survive pickling across handles.
+        return (_rebuild, (type(self), self.message, self.param, self.code), self.__dict__)
 
     def body(self) -> dict:
         return error_body(self.message, self.error_type, self.param, self.code)
@@ -76,12 +76,6 @@ class RateLimitError(APIError):
         super().__init__(message, param=param, code=code)
         self.retry_after = retry_after
 
-    def __reduce__(self):
-        return (_rebuild_rate_limit, (self.message, self.param, self.code, self.retry_after))
-
-
-def _rebuild_rate_limit(message, param, code, retry_after):
-    return RateLimitError(message, param=param, code=code, retry_after=retry_after)
 
 
 class ServiceUnavailableError(APIError):

@@ -6,8 +6,13 @@ import json
 import logging
 import pickle
 
+import pytest
+
+from serve_app.deployments.limits import Admission
+from serve_app.engine.memory import MemoryGuard
 from serve_app.errors import (
-    APIError, InvalidRequestError, ModelNotReadyError, ServiceUnavailableError, to_error_response, unwrap,
+    APIError, InvalidRequestError, ModelNotReadyError, OutOfMemoryError, PayloadTooLargeError, RateLimitError,
+    ServiceUnavailableError, status_of, to_error_response, unwrap,
 )
 
 
@@ -47,3 +52,50 @@ def test_unexpected_errors_are_a_generic_500_with_details_only_in_the_log(caplog
     assert "secret" not in r.body.decode()
     assert "secret internal detail" in caplog.text
     assert isinstance(APIError("x"), Exception)
+
+
+def test_rate_limit_and_too_large_bodies_and_headers():
+    response = to_error_response(RateLimitError("full", retry_after=4))
+    assert response.status_code == 429 and response.headers["retry-after"] == "4"
+    assert json.loads(response.body)["error"] == {"message": "full", "type": "requests", "param": None,
+                                                  "code": "rate_limit_exceeded"}
+    response = to_error_response(PayloadTooLargeError("big"))
+    assert response.status_code == 413 and "retry-after" not in response.headers
+    assert json.loads(response.body)["error"]["code"] == "request_too_large"
+    assert pickle.loads(pickle.dumps(RateLimitError("full", retry_after=9))).retry_after == 9
+
+
+def test_replica_death_is_a_503_with_retry_after():
+    from ray.exceptions import ActorDiedError
+
+    response = to_error_response(ActorDiedError())
+    assert response.status_code == 503 and response.headers["retry-after"].isdigit()
+    assert json.loads(response.body)["error"]["code"] == "model_restarting"
+    assert status_of(ActorDiedError()) == 503
+
+
+def test_out_of_memory_is_a_503_and_mlx_allocation_failures_become_it():
+    assert to_error_response(OutOfMemoryError("too much")).status_code == 503
+    translated = MemoryGuard.translate(RuntimeError("[metal::malloc] Attempting to allocate 9 GB which is greater "
+                                                    "than the maximum allowed buffer size"))
+    assert isinstance(translated, OutOfMemoryError) and translated.code == "out_of_memory"
+    other = ValueError("shape mismatch")
+    assert MemoryGuard.translate(other) is other
+
+
+def test_admission_bounds_the_pipeline_and_estimates_retry_after():
+    admission = Admission(max_queued=2)
+    for _ in range(3):
+        admission.admit()
+    with pytest.raises(RateLimitError) as info:
+        admission.admit()
+    assert 1 <= info.value.retry_after <= 30
+    for _ in range(20):  # full pipeline, requests taking ~30 s each: one place frees every ~10 s
+        admission.release(30.0)
+        admission.admit()
+    with pytest.raises(RateLimitError) as info:
+        admission.admit()
+    assert info.value.retry_after == 10
+    admission.release(1.0)
+    admission.admit()  # a place freed
+    assert admission.active == 3

@@ -8,7 +8,6 @@ broken chunked body, not a complete file) or ends an SSE stream with an error ev
 
 from __future__ import annotations
 
-import asyncio
 import hmac
 import logging
 import uuid
@@ -32,7 +31,7 @@ from ..settings import Settings
 from ..engine.generation import SynthesisRequest
 from .encoder import EncodeRequest
 from .limits import Admission, BodySizeLimit
-from .streaming import SpeechStream
+from .streaming import CLIENT_GONE, SpeechStream
 
 logger = logging.getLogger("sesame_tts")
 
@@ -193,7 +192,7 @@ class SpeechIngress:
                 stream.cancel()
                 raise
         except BaseException as exc:
-            record.finish("cancelled" if isinstance(exc, asyncio.CancelledError) else str(status_of(exc)))
+            record.finish("cancelled" if isinstance(exc, CLIENT_GONE) else str(status_of(exc)))
             raise
         record.mark_first_byte()
         return SpeechStream(first, stream, record).response(body.stream_format == "sse", {"Cache-Control": "no-cache"})

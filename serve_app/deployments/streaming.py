@@ -25,11 +25,11 @@ from ..protocol import Usage
 logger = logging.getLogger("sesame_tts")
 
 # How a disconnect reaches a response generator.
-_CLIENT_GONE = (asyncio.CancelledError, GeneratorExit, TaskCancelledError)
+CLIENT_GONE = (asyncio.CancelledError, GeneratorExit, TaskCancelledError)
 
 
 def _ended(exc: BaseException) -> str:
-    return "cancelled" if isinstance(exc, _CLIENT_GONE) else "aborted"
+    return "cancelled" if isinstance(exc, CLIENT_GONE) else "aborted"
 
 
 def _sse(event: dict) -> str:
@@ -96,7 +96,7 @@ class SpeechStream:
             record.finish("ok")
         except BaseException as exc:
             record.finish(_ended(exc))
-            if not isinstance(exc, _CLIENT_GONE):
+            if not isinstance(exc, CLIENT_GONE):
                 logger.warning("request %s: audio stream aborted after it started: %s", record.request_id,
                                as_api_error(exc).message)
             raise
