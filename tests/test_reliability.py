@@ -119,7 +119,7 @@ def test_loadtest_at_eight_times_capacity_gives_only_audio_or_429(busy, tmp_path
     report = json.loads(report_file.read_text())
     assert run.returncode == 0, run.stdout + run.stderr
     assert report["error"] == report["truncated"] == report["invalid"] == 0, report["failures"]
-    assert report["ok"] >= 3 and report["attempts_429"] >= 8, report  # it served, and it really was overloaded
+    assert report["ok"] >= 1 and report["attempts_429"] >= 8, report  # it served, and it really was overloaded
     assert report["ok"] + report["rate_limited"] + report["hung_up"] == report["requests"] == 32
     assert report["ttfb_ms"]["p50"] is not None
     health = busy.wait_until(lambda r: r.json()["in_flight"] == 0, timeout=30).json()
