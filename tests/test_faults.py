@@ -85,10 +85,12 @@ def test_model_load_failure_names_the_file_and_does_not_spin(fault_servers):
     assert "model.safetensors" in error["message"]
     # The failed replica stays up, idle, reporting why: no restart loop, no busy thread.
     pid = body["model"]["memory"]["pid"]
-    cpu_before = _cpu_seconds(pid)
+    proc_fs = Path(f"/proc/{pid}/stat").exists()  # Linux; elsewhere only the pid is compared
+    cpu_before = _cpu_seconds(pid) if proc_fs else 0.0
     time.sleep(3)
     assert server.health().json()["model"]["memory"]["pid"] == pid
-    assert _cpu_seconds(pid) - cpu_before < 0.5
+    if proc_fs:
+        assert _cpu_seconds(pid) - cpu_before < 0.5
 
 
 @pytest.fixture
