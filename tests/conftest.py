@@ -105,6 +105,12 @@ def server(tiny_checkpoint, tmp_path_factory) -> Server:
         server.stop()
 
 
+def session_processes(sid: int) -> list[str]:
+    """`ps` lines of every process in session `sid` (a server started with start_new_session: its pid)."""
+    out = subprocess.run(["ps", "-eo", "sid=,pid=,args="], capture_output=True, text=True).stdout
+    return [line for line in out.splitlines() if line.split()[0] == str(sid)]
+
+
 def _stop(proc: subprocess.Popen) -> None:
     if proc.poll() is None:
         os.killpg(proc.pid, signal.SIGTERM)

@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from tests.audio import decode, duration
-from tests.conftest import ROOT, TEST_ENV, _free_port
+from tests.conftest import ROOT, TEST_ENV, _free_port, session_processes
 
 CTL = ROOT / "ops" / "sesame-tts"
 
@@ -62,11 +62,6 @@ def _metric_lines(name: str, ray_dir: Path) -> list[str]:
             continue
         found += [line for line in text.splitlines() if line.startswith(name)]
     return found
-
-
-def _session_processes(sid: int) -> list[str]:
-    out = subprocess.run(["ps", "-eo", "sid=,pid=,args="], capture_output=True, text=True).stdout
-    return [line for line in out.splitlines() if line.split()[0] == str(sid)]
 
 
 @pytest.fixture
@@ -164,7 +159,7 @@ def test_control_script_cycle(tiny_checkpoint, tmp_path, ray_dir):
     assert not (cache / "server.pid").exists()
     assert not (cache / "draining").exists()
     time.sleep(1)
-    assert _session_processes(serve_pid) == [], "processes left behind"
+    assert session_processes(serve_pid) == [], "processes left behind"
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
     assert ctl("status", env=env).returncode != 0

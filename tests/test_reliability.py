@@ -27,7 +27,7 @@ from schemathesis.specs.openapi.checks import (
 )
 
 from tests.audio import decode, duration, rms
-from tests.conftest import ROOT, healthy, launch_server
+from tests.conftest import ROOT, healthy, launch_server, session_processes
 
 pytestmark = pytest.mark.server
 
@@ -177,7 +177,7 @@ def test_soak_memory_stays_flat_and_no_child_process_is_left(busy, tmp_path):
     assert run.returncode == 0 and not report["failed"], report["failed"]
     assert report["rss_growth_pct"] < 5.0, report
     assert all(sample["ffmpeg_running"] == 0 for sample in report["curve"])
-    ffmpeg = [line for line in _session_processes(busy.proc.pid) if "ffmpeg" in line]
+    ffmpeg = [line for line in session_processes(busy.proc.pid) if "ffmpeg" in line]
     assert ffmpeg == [], ffmpeg
 
 
@@ -211,11 +211,6 @@ def test_server_is_healthy_after_fuzzing(busy):
     noisy = [line for line in busy.log_text().splitlines()
              if ("SpeechIngress" in line or "TextFrontend" in line) and "Traceback" in line]
     assert noisy == []
-
-
-def _session_processes(sid: int) -> list[str]:
-    out = subprocess.run(["ps", "-eo", "sid=,pid=,args="], capture_output=True, text=True).stdout
-    return [line for line in out.splitlines() if line.split()[0] == str(sid)]
 
 
 def test_killed_model_replica_comes_back_and_in_flight_clients_see_an_error(busy):

@@ -70,7 +70,10 @@ class SpeechStream:
                                 headers=headers)
 
     def close(self) -> None:
-        """Cancel the encoder stream and finish the record (both do nothing the second time)."""
+        """Cancel the encoder stream and finish the record (a no-op if the body already finished it).
+
+        The one place the stream is cancelled: `_ClosingResponse` calls this after every ending, so the
+        body generators need no `finally` of their own."""
         self._record.finish("cancelled")
         self._stream.cancel()
 
@@ -100,8 +103,6 @@ class SpeechStream:
                 logger.warning("request %s: audio stream aborted after it started: %s", record.request_id,
                                as_api_error(exc).message)
             raise
-        finally:
-            self._stream.cancel()
 
     async def _sse_events(self) -> AsyncIterator[str]:
         """speech.audio.delta events, then speech.audio.done with usage, then [DONE]; an error event on failure."""
@@ -118,5 +119,3 @@ class SpeechStream:
         except BaseException as exc:
             record.finish(_ended(exc))
             raise
-        finally:
-            self._stream.cancel()
