@@ -53,6 +53,13 @@ class Settings(BaseModel):
     # The model.
     dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
     mlx_device: Literal["auto", "cpu", "gpu"] = "auto"
+    # Weight quantization at load (0 = off): less memory and, on Apple GPUs, less bandwidth per frame.
+    quantize: Literal[0, 4, 8] = 0
+    # Compile the per-frame depth-decoder pass (31 steps, all 32 samples) once per batch size. "auto":
+    # on a GPU only; MLX's CPU backend compiles with a C++ compiler (~30 s per new shape, cold) for a few %.
+    mlx_compile: Literal["auto", "on", "off"] = "auto"
+    # Requests generating together in one batched forward pass; more wait (up to MAX_QUEUED_REQUESTS).
+    max_batch_size: int = Field(8, ge=1, le=64)
     hf_token: Optional[SecretStr] = None
     # Where a hub checkpoint's missing pieces are fetched from (a local MODEL_ID never fetches).
     tokenizer_id: str = "unsloth/Llama-3.2-1B"
@@ -71,8 +78,8 @@ class Settings(BaseModel):
     max_audio_base_s: float = Field(2.0, ge=0.08)
     max_audio_s_per_char: float = Field(0.12, ge=0.0)
 
-    # Overload and hostile input. One request generates at a time; up to MAX_QUEUED_REQUESTS more wait,
-    # and beyond that a request gets 429 with Retry-After before any audio.
+    # Overload and hostile input. Up to MAX_BATCH_SIZE requests generate together; up to
+    # MAX_QUEUED_REQUESTS more wait, and beyond that a request gets 429 with Retry-After before any audio.
     max_queued_requests: int = Field(16, ge=0, le=200)
     # Request bodies over this many bytes get 413 (4,096 characters of input are at most ~50 KB of JSON).
     max_request_bytes: int = Field(256 * 1024, ge=1024)
@@ -93,6 +100,22 @@ class Settings(BaseModel):
     @classmethod
     def _expand(cls, value: Path) -> Path:
         return Path(os.path.expandvars(str(value))).expanduser()
+
+    @field_validator("quantize", mode="before")
+    @classmethod
+    def _bits(cls, value):
+        """QUANTIZE comes from the environment as text: "8", "4", or "0"/"off"/"" for none."""
+        if isinstance(value, str):
+            value = value.strip().lower()
+            return 0 if value in ("", "0", "off", "none", "false") else int(value) if value.isdigit() else value
+        return value
+
+    @field_validator("mlx_compile", mode="before")
+    @classmethod
+    def _switch(cls, value):
+        if isinstance(value, bool) or isinstance(value, str) and value.strip().lower() in ("1", "true", "0", "false"):
+            return "on" if str(value).strip().lower() in ("1", "true") else "off"
+        return value.strip().lower() if isinstance(value, str) else value
 
     @field_validator("log_level", "default_format", "dtype", "mlx_device", mode="before")
     @classmethod

@@ -65,14 +65,14 @@ def test_runaway_cap_from_text_length(engine):
 
 def test_later_chunks_see_earlier_chunks_as_context(engine, monkeypatch):
     seen = []
-    original = engine._fit_context
+    original = engine.fit_context
 
     def spy(fixed, history, budget):
         chosen = original(fixed, history, budget)
         seen.append((len(fixed), len(history), len(chosen)))
         return chosen
 
-    monkeypatch.setattr(engine, "_fit_context", spy)
+    monkeypatch.setattr(engine, "fit_context", spy)
     run(engine, ["One.", "Two.", "Three."], seed=1)
     assert seen == [(1, 0, 1), (1, 1, 2), (1, 2, 3)]  # voice prompt + every earlier chunk
 
@@ -82,9 +82,9 @@ def test_context_keeps_the_prompt_and_the_most_recent_history():
         return _Tokens(np.zeros((n, 33), np.int32), np.zeros((n, 33), bool))
 
     prompt, old, mid, new = seg(100), seg(300), seg(300), seg(300)
-    chosen = CSMEngine._fit_context([prompt], [old, mid, new], budget=750)
+    chosen = CSMEngine.fit_context([prompt], [old, mid, new], budget=750)
     assert chosen == [prompt, mid, new]
-    assert CSMEngine._fit_context([seg(900)], [new], budget=500) == [new]
+    assert CSMEngine.fit_context([seg(900)], [new], budget=500) == [new]
 
 
 def test_conversation_context_segments_are_accepted(engine):
@@ -106,27 +106,26 @@ def test_cancel_stops_within_a_frame(engine):
     assert frames == []  # nothing more after the cancel, not even the final group
 
 
-def test_worker_stream_cancels_when_consumer_leaves():
-    produced = []
+def test_worker_stream_cancels_when_consumer_leaves(engine, voices):
+    """A consumer that stops listening leaves the batch at the next frame, long before its cap."""
+    from serve_app.engine.scheduler import BatchScheduler
 
-    def make(cancelled):
-        for i in range(1000):
-            if cancelled():
-                return
-            produced.append(i)
-            time.sleep(0.005)
-            yield i
+    request = SynthesisRequest(["A long sentence " * 40], voices.resolve("fast"), seed=1)
+    assert max_frames_for(request.chunks[0], engine.settings) > 300  # ~10 s of generation here
 
     async def consume():
         worker = ModelWorker()
-        async for item in worker.stream(make):
-            if item == 2:
-                break
-        await asyncio.sleep(0.1)
+        worker.scheduler = BatchScheduler(engine, 4)
+        async for item in worker.stream(request):
+            break
+        left = time.monotonic()
+        while worker.generating and time.monotonic() - left < 5:
+            await asyncio.sleep(0.01)
+        gone_after = time.monotonic() - left
         worker.stop()
+        return gone_after
 
-    asyncio.run(consume())
-    assert len(produced) < 10
+    assert asyncio.run(consume()) < 0.5
 
 
 def test_worker_runs_everything_on_one_thread():

@@ -1,7 +1,7 @@
 """Overload, hostile input, soak and a killed model replica, on a server of their own with a small queue.
 
-The server admits 1 generating + MAX_QUEUED_REQUESTS=2 waiting requests; beyond that it must answer 429
-with Retry-After and OpenAI's body, before any audio.
+The server admits MAX_BATCH_SIZE=2 generating (batched) + MAX_QUEUED_REQUESTS=1 waiting requests; beyond
+that it must answer 429 with Retry-After and OpenAI's body, before any audio.
 """
 
 from __future__ import annotations
@@ -31,14 +31,14 @@ from tests.conftest import ROOT, healthy, launch_server, session_processes
 
 pytestmark = pytest.mark.server
 
-CAPACITY = 3  # 1 generating + MAX_QUEUED_REQUESTS
+CAPACITY = 3  # MAX_BATCH_SIZE + MAX_QUEUED_REQUESTS
 # Two text chunks of ~2.2 s of audio each: about a second of generation on the tiny checkpoint.
 HOLD_TEXT = "This sentence keeps the model busy for a little while, long enough to fill the queue. " * 2
 
 
 @pytest.fixture(scope="module")
 def busy(tiny_checkpoint, tmp_path_factory):
-    server = launch_server(tmp_path_factory.mktemp("busy"), tiny_checkpoint, MAX_QUEUED_REQUESTS="2",
+    server = launch_server(tmp_path_factory.mktemp("busy"), tiny_checkpoint, MAX_BATCH_SIZE="2", MAX_QUEUED_REQUESTS="1",
                            MAX_AUDIO_BASE_S="0.24", MAX_AUDIO_S_PER_CHAR="0.02")
     try:
         server.wait_until(healthy)

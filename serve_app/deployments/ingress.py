@@ -133,7 +133,7 @@ class SpeechIngress:
         self._encoder = encoder
         self._model = model
         # Speech requests between admission and their last byte; bounded, and the stop drain waits for it.
-        self._admission = Admission(settings.max_queued_requests)
+        self._admission = Admission(settings.max_queued_requests, slots=settings.max_batch_size)
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         """Serve calls this on the replica after __init__; routes are bound methods of this instance."""

@@ -1,7 +1,7 @@
 """The ingress's guards against overload and oversized bodies.
 
-`Admission` bounds the speech requests inside the pipeline (the one generating plus the ones queued for
-the model): a request beyond the bound gets 429 at once, before any audio, with a Retry-After that
+`Admission` bounds the speech requests inside the pipeline (the ones generating in the model's batch
+plus the ones queued for it): a request beyond the bound gets 429 at once, before any audio, with a Retry-After that
 estimates when a place frees up. The ingress runs as one replica, so its count is the server's count.
 
 `BodySizeLimit` is ASGI middleware: a declared Content-Length over the limit gets 413 without reading the
@@ -16,14 +16,14 @@ from fastapi import HTTPException
 
 from ..errors import PayloadTooLargeError, RateLimitError, to_error_response
 
-MODEL_SLOTS = 1  # requests the model generates at the same time (its single MLX thread)
 _SMOOTHING = 0.2  # weight of the newest duration in the running average
 
 
 class Admission:
     """Counts admitted speech requests; `admit` raises `RateLimitError` when the pipeline is full."""
 
-    def __init__(self, max_queued: int, slots: int = MODEL_SLOTS):
+    def __init__(self, max_queued: int, slots: int = 1):
+        """`slots`: requests the model generates at the same time (MAX_BATCH_SIZE)."""
         self.capacity = slots + max_queued
         self.active = 0
         self._mean_s = 1.0  # running mean of admitted requests' durations (queueing included)

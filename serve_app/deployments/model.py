@@ -19,6 +19,7 @@ from ..settings import MODEL_NAME, Settings
 from ..voices import VoiceLibrary
 from ..engine.generation import CSMEngine, SynthesisRequest, describe_device, select_device
 from ..engine.memory import memory_report
+from ..engine.scheduler import BatchScheduler
 from ..engine.worker import ModelWorker
 
 logger = logging.getLogger("sesame_tts")
@@ -38,6 +39,7 @@ class CSMModel:
     def _load(self, voices: VoiceLibrary) -> CSMEngine:
         engine = CSMEngine.load(self._settings, voices)
         engine.warm_up()
+        self._worker.scheduler = BatchScheduler(engine, self._settings.max_batch_size)
         return engine
 
     def _loaded(self, future) -> None:
@@ -58,19 +60,21 @@ class CSMModel:
 
     async def generate(self, request: SynthesisRequest) -> AsyncIterator[bytes | Usage]:
         """Stream s16le PCM chunks for the request, then one `Usage`."""
-        engine = self._require_engine()
-        set_model_load(self._worker.waiting + 1, int(self._worker.busy))
+        self._require_engine()
+        set_model_load(self._worker.waiting + 1, self._worker.generating)
         try:
-            async for item in self._worker.stream(lambda cancelled: engine.synthesize(request, cancelled)):
-                set_model_load(self._worker.waiting, 1)
+            async for item in self._worker.stream(request):
+                set_model_load(self._worker.waiting, self._worker.generating)
                 yield item
         finally:
-            set_model_load(self._worker.waiting, int(self._worker.busy))
+            set_model_load(self._worker.waiting, self._worker.generating)
 
     async def health(self) -> dict:
         state = "ready" if self._engine else ("failed" if self._error else "loading")
         info = {"status": state, "model": MODEL_NAME, "model_id": self._settings.model_id,
-                "device": describe_device(self._device), "dtype": self._settings.dtype, "queued": self._worker.waiting,
+                "device": describe_device(self._device), "dtype": self._settings.dtype, "quantize": self._settings.quantize or None,
+                "generating": self._worker.generating, "queued": self._worker.waiting,
+                "max_batch_size": self._settings.max_batch_size,
                 "memory": memory_report()}
         if self._error:
             info["error"] = self._error

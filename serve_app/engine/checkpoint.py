@@ -197,6 +197,19 @@ def load_csm(files: CheckpointFiles, dtype: str):
     return model
 
 
+def quantize(model, bits: int, group_size: int = 64) -> None:
+    """Quantize the backbone, decoder, projection, heads and embeddings in place (QUANTIZE=8|4).
+
+    Layers whose input width is not a multiple of the group size (only in tiny checkpoints) stay as they
+    are; `audio_head` is a plain array, not a layer, so it keeps the model's dtype."""
+
+    def fits(path, module) -> bool:
+        return isinstance(module, (nn.Linear, nn.Embedding)) and module.weight.shape[-1] % group_size == 0
+
+    nn.quantize(model, group_size=group_size, bits=bits, class_predicate=fits)
+    mx.eval(model.parameters())
+
+
 def mimi_config_from_dict(data: dict):
     from mlx_audio.codec.models.mimi.mimi import MimiConfig
     from mlx_audio.codec.models.mimi.modules import SeanetConfig, TransformerConfig

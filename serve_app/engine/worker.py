@@ -1,41 +1,28 @@
 """The one thread that owns a replica's MLX work.
 
 MLX streams are thread-local and Metal breaks under concurrent use, so loading, prompt encoding and every
-generation step run on a single thread, in the order they were submitted. Async callers get results
-through an asyncio queue; a job carries a cancel event that the generation loop checks before every frame,
-and the async side sets it in `finally`, so a client that goes away stops its generation within a frame.
+generation step run on a single thread. Calls run in the order they were submitted; generation jobs go to
+the batch scheduler (attached once the model has loaded), and the thread runs one batch step at a time,
+taking new jobs in between, so a request joins the batch at the next frame. Async callers get results
+through an asyncio queue; a job carries a cancel event that the scheduler checks before every frame, and
+the async side sets it in `finally`, so a client that goes away leaves the batch within a frame.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import contextlib
 import logging
 import queue
 import threading
-from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Callable, Iterator, Optional
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Callable, Optional
 
 import mlx.core as mx
 
+from .scheduler import END, BatchScheduler, GenerationJob
+
 logger = logging.getLogger("sesame_tts")
-
-_END = object()
-
-
-@dataclass
-class _StreamJob:
-    make: Callable[[Callable[[], bool]], Iterator[Any]]
-    loop: asyncio.AbstractEventLoop
-    results: asyncio.Queue
-    cancel: threading.Event = field(default_factory=threading.Event)
-
-    def post(self, item: Any) -> None:
-        try:
-            self.loop.call_soon_threadsafe(self.results.put_nowait, item)
-        except RuntimeError:  # the caller's loop is gone; nobody is listening
-            self.cancel.set()
 
 
 @dataclass
@@ -45,19 +32,24 @@ class _CallJob:
 
 
 class ModelWorker:
-    """A single daemon thread running submitted calls and generator jobs one at a time."""
+    """A single daemon thread: submitted calls, and batch steps for the generation jobs."""
 
     def __init__(self, device: Optional[mx.DeviceType] = None, name: str = "mlx-worker"):
         self._device = device
         self._jobs: "queue.Queue[Any]" = queue.Queue()
-        self.busy = False  # a job is running now
+        self.scheduler: Optional[BatchScheduler] = None  # set on this thread once the model is loaded
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
     @property
     def waiting(self) -> int:
-        """Jobs submitted and not yet started."""
-        return self._jobs.qsize()
+        """Requests submitted and not yet in the batch."""
+        return self._jobs.qsize() + (len(self.scheduler.waiting) if self.scheduler else 0)
+
+    @property
+    def generating(self) -> int:
+        """Requests in the batch now."""
+        return self.scheduler.generating if self.scheduler else 0
 
     def submit(self, fn: Callable[[], Any]) -> concurrent.futures.Future:
         """Run `fn()` on the worker thread; the future holds its result or exception."""
@@ -65,20 +57,27 @@ class ModelWorker:
         self._jobs.put(_CallJob(fn, future))
         return future
 
-    async def stream(self, make: Callable[[Callable[[], bool]], Iterator[Any]]) -> AsyncIterator[Any]:
-        """Iterate `make(cancelled)` on the worker thread, yielding its items here as they come."""
-        job = _StreamJob(make, asyncio.get_running_loop(), asyncio.Queue())
-        self._jobs.put(job)
+    async def stream(self, request) -> AsyncIterator[Any]:
+        """Generate `request` in the batch, yielding its PCM chunks and `Usage` here as they come."""
+        loop, results, cancel = asyncio.get_running_loop(), asyncio.Queue(), threading.Event()
+
+        def post(item: Any) -> None:
+            try:
+                loop.call_soon_threadsafe(results.put_nowait, item)
+            except RuntimeError:  # the caller's loop is gone; nobody is listening
+                cancel.set()
+
+        self._jobs.put(GenerationJob(request, post, cancel.is_set))
         try:
             while True:
-                item = await job.results.get()
-                if item is _END:
+                item = await results.get()
+                if item is END:
                     return
                 if isinstance(item, BaseException):
                     raise item
                 yield item
         finally:
-            job.cancel.set()
+            cancel.set()
 
     def stop(self) -> None:
         self._jobs.put(None)
@@ -87,40 +86,27 @@ class ModelWorker:
         if self._device is not None:
             mx.set_default_device(self._device)
         while True:
-            job = self._jobs.get()
-            if job is None:
-                return
-            self.busy = True
+            busy = self.scheduler is not None and self.scheduler.active
             try:
-                if isinstance(job, _CallJob):
-                    self._run_call(job)
-                else:
-                    self._run_stream(job)
-            finally:
-                self.busy = False
+                job = self._jobs.get(block=not busy)
+                while True:
+                    if job is None:
+                        return
+                    self._take(job)
+                    job = self._jobs.get_nowait()
+            except queue.Empty:
+                pass
+            if self.scheduler is not None and self.scheduler.active:
+                self.scheduler.step()
 
-    @staticmethod
-    def _run_call(job: _CallJob) -> None:
-        if not job.future.set_running_or_notify_cancel():
-            return
-        try:
-            job.future.set_result(job.fn())
-        except BaseException as exc:  # handed to the caller, never lost
-            job.future.set_exception(exc)
-
-    @staticmethod
-    def _run_stream(job: _StreamJob) -> None:
-        if job.cancel.is_set():
-            job.post(_END)
-            return
-        try:
-            # closing(): a generator left early still runs its `finally` (cache release) right here.
-            with contextlib.closing(job.make(job.cancel.is_set)) as items:
-                for item in items:
-                    job.post(item)
-                    if job.cancel.is_set():
-                        break
-            job.post(_END)
-        except BaseException as exc:
-            logger.debug("generation job failed", exc_info=True)
-            job.post(exc)
+    def _take(self, job: Any) -> None:
+        if isinstance(job, _CallJob):
+            if job.future.set_running_or_notify_cancel():
+                try:
+                    job.future.set_result(job.fn())
+                except BaseException as exc:  # handed to the caller, never lost
+                    job.future.set_exception(exc)
+        elif self.scheduler is None:
+            job.post(RuntimeError("the model is not loaded"))
+        else:
+            self.scheduler.add(job)

@@ -1,0 +1,174 @@
+"""Continuous batching: requests join and leave one batched forward pass between frames.
+
+Every step computes one frame for every request in the batch: the rows already generating take one
+backbone step together; rows that start a text chunk (a new request, or the next chunk of one already in
+the batch) are prefilled on their own and join; then one depth-decoder pass samples all 32 codebooks for
+every row at once. Each request keeps its own backbone cache row, PRNG key, stop rule, frame cap, Mimi
+state and output (see session.py), so a request that ends, fails or is cancelled leaves without disturbing
+the others. It all runs on the replica's one MLX thread (worker.py).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Iterator
+
+import mlx.core as mx
+import numpy as np
+
+from .batch import BatchKV, backbone_step, embed_frame, prefill
+from .memory import MemoryGuard
+from .session import SpeechSession
+
+if TYPE_CHECKING:
+    from .generation import CSMEngine, SynthesisRequest
+
+logger = logging.getLogger("sesame_tts")
+
+END = object()  # posted after a request's last item
+
+
+@dataclass
+class GenerationJob:
+    """A request for the scheduler: `post` receives PCM bytes, a `Usage`, then `END` (or one exception)."""
+
+    request: "SynthesisRequest"
+    post: Callable[[Any], None]
+    cancelled: Callable[[], bool] = lambda: False
+
+
+class BatchScheduler:
+    """Runs the batch one frame at a time; `add` jobs from the MLX thread, then `step` while `active`."""
+
+    def __init__(self, engine: "CSMEngine", max_batch: int):
+        self.engine = engine
+        self.max_batch = max_batch
+        self.waiting: deque[SpeechSession] = deque()
+        self.rows: list[SpeechSession] = []  # in the order of the cache rows
+        self.starting: list[SpeechSession] = []  # in the batch, between two text chunks
+        self._joining: list[SpeechSession] = []  # being prefilled during this step
+        self._kv = BatchKV(len(engine.model.backbone.layers))
+        self._last = None  # the rows' previous frame (rows, K)
+
+    @property
+    def active(self) -> bool:
+        return bool(self.rows or self.starting or self.waiting)
+
+    @property
+    def generating(self) -> int:
+        """Requests in the batch now."""
+        return len(self.rows) + len(self.starting) + len(self._joining)
+
+    def add(self, job: GenerationJob) -> None:
+        if not self.active:
+            self.engine.memory.begin_request()
+        self.waiting.append(SpeechSession(self.engine, job.request, job.post, job.cancelled))
+
+    def step(self) -> None:
+        """One frame for every request in the batch; a failure ends only the requests it concerns."""
+        self._drop_cancelled()
+        try:
+            self._step()
+            self.engine.memory.check()
+        except Exception as exc:
+            self._fail(exc)
+        if not self.active:
+            mx.clear_cache()  # between bursts the replica gives MLX's cache back
+
+    def _step(self) -> None:
+        model = self.engine.model
+        hidden = []
+        if self.rows:
+            hidden.append(backbone_step(model.backbone, embed_frame(model, self._last), self._kv))
+        while self.starting or (self.waiting and self.generating < self.max_batch):
+            session = self.starting.pop(0) if self.starting else self.waiting.popleft()
+            self._joining.append(session)  # from here on a failure reaches it (see _fail)
+            prompt = session.next_prompt()
+            if prompt is None:
+                self._joining.pop()
+                session.finish()
+                session.post(END)
+                continue
+            last, cache = prefill(model, *prompt)
+            mx.eval(last)
+            self._kv.add(cache)
+            hidden.append(last)
+        self.rows.extend(self._joining)
+        self._joining = []
+        if not self.rows:
+            return
+        noise = mx.stack([s.noise() for s in self.rows])
+        inv_temperature = mx.array([[s.inv_temperature] for s in self.rows], dtype=mx.float32)
+        top_k = mx.array([[s.top_k] for s in self.rows], dtype=mx.int32)
+        codes = self.engine.frame_decoder(mx.concatenate(hidden), noise, inv_temperature, top_k)
+        frames = np.array(codes)
+        keep = [i for i, session in enumerate(self.rows) if session.accept(frames[i])]
+        self.starting.extend(s for i, s in enumerate(self.rows) if i not in keep)
+        self._keep(keep, codes)
+
+    def _keep(self, keep: list[int], codes=None) -> None:
+        if keep == list(range(len(self.rows))):
+            self._last = codes if codes is not None else self._last
+            return
+        self._kv.keep(keep)
+        self.rows = [self.rows[i] for i in keep]
+        source = codes if codes is not None else self._last
+        self._last = source[mx.array(keep)] if keep else None
+
+    def _drop_cancelled(self) -> None:
+        for group in (self.waiting, self.starting):
+            for session in [s for s in group if s.cancelled()]:
+                group.remove(session)
+                session.post(END)
+        gone = [i for i, s in enumerate(self.rows) if s.cancelled()]
+        if gone:
+            for i in gone:
+                self.rows[i].post(END)
+            self._keep([i for i in range(len(self.rows)) if i not in gone])
+
+    def _fail(self, exc: Exception) -> None:
+        """An out-of-memory check fails the request holding the most context; any other error fails
+        every request in the batch (their shared step is lost). Waiting requests are untouched."""
+        error = MemoryGuard.translate(exc)
+        in_batch = self.rows + self.starting + self._joining
+        if getattr(error, "code", None) == "out_of_memory" and error is exc and self.rows:
+            victim = max(range(len(self.rows)), key=lambda i: self.rows[i].context_length)
+            self.rows[victim].post(error)
+            self._keep([i for i in range(len(self.rows)) if i != victim])
+        else:
+            logger.debug("batch step failed", exc_info=exc)
+            for session in in_batch:
+                session.post(error)
+            self.rows, self.starting, self._joining, self._last = [], [], [], None
+            self._kv = BatchKV(len(self.engine.model.backbone.layers))
+        mx.clear_cache()
+        mx.reset_peak_memory()
+
+
+def run_jobs(engine: "CSMEngine", jobs: list[GenerationJob], max_batch: int) -> None:
+    """Run these jobs to the end on the calling thread (in-process use: warm-up, benchmarks, tests)."""
+    scheduler = BatchScheduler(engine, max_batch)
+    for job in jobs:
+        scheduler.add(job)
+    while scheduler.active:
+        scheduler.step()
+
+
+def synthesize(engine: "CSMEngine", request: "SynthesisRequest",
+               cancelled: Callable[[], bool] = lambda: False) -> Iterator[Any]:
+    """One request on the calling thread: PCM bytes as each group is decoded, then a `Usage`."""
+    items: deque = deque()
+    scheduler = BatchScheduler(engine, 1)
+    scheduler.add(GenerationJob(request, items.append, cancelled))
+    while scheduler.active or items:
+        while items:
+            item = items.popleft()
+            if item is END:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+        if scheduler.active:
+            scheduler.step()
