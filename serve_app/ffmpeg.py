@@ -3,7 +3,8 @@
 One ffmpeg process encodes one whole response, so every response is one continuous container. Input is
 raw s16le 24 kHz mono on stdin, declared up front: with no probing (`-probesize 32 -analyzeduration 0`) and
 packet flushing, ffmpeg emits output as soon as it has a frame, instead of holding the first mp3 byte
-until the input ends.
+until the input ends. (`-fflags +nobuffer` on the input is not used: it made ffmpeg drop the last 40 ms of
+every response, and the first byte came no sooner without it.)
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ def ffmpeg_command(ffmpeg: str, fmt: str, speed: float = 1.0) -> list[str]:
     tempo = atempo_chain(speed)
     return [
         ffmpeg, "-hide_banner", "-loglevel", "error",
-        "-probesize", "32", "-analyzeduration", "0", "-fflags", "+nobuffer",
+        "-probesize", "32", "-analyzeduration", "0",
         "-f", "s16le", "-ar", str(SAMPLE_RATE), "-ac", "1", "-i", "pipe:0",
         *(["-filter:a", tempo] if tempo else []),
         # No metadata and no encoder tags: the WAV header is the plain 44 bytes, mp3 has no ID3 tag.

@@ -57,3 +57,13 @@ def test_first_mp3_bytes_come_before_input_ends():
 def test_missing_ffmpeg_is_reported():
     path, reason = find_ffmpeg("definitely-not-ffmpeg")
     assert path is None and "not found" in reason
+
+
+@pytest.mark.parametrize("seconds", [0.08, 1.0, 4.0])
+def test_pcm_passes_every_sample_through(seconds):
+    """Lossless formats keep the whole response: an input-side `-fflags +nobuffer` once cut the last 40 ms."""
+    ffmpeg, _ = find_ffmpeg("ffmpeg")
+    tone = _tone(seconds)
+    assert subprocess.run(ffmpeg_command(ffmpeg, "pcm"), input=tone, capture_output=True, check=True).stdout == tone
+    wav = subprocess.run(ffmpeg_command(ffmpeg, "wav"), input=tone, capture_output=True, check=True).stdout
+    assert wav[44:] == tone

@@ -1,0 +1,178 @@
+"""The in-process parts of the benchmark: our bare engine, and mlx-audio's own `Model.generate` loop.
+
+Each part runs in a process of its own (`python -m serve_app.bench.engine PART ...`) and prints one JSON
+object, so its memory figures are its own and one part's MLX state cannot affect another's timings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import mlx.core as mx
+
+from ..settings import FRAME_RATE, Settings
+
+TEXT = "Hello, this is a quick benchmark of the speech server."  # one text chunk
+VOICE = "fast"  # no reference prompt: the prompt is the text alone, the same for every engine measured
+MB = 1 << 20
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))]
+
+
+def memory_now() -> dict:
+    from ..engine.memory import resident_bytes
+
+    return {"mlx_peak_mb": round(mx.get_peak_memory() / MB, 1), "mlx_active_mb": round(mx.get_active_memory() / MB, 1),
+            "rss_mb": round((resident_bytes() or 0) / MB, 1)}
+
+
+def engine_part(checkpoint: str, frames: int, repeats: int, levels: list[int], compile_mode: str, quantize: int) -> dict:
+    """Time to first PCM, frames/s and RTF for one request, then aggregate throughput with `levels`
+    requests generated together (the same continuous batching the server uses)."""
+    from ..engine.generation import CSMEngine, SynthesisRequest, select_device
+    from ..engine.scheduler import GenerationJob, run_jobs
+    from ..voices import VoiceLibrary
+
+    settings = Settings(model_id=checkpoint, mlx_compile=compile_mode, quantize=quantize, max_batch_size=max(levels))
+    mx.set_default_device(select_device(settings.mlx_device))
+    voices = VoiceLibrary.load(settings.voices_dir)
+    started = time.perf_counter()
+    engine = CSMEngine.load(settings, voices)
+    load_s = time.perf_counter() - started
+    started = time.perf_counter()
+    engine.warm_up()
+    warm_s = time.perf_counter() - started
+    preset = voices.resolve(VOICE)
+    audio_s = frames / FRAME_RATE
+
+    def request(seed: int) -> SynthesisRequest:
+        return SynthesisRequest([TEXT], preset, seed=seed, max_frames_per_chunk=frames)
+
+    mx.reset_peak_memory()
+    single = []
+    for r in range(repeats):
+        t0 = time.perf_counter()
+        first = None
+        for item in engine.synthesize(request(r)):
+            if first is None and isinstance(item, bytes):
+                first = time.perf_counter() - t0
+        total = time.perf_counter() - t0
+        single.append({"first_pcm_s": first, "total_s": total})
+    totals = [s["total_s"] for s in single]
+    result = {
+        "part": "engine", "compiled": engine.frame_decoder.compiled, "quantize": quantize, "load_s": round(load_s, 2),
+        "warm_up_s": round(warm_s, 2), "frames": frames, "audio_s": audio_s, "runs": single,
+        "first_pcm_ms": round(1000 * statistics.median(s["first_pcm_s"] for s in single), 1),
+        "total_s": round(statistics.median(totals), 3),
+        "frames_per_s": round(frames / statistics.median(totals), 3),
+        "rtf": round(statistics.median(totals) / audio_s, 3),
+        "concurrency": {},
+    }
+    for n in levels:
+        firsts: dict[int, float] = {}
+        t0 = time.perf_counter()
+
+        def post(item, i):
+            if isinstance(item, bytes) and i not in firsts:
+                firsts[i] = time.perf_counter() - t0
+
+        jobs = [GenerationJob(request(100 + i), lambda item, i=i: post(item, i)) for i in range(n)]
+        run_jobs(engine, jobs, max_batch=n)
+        wall = time.perf_counter() - t0
+        ttfb = list(firsts.values())
+        result["concurrency"][str(n)] = {
+            "wall_s": round(wall, 3), "audio_s_per_s": round(n * audio_s / wall, 3),
+            "first_pcm_p50_ms": round(1000 * percentile(ttfb, 50), 1), "first_pcm_p95_ms": round(1000 * percentile(ttfb, 95), 1)}
+    result["memory"] = memory_now()
+    return result
+
+
+def _hub_cache_with_mimi(checkpoint: Path, root: Path) -> Path:
+    """A folder laid out like the Hugging Face hub cache, holding the checkpoint's Mimi weights under the
+    repo mlx-audio hard-codes (kyutai/moshiko-pytorch-bf16), so its `Mimi.from_pretrained` finds them."""
+    from ..tiny_checkpoint import MIMI_FILE
+
+    snapshot = root / "models--kyutai--moshiko-pytorch-bf16" / "snapshots" / "bench"
+    snapshot.mkdir(parents=True, exist_ok=True)
+    (root / "models--kyutai--moshiko-pytorch-bf16" / "refs").mkdir(exist_ok=True)
+    (root / "models--kyutai--moshiko-pytorch-bf16" / "refs" / "main").write_text("bench")
+    link = snapshot / MIMI_FILE
+    if not link.exists():
+        link.symlink_to((checkpoint / "mimi" / MIMI_FILE).resolve())
+    return root
+
+
+def reference_part(checkpoint: str, frames: int, repeats: int) -> dict:
+    """mlx-audio's `sesame.Model.generate` on the same weights, the same text and the same sampling."""
+    folder = Path(checkpoint)
+    config = json.loads((folder / "config.json").read_text())
+    mimi_config = json.loads((folder / "mimi" / "config.json").read_text()) if (folder / "mimi" / "config.json").exists() else {}
+    if mimi_config and mimi_config.get("seanet", {}).get("dimension") != 512:
+        return {"part": "reference", "skipped": "mlx-audio always builds the full-size Mimi (mimi_202407); "
+                                               "this checkpoint's Mimi is smaller, so only full-size checkpoints compare"}
+    os.environ["HF_HUB_CACHE"] = str(_hub_cache_with_mimi(folder, Path(tempfile.mkdtemp(prefix="bench-hub-"))))
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    from mlx_audio.tts.models.sesame.sesame import Model
+    from mlx_audio.lm.sample_utils import make_sampler
+
+    from ..engine.generation import select_device
+    from ..voices import VoiceLibrary
+
+    mx.set_default_device(select_device("auto"))
+    preset = VoiceLibrary.load(Settings().voices_dir).resolve(VOICE)
+    config.update(text_tokenizer=str(folder), use_default_voice_prompt=False)
+    started = time.perf_counter()
+    model = Model(config)
+    weights = model.sanitize(mx.load(str(folder / "model.safetensors")))
+    weights = {k: v.astype(mx.bfloat16) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()}
+    model.load_weights(list(weights.items()), strict=False)
+    mx.eval(model.parameters())
+    load_s = time.perf_counter() - started
+    sampler = make_sampler(temp=preset.temperature, top_k=preset.top_k)
+
+    def generate(n: int) -> float:
+        t0 = time.perf_counter()
+        for _ in model.generate(TEXT, sampler=sampler, max_audio_length_ms=n * 80, voice_match=False, verbose=False):
+            pass
+        return time.perf_counter() - t0
+
+    generate(3)  # warm-up, as our engine gets
+    mx.reset_peak_memory()
+    totals = [generate(frames) for _ in range(repeats)]
+    audio_s = frames / FRAME_RATE
+    return {"part": "reference", "load_s": round(load_s, 2), "frames": frames, "audio_s": audio_s,
+            "runs": [{"total_s": t} for t in totals], "total_s": round(statistics.median(totals), 3),
+            "frames_per_s": round(frames / statistics.median(totals), 3),
+            "rtf": round(statistics.median(totals) / audio_s, 3), "memory": memory_now()}
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m serve_app.bench.engine")
+    parser.add_argument("part", choices=["engine", "reference"])
+    parser.add_argument("--checkpoint", required=True)
+    parser.add_argument("--frames", type=int, required=True)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--levels", default="1,2,4,8")
+    parser.add_argument("--compile", default="auto", choices=["auto", "on", "off"])
+    parser.add_argument("--quantize", type=int, default=0, choices=[0, 4, 8])
+    args = parser.parse_args(argv)
+    if args.part == "engine":
+        levels = [int(n) for n in args.levels.split(",")]
+        out = engine_part(args.checkpoint, args.frames, args.repeats, levels, args.compile, args.quantize)
+    else:
+        out = reference_part(args.checkpoint, args.frames, args.repeats)
+    sys.stdout.write(json.dumps(out) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,159 @@
+"""The served part of the benchmark: the whole stack over HTTP, as a client sees it.
+
+Starts `python -m serve_app.launch` on a free loopback port with a frame cap that makes every request
+generate exactly the benchmark's frame count (random weights never end on their own), then measures
+streamed requests per format, concurrency, and the memory of the model replica and of every server process.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Optional
+
+import httpx
+
+from ..settings import FRAME_RATE, PROJECT_ROOT, SAMPLE_RATE
+from .engine import TEXT, VOICE, percentile
+
+MB = 1 << 20
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def process_tree_rss_mb(root_pid: int) -> tuple[float, int]:
+    """Resident memory of a process and all its descendants (ps works on Linux and macOS)."""
+    out = subprocess.run(["ps", "-eo", "pid=,ppid=,rss="], capture_output=True, text=True).stdout
+    children: dict[int, list[int]] = {}
+    rss: dict[int, int] = {}
+    for line in out.splitlines():
+        pid, ppid, kb = (int(x) for x in line.split())
+        children.setdefault(ppid, []).append(pid)
+        rss[pid] = kb
+    seen, todo = set(), [root_pid]
+    while todo:
+        pid = todo.pop()
+        if pid not in seen:
+            seen.add(pid)
+            todo.extend(children.get(pid, []))
+    return round(sum(rss.get(p, 0) for p in seen) / 1024, 1), len(seen)
+
+
+class BenchServer:
+    """The server under test, in its own session; `stop` ends every process it started."""
+
+    def __init__(self, checkpoint: str, frames: int, max_batch: int, env: Optional[dict] = None, log: Optional[Path] = None):
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        work = Path(tempfile.mkdtemp(prefix="bench-server-"))
+        (work / "empty.env").write_text("")
+        self.log = log or work / "server.log"
+        env = {**os.environ, "MODEL_ID": checkpoint, "CACHE_DIR": str(work / "cache"), "HOST": "127.0.0.1",
+               "PORT": str(self.port), "ENV_FILE": str(work / "empty.env"), "RAY_ADDRESS": "local",
+               "LOG_LEVEL": "warning", "MAX_BATCH_SIZE": str(max_batch), "MAX_QUEUED_REQUESTS": "32",
+               # ceil((frames - 0.5) * 0.08 s * 12.5 frames/s) == frames, for any text.
+               "MAX_AUDIO_BASE_S": str((frames - 0.5) / FRAME_RATE), "MAX_AUDIO_S_PER_CHAR": "0", **(env or {})}
+        with open(self.log, "wb") as out:
+            self.proc = subprocess.Popen([sys.executable, "-m", "serve_app.launch"], cwd=PROJECT_ROOT, env=env,
+                                         stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def wait_ready(self, timeout_s: float) -> float:
+        started = time.monotonic()
+        while time.monotonic() - started < timeout_s:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}; see {self.log}")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=5).status_code == 200:
+                    return time.monotonic() - started
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        raise TimeoutError(f"server not healthy after {timeout_s:.0f} s; see {self.log}")
+
+    def health(self) -> dict:
+        return httpx.get(f"{self.url}/health", timeout=10).json()
+
+    def stop(self) -> None:
+        import signal
+
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+
+
+def speech(url: str, response_format: str, seed: int, timeout_s: float = 3600) -> dict:
+    """One streamed request: time to first byte, total time, and the bytes received."""
+    body = {"model": "csm-1b", "input": TEXT, "voice": VOICE, "response_format": response_format, "seed": seed}
+    t0 = time.perf_counter()
+    first = None
+    size = 0
+    with httpx.stream("POST", f"{url}/v1/audio/speech", json=body, timeout=timeout_s) as response:
+        if response.status_code != 200:
+            raise RuntimeError(f"{response.status_code}: {response.read()[:300]!r}")
+        for chunk in response.iter_raw():
+            if chunk and first is None:
+                first = time.perf_counter() - t0
+            size += len(chunk)
+    return {"ttfb_s": first, "total_s": time.perf_counter() - t0, "bytes": size}
+
+
+def server_part(checkpoint: str, frames: int, repeats: int, levels: list[int], formats: list[str],
+                env: Optional[dict] = None, ready_timeout_s: float = 1800) -> dict:
+    audio_s = frames / FRAME_RATE
+    server = BenchServer(checkpoint, frames, max(levels), env)
+    try:
+        result: dict = {"part": "server", "ready_s": round(server.wait_ready(ready_timeout_s), 1), "frames": frames,
+                        "audio_s": audio_s, "formats": {}, "concurrency": {}}
+        speech(server.url, "pcm", 0)  # warm the path (ffmpeg, handles) like the engine's warm-up
+        for fmt in formats:
+            runs = [speech(server.url, fmt, seed) for seed in range(repeats)]
+            if fmt == "pcm":  # the stream is the raw PCM: its length proves the frame count
+                expected = int(audio_s * SAMPLE_RATE) * 2
+                bad = [r["bytes"] for r in runs if r["bytes"] != expected]
+                if bad:
+                    raise RuntimeError(f"pcm streams of {bad} bytes, expected {expected}")
+            total = statistics.median(r["total_s"] for r in runs)
+            result["formats"][fmt] = {
+                "runs": runs, "ttfb_ms": round(1000 * statistics.median(r["ttfb_s"] for r in runs), 1),
+                "total_s": round(total, 3), "rtf": round(total / audio_s, 3)}
+        for n in levels:
+            runs: list[dict] = [{} for _ in range(n)]
+            barrier = threading.Barrier(n)
+
+            def client(i: int) -> None:
+                barrier.wait()
+                runs[i] = speech(server.url, "pcm", 100 + i)
+
+            threads = [threading.Thread(target=client, args=(i,)) for i in range(n)]
+            t0 = time.perf_counter()
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            wall = time.perf_counter() - t0
+            ttfb = [r["ttfb_s"] for r in runs]
+            result["concurrency"][str(n)] = {
+                "wall_s": round(wall, 3), "audio_s_per_s": round(n * audio_s / wall, 3),
+                "ttfb_p50_ms": round(1000 * percentile(ttfb, 50), 1), "ttfb_p95_ms": round(1000 * percentile(ttfb, 95), 1)}
+        health = server.health()
+        rss_mb, processes = process_tree_rss_mb(server.proc.pid)
+        result["memory"] = {"model_replica": health["model"]["memory"], "all_processes_rss_mb": rss_mb,
+                            "processes": processes}
+        result["model"] = {k: health["model"].get(k) for k in ("device", "dtype", "quantize", "max_batch_size")}
+        return result
+    finally:
+        server.stop()
