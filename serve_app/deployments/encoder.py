@@ -1,7 +1,7 @@
 """AudioEncoder: one ffmpeg process per response, fed from the model's PCM stream.
 
 A DeploymentResponseGenerator cannot be passed to another deployment (ray#57098), so this stage calls the
-model itself: it starts ffmpeg and the model stream together (ffmpeg's start-up overlaps generation),
+model itself: it sends the model its request, then starts ffmpeg (ffmpeg's start-up overlaps generation),
 writes PCM into ffmpeg as it arrives and yields ffmpeg's output as soon as ffmpeg flushes it. Whatever
 way the response ends (done, error, client gone), ffmpeg is killed and the model stream cancelled.
 """
@@ -49,12 +49,17 @@ class AudioEncoder:
         """Encoded audio bytes as ffmpeg produces them, then the model's `Usage`."""
         if self._ffmpeg is None:
             raise ServiceUnavailableError(f"Audio encoding is unavailable: {self._ffmpeg_info}", code="ffmpeg_unavailable")
-        proc = await asyncio.create_subprocess_exec(
-            *ffmpeg_command(self._ffmpeg, request.response_format, request.speed),
-            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-        )
-        self._running += 1
+        # The model first: its request is on its way while ffmpeg starts (~10 ms here).
         pcm = self._model.options(stream=True).generate.remote(request.synthesis)
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *ffmpeg_command(self._ffmpeg, request.response_format, request.speed),
+                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            )
+        except BaseException:
+            pcm.cancel()
+            raise
+        self._running += 1
         feeder = asyncio.create_task(self._feed(pcm, proc))
         try:
             while data := await proc.stdout.read(READ_SIZE):

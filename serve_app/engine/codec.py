@@ -47,7 +47,7 @@ class MimiStream:
         try:
             tokens = mx.array(codes)[None]
             pcm = mx.concatenate([mimi.decode_step(tokens[:, :, t:t + 1]) for t in range(tokens.shape[-1])], axis=-1)
-            out = np.array(pcm[0, 0], dtype=np.float32)
+            out = np.array(pcm[0, 0].astype(mx.float32))
         finally:
             mimi.decoder_cache = shared_cache
             self._state = [{f: getattr(m, f) for f in _STATE_FIELDS if hasattr(m, f)} for m in self._modules]
