@@ -1,4 +1,5 @@
-"""AudioEncoder: one ffmpeg process per response, fed from the model's PCM stream.
+"""AudioEncoder: one ffmpeg process per response, fed from the model's PCM stream (raw PCM at normal speed
+passes straight through).
 
 A DeploymentResponseGenerator cannot be passed to another deployment (ray#57098), so this stage calls the
 model itself: it sends the model its request, then starts ffmpeg (ffmpeg's start-up overlaps generation),
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 from typing import AsyncIterator, Optional
 
 from ..errors import GenerationError, ServiceUnavailableError
-from ..ffmpeg import ffmpeg_command, find_ffmpeg
+from ..ffmpeg import atempo_chain, ffmpeg_command, find_ffmpeg
 from ..logs import configure_logging
 from ..protocol import Usage
 from ..settings import Settings
@@ -51,6 +52,14 @@ class AudioEncoder:
             raise ServiceUnavailableError(f"Audio encoding is unavailable: {self._ffmpeg_info}", code="ffmpeg_unavailable")
         # The model first: its request is on its way while ffmpeg starts (~10 ms here).
         pcm = self._model.options(stream=True).generate.remote(request.synthesis)
+        if request.response_format == "pcm" and atempo_chain(request.speed) is None:
+            # Raw PCM at normal speed is exactly what the model produces: no ffmpeg, no pipe, no extra CPU.
+            try:
+                async for item in pcm:
+                    yield item
+            finally:
+                pcm.cancel()
+            return
         try:
             proc = await asyncio.create_subprocess_exec(
                 *ffmpeg_command(self._ffmpeg, request.response_format, request.speed),
