@@ -37,6 +37,27 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     return write_checkpoint(tmp_path_factory.mktemp("tiny-csm"))
 
 
+# The engine's caps, the same as the server's in TEST_ENV.
+ENGINE_CAPS = dict(max_audio_base_s=0.5, max_audio_s_per_char=0.05)
+
+
+@pytest.fixture(scope="session")
+def voices():
+    from serve_app.settings import Settings
+    from serve_app.voices import VoiceLibrary
+
+    return VoiceLibrary.load(Settings().voices_dir)
+
+
+@pytest.fixture(scope="session")
+def engine(tiny_checkpoint, voices):
+    """The real CSM engine on the tiny checkpoint, in-process (no Ray)."""
+    from serve_app.engine.generation import CSMEngine
+    from serve_app.settings import Settings
+
+    return CSMEngine.load(Settings(model_id=str(tiny_checkpoint), **ENGINE_CAPS), voices)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

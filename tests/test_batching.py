@@ -12,9 +12,7 @@ from serve_app.engine.generation import CSMEngine, SynthesisRequest
 from serve_app.engine.scheduler import END, BatchScheduler, GenerationJob
 from serve_app.protocol import Usage
 from serve_app.settings import SAMPLES_PER_FRAME, Settings
-from serve_app.voices import VoiceLibrary
 
-CAPS = dict(max_audio_base_s=0.5, max_audio_s_per_char=0.05)
 # Different voices (prompt lengths, temperatures, top-k), text lengths (frame caps) and chunk counts.
 REQUESTS = [
     ("conversational", ["Hello there, how are you?", "Second chunk."], 1),
@@ -22,16 +20,6 @@ REQUESTS = [
     ("professional", ["A somewhat longer sentence for the third request.", "And more."], 3),
     ("conversational", ["Hello there, how are you?"], 4),
 ]
-
-
-@pytest.fixture(scope="module")
-def voices() -> VoiceLibrary:
-    return VoiceLibrary.load(Settings().voices_dir)
-
-
-@pytest.fixture(scope="module")
-def engine(tiny_checkpoint, voices) -> CSMEngine:
-    return CSMEngine.load(Settings(model_id=str(tiny_checkpoint), **CAPS), voices)
 
 
 class Recorder:

@@ -17,17 +17,7 @@ from serve_app.protocol import Usage
 from serve_app.settings import SAMPLES_PER_FRAME, Settings
 from serve_app.voices import VoiceLibrary
 
-CAPS = dict(max_audio_base_s=0.5, max_audio_s_per_char=0.05)
-
-
-@pytest.fixture(scope="module")
-def voices() -> VoiceLibrary:
-    return VoiceLibrary.load(Settings().voices_dir)
-
-
-@pytest.fixture(scope="module")
-def engine(tiny_checkpoint, voices) -> CSMEngine:
-    return CSMEngine.load(Settings(model_id=str(tiny_checkpoint), **CAPS), voices)
+from tests.conftest import ENGINE_CAPS as CAPS
 
 
 def run(engine, chunks, voice="conversational", voices=None, **kw):
@@ -178,3 +168,16 @@ def test_missing_prompt_clip_names_the_voice(tiny_checkpoint, tmp_path, voices):
 
     with pytest.raises(ModelLoadError, match="voice 'professional' prompt.audio: .*conversational_b.wav.* not found"):
         CSMEngine.load(Settings(model_id=str(copy)), voices)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantized_weights_load_and_speak(tiny_checkpoint, voices, bits):
+    import mlx.nn as nn
+
+    engine = CSMEngine.load(Settings(model_id=str(tiny_checkpoint), quantize=bits, **CAPS), voices)
+    q_proj = engine.model.backbone.layers[0].self_attn.q_proj
+    assert isinstance(q_proj, nn.QuantizedLinear) and q_proj.bits == bits
+    pcm, usage = run(engine, ["Hello there."], seed=1)
+    samples = np.frombuffer(b"".join(pcm), "<i2")
+    assert len(samples) == usage.output_tokens * SAMPLES_PER_FRAME > 0
+    assert np.sqrt(np.mean(samples.astype(float) ** 2)) > 300

@@ -1,0 +1,38 @@
+"""`python -m serve_app.bench` end to end on the tiny checkpoint, kept small: every part runs (the bare
+engine, the mlx-audio reference's skip on a small Mimi, the real server over HTTP) and the results files hold
+the numbers the README's Performance section is built from."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT
+
+pytestmark = pytest.mark.server
+
+
+def test_bench_writes_json_markdown_and_chart(tiny_checkpoint, tmp_path):
+    out = tmp_path / "results"
+    done = subprocess.run(
+        [sys.executable, "-m", "serve_app.bench", "--checkpoint", str(tiny_checkpoint), "--frames", "6", "--repeats",
+         "2", "--concurrency", "1,2", "--formats", "pcm,mp3", "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    [folder] = list(out.iterdir())
+    result = json.loads((folder / f"{tiny_checkpoint.name}.json").read_text())
+    engine, server, cmp = result["engine"], result["server"], result["comparison"]
+    assert engine["frames"] == 6 and 0 < engine["first_pcm_ms"] < 1000 * engine["total_s"]
+    assert set(engine["concurrency"]) == set(server["concurrency"]) == {"1", "2"}
+    assert "skipped" in result["reference"]  # the tiny Mimi is not mlx-audio's hard-coded one
+    for fmt in ("pcm", "mp3"):
+        assert server["formats"][fmt]["ttfb_ms"] > 0
+        assert cmp["first_byte_overhead_ms"][fmt] == pytest.approx(server["formats"][fmt]["ttfb_ms"] - engine["first_pcm_ms"], abs=0.2)
+    # every pcm stream held exactly 6 frames (the bench checks the bytes), and memory came from the replica
+    assert server["memory"]["model_replica"]["mlx_active_mb"] > 0 and server["memory"]["processes"] > 3
+    table = (folder / f"{tiny_checkpoint.name}.md").read_text()
+    assert "Server over HTTP, streamed pcm" in table and "| 2 |" in table
+    assert (folder / f"{tiny_checkpoint.name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
