@@ -48,7 +48,7 @@ def run_part(args: list[str]) -> dict:
     print(f"  $ {shlex.join(cmd[1:])}", file=sys.stderr, flush=True)
     done = subprocess.run(cmd, cwd=PROJECT_ROOT, stdout=subprocess.PIPE, text=True)
     if done.returncode != 0:
-        raise RuntimeError(f"{shlex.join(cmd)} exited with {done.returncode}")
+        return {"part": args[0], "skipped": f"failed: `{shlex.join(cmd[1:])}` exited with {done.returncode} (see stderr)"}
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -66,6 +66,8 @@ def bench_one(kind: str, folder: Path, args, command: str) -> dict:
     print(f"[{kind}] bare engine", file=sys.stderr, flush=True)
     result["engine"] = run_part(["engine", *common, "--levels", ",".join(levels), "--compile", args.compile,
                                  "--quantize", str(args.quantize)])
+    if "skipped" in result["engine"]:
+        raise RuntimeError(f"the bare engine part {result['engine']['skipped']}")
     if not args.skip_reference:
         print(f"[{kind}] mlx-audio Model.generate", file=sys.stderr, flush=True)
         result["reference"] = run_part(["reference", *common])

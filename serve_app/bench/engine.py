@@ -130,7 +130,12 @@ def reference_part(checkpoint: str, frames: int, repeats: int) -> dict:
 
     mx.set_default_device(select_device("auto"))
     preset = VoiceLibrary.load(Settings().voices_dir).resolve(VOICE)
-    config.update(text_tokenizer=str(folder), use_default_voice_prompt=False)
+    # Its AutoTokenizer would read the checkpoint's config.json (model_type "sesame") and fail: give it a
+    # folder with the tokenizer files alone.
+    tokenizer_dir = Path(tempfile.mkdtemp(prefix="bench-tokenizer-"))
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (tokenizer_dir / name).write_bytes((folder / name).read_bytes())
+    config.update(text_tokenizer=str(tokenizer_dir), use_default_voice_prompt=False)
     started = time.perf_counter()
     model = Model(config)
     weights = model.sanitize(mx.load(str(folder / "model.safetensors")))
