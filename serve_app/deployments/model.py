@@ -33,7 +33,8 @@ class CSMModel:
         configure_logging(settings.log_level)
         # The MLX thread runs Python between kernels and holds the GIL; a PCM group it posts reaches this
         # replica's event loop only when the GIL changes hands, after up to one switch interval (5 ms by
-        # default, measured as 5 ms on the first byte). 0.5 ms costs the MLX thread nothing measurable.
+        # default; the first byte waited ~5 ms there). With 0.5 ms the tiny-checkpoint throughput stayed
+        # within this machine's run-to-run noise (python -m serve_app.bench, three runs).
         sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
         self._settings = settings
         self._engine: Optional[CSMEngine] = None
