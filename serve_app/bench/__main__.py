@@ -53,7 +53,7 @@ def run_part(args: list[str]) -> dict:
 
 
 def bench_one(kind: str, folder: Path, args, command: str) -> dict:
-    defaults = DEFAULTS.get(kind.split("-q")[0], DEFAULTS["full"])
+    defaults = DEFAULTS.get(kind.split("-")[0], DEFAULTS["full"])
     frames, repeats = args.frames or defaults["frames"], args.repeats or defaults["repeats"]
     levels = args.concurrency
     common = ["--checkpoint", str(folder), "--frames", str(frames), "--repeats", str(repeats)]
@@ -91,6 +91,7 @@ def main(argv=None) -> None:
     parser.add_argument("--skip-reference", action="store_true")
     parser.add_argument("--skip-server", action="store_true")
     parser.add_argument("--out", type=Path, default=PROJECT_ROOT / "results" / "bench")
+    parser.add_argument("--label", default="", help="appended to the results' file names (e.g. 32f)")
     args = parser.parse_args(argv)
     command = "python -m serve_app.bench " + shlex.join(argv if argv is not None else sys.argv[1:])
     cache = Settings.load().cache_dir
@@ -99,6 +100,8 @@ def main(argv=None) -> None:
         name, path = checkpoint_path(kind, cache)
         if args.quantize:
             name = f"{name}-q{args.quantize}"
+        if args.label:
+            name = f"{name}-{args.label}"
         result = bench_one(name, path, args, command.strip())
         for written in report.write(result, folder):
             print(f"wrote {written}", file=sys.stderr)
