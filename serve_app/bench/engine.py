@@ -97,6 +97,25 @@ def engine_part(checkpoint: str, frames: int, repeats: int, levels: list[int], c
     return result
 
 
+def memory_part(checkpoint: str, quantize: int) -> dict:
+    """Load (with QUANTIZE), generate one short request, and report memory: the QUANTIZE check at full size,
+    where a full benchmark of quantized weights would take hours on a CPU (they are slower there)."""
+    from ..engine.generation import CSMEngine, SynthesisRequest, select_device
+    from ..voices import VoiceLibrary
+
+    settings = Settings(model_id=checkpoint, quantize=quantize)
+    mx.set_default_device(select_device(settings.mlx_device))
+    voices = VoiceLibrary.load(settings.voices_dir)
+    started = time.perf_counter()
+    engine = CSMEngine.load(settings, voices)
+    loaded = {"load_s": round(time.perf_counter() - started, 1), **memory_now()}
+    started = time.perf_counter()
+    items = list(engine.synthesize(SynthesisRequest([TEXT], voices.resolve(VOICE), seed=0, max_frames_per_chunk=2)))
+    pcm = b"".join(i for i in items if isinstance(i, bytes))
+    return {"part": "memory", "quantize": quantize, "after_load": loaded, "after_request": memory_now(),
+            "request_s": round(time.perf_counter() - started, 1), "pcm_samples": len(pcm) // 2}
+
+
 def _hub_cache_with_mimi(checkpoint: Path, root: Path) -> Path:
     """A folder laid out like the Hugging Face hub cache, holding the checkpoint's Mimi weights under the
     repo mlx-audio hard-codes (kyutai/moshiko-pytorch-bf16), so its `Mimi.from_pretrained` finds them."""
@@ -163,9 +182,9 @@ def reference_part(checkpoint: str, frames: int, repeats: int) -> dict:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m serve_app.bench.engine")
-    parser.add_argument("part", choices=["engine", "reference"])
+    parser.add_argument("part", choices=["engine", "reference", "memory"])
     parser.add_argument("--checkpoint", required=True)
-    parser.add_argument("--frames", type=int, required=True)
+    parser.add_argument("--frames", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--levels", default="1,2,4,8")
     parser.add_argument("--compile", default="auto", choices=["auto", "on", "off"])
@@ -174,6 +193,8 @@ def main(argv=None) -> None:
     if args.part == "engine":
         levels = [int(n) for n in args.levels.split(",")]
         out = engine_part(args.checkpoint, args.frames, args.repeats, levels, args.compile, args.quantize)
+    elif args.part == "memory":
+        out = memory_part(args.checkpoint, args.quantize)
     else:
         out = reference_part(args.checkpoint, args.frames, args.repeats)
     sys.stdout.write(json.dumps(out) + "\n")

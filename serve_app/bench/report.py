@@ -48,13 +48,14 @@ def compare(result: dict) -> dict:
     if engine and server:
         first = engine["first_pcm_ms"]
         out["first_byte_overhead_ms"] = {fmt: round(v["ttfb_ms"] - first, 1) for fmt, v in server["formats"].items()}
+        # From wall times (the same audio on both sides), not from the rounded rates.
         out["throughput_vs_engine"] = {
-            n: round(v["audio_s_per_s"] / engine["concurrency"][n]["audio_s_per_s"], 3)
+            n: round(engine["concurrency"][n]["wall_s"] / v["wall_s"], 3)
             for n, v in server["concurrency"].items() if n in engine["concurrency"]}
     for name, part in (("engine", engine), ("server", server)):
         levels = (part or {}).get("concurrency", {})
-        if "1" in levels:
-            out[f"{name}_batching_gain"] = {n: round(v["audio_s_per_s"] / levels["1"]["audio_s_per_s"], 3)
+        if "1" in levels:  # n requests at once against n times one request alone
+            out[f"{name}_batching_gain"] = {n: round(int(n) * levels["1"]["wall_s"] / v["wall_s"], 3)
                                             for n, v in levels.items()}
     if engine and reference and "frames_per_s" in reference:
         out["engine_vs_mlx_audio_fps"] = round(engine["frames_per_s"] / reference["frames_per_s"], 3)
@@ -87,14 +88,18 @@ def markdown(result: dict) -> str:
     for fmt, v in (server or {}).get("formats", {}).items():
         lines.append(f"| Server over HTTP, streamed {fmt} | {_ms(v['ttfb_ms'])} | {v['total_s']:.2f} s | "
                      f"{result['frames'] / v['total_s']:.2f} | {v['rtf']:.2f} | first byte "
-                     f"+{cmp['first_byte_overhead_ms'][fmt]:.0f} ms |")
-    lines += ["", "| Concurrent requests | Engine audio s/s | Server audio s/s | Server / engine | "
-                  "Server gain vs 1 | Server p50 / p95 first byte |", "|---|---|---|---|---|---|"]
-    for n, v in (server or {}).get("concurrency", {}).items():
-        e = (engine or {}).get("concurrency", {}).get(n, {})
-        lines.append(f"| {n} | {e.get('audio_s_per_s', 0):.2f} | {v['audio_s_per_s']:.2f} | "
-                     f"{cmp['throughput_vs_engine'].get(n, 0):.0%} | {cmp['server_batching_gain'][n]:.2f}x | "
-                     f"{_ms(v['ttfb_p50_ms'])} / {_ms(v['ttfb_p95_ms'])} |")
+                     f"{cmp['first_byte_overhead_ms'][fmt]:+.0f} ms |")
+    lines += ["", "| Concurrent requests | Engine audio s/s | Engine gain vs 1 | Server audio s/s | Server / engine | "
+                  "Server gain vs 1 | Server p50 / p95 first byte |", "|---|---|---|---|---|---|---|"]
+    levels = (engine or {}).get("concurrency", {}) or (server or {}).get("concurrency", {})
+    for n in levels:
+        e = (engine or {}).get("concurrency", {}).get(n)
+        v = (server or {}).get("concurrency", {}).get(n)
+        cells = [f"{e['audio_s_per_s']:.3g}", f"{cmp['engine_batching_gain'][n]:.2f}x"] if e else ["–", "–"]
+        cells += ([f"{v['audio_s_per_s']:.3g}", f"{cmp['throughput_vs_engine'][n]:.0%}" if e else "–",
+                   f"{cmp['server_batching_gain'][n]:.2f}x", f"{_ms(v['ttfb_p50_ms'])} / {_ms(v['ttfb_p95_ms'])}"]
+                  if v else ["not run"] + ["–"] * 3)
+        lines.append(f"| {n} | " + " | ".join(cells) + " |")
     if server:
         mem = server["memory"]
         rep = mem["model_replica"]
