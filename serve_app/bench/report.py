@@ -106,6 +106,8 @@ def markdown(result: dict) -> str:
         lines += ["", f"Memory: model replica MLX active {rep['mlx_active_mb']:,.0f} MB, MLX peak {rep['mlx_peak_mb']:,.0f} MB "
                       f"(during the last batch), resident {rep['rss_mb']:,.0f} MB; all {mem['processes']} server "
                       f"processes together {mem['all_processes_rss_mb']:,.0f} MB resident."]
+    if not server:
+        lines.append("")
     if engine:
         em = engine["memory"]
         lines.append(f"Bare engine process: MLX peak {em['mlx_peak_mb']:,.0f} MB, resident {em['rss_mb']:,.0f} MB.")
