@@ -16,8 +16,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from serve_app.local_server import free_port
 from tests.audio import decode, duration
-from tests.conftest import ROOT, TEST_ENV, _free_port, session_processes
+from tests.conftest import ROOT, TEST_ENV, session_processes
 
 CTL = ROOT / "ops" / "sesame-tts"
 
@@ -74,7 +75,7 @@ def ray_dir():
 
 def test_control_script_cycle(tiny_checkpoint, tmp_path, ray_dir):
     cache = tmp_path / "cache"
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, **TEST_ENV, "MODEL_ID": str(tiny_checkpoint), "CACHE_DIR": str(cache), "HOST": "127.0.0.1",
            "PORT": str(port), "API_KEY": "sk-local-secret", "ENV_FILE": str(tmp_path / "none.env"),
            "RAY_ADDRESS": "local", "RAY_TMPDIR": str(ray_dir)}

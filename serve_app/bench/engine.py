@@ -17,23 +17,16 @@ from pathlib import Path
 
 import mlx.core as mx
 
+from ..engine.memory import memory_report
 from ..settings import FRAME_RATE, Settings
 
 TEXT = "Hello, this is a quick benchmark of the speech server."  # one text chunk
 VOICE = "fast"  # no reference prompt: the prompt is the text alone, the same for every engine measured
-MB = 1 << 20
 
 
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))]
-
-
-def memory_now() -> dict:
-    from ..engine.memory import resident_bytes
-
-    return {"mlx_peak_mb": round(mx.get_peak_memory() / MB, 1), "mlx_active_mb": round(mx.get_active_memory() / MB, 1),
-            "rss_mb": round((resident_bytes() or 0) / MB, 1)}
 
 
 def engine_part(checkpoint: str, frames: int, repeats: int, levels: list[int], compile_mode: str, quantize: int) -> dict:
@@ -93,7 +86,7 @@ def engine_part(checkpoint: str, frames: int, repeats: int, levels: list[int], c
         result["concurrency"][str(n)] = {
             "wall_s": round(wall, 3), "audio_s_per_s": round(n * audio_s / wall, 3),
             "first_pcm_p50_ms": round(1000 * percentile(ttfb, 50), 1), "first_pcm_p95_ms": round(1000 * percentile(ttfb, 95), 1)}
-    result["memory"] = memory_now()
+    result["memory"] = memory_report()
     return result
 
 
@@ -108,11 +101,11 @@ def memory_part(checkpoint: str, quantize: int) -> dict:
     voices = VoiceLibrary.load(settings.voices_dir)
     started = time.perf_counter()
     engine = CSMEngine.load(settings, voices)
-    loaded = {"load_s": round(time.perf_counter() - started, 1), **memory_now()}
+    loaded = {"load_s": round(time.perf_counter() - started, 1), **memory_report()}
     started = time.perf_counter()
     items = list(engine.synthesize(SynthesisRequest([TEXT], voices.resolve(VOICE), seed=0, max_frames_per_chunk=2)))
     pcm = b"".join(i for i in items if isinstance(i, bytes))
-    return {"part": "memory", "quantize": quantize, "after_load": loaded, "after_request": memory_now(),
+    return {"part": "memory", "quantize": quantize, "after_load": loaded, "after_request": memory_report(),
             "request_s": round(time.perf_counter() - started, 1), "pcm_samples": len(pcm) // 2}
 
 
@@ -177,7 +170,7 @@ def reference_part(checkpoint: str, frames: int, repeats: int) -> dict:
     return {"part": "reference", "load_s": round(load_s, 2), "frames": frames, "audio_s": audio_s,
             "runs": [{"total_s": t} for t in totals], "total_s": round(statistics.median(totals), 3),
             "frames_per_s": round(frames / statistics.median(totals), 3),
-            "rtf": round(statistics.median(totals) / audio_s, 3), "memory": memory_now()}
+            "rtf": round(statistics.median(totals) / audio_s, 3), "memory": memory_report()}
 
 
 def main(argv=None) -> None:

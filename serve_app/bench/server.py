@@ -7,11 +7,8 @@ streamed requests per format, concurrency, and the memory of the model replica a
 
 from __future__ import annotations
 
-import os
-import socket
 import statistics
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -20,17 +17,9 @@ from typing import Optional
 
 import httpx
 
-from ..settings import FRAME_RATE, PROJECT_ROOT, SAMPLE_RATE
+from ..local_server import LocalServer
+from ..settings import FRAME_RATE, SAMPLE_RATE
 from .engine import TEXT, VOICE, percentile
-
-MB = 1 << 20
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def process_tree_rss_mb(root_pid: int) -> tuple[float, int]:
     """Resident memory of a process and all its descendants (ps works on Linux and macOS)."""
@@ -50,49 +39,12 @@ def process_tree_rss_mb(root_pid: int) -> tuple[float, int]:
     return round(sum(rss.get(p, 0) for p in seen) / 1024, 1), len(seen)
 
 
-class BenchServer:
-    """The server under test, in its own session; `stop` ends every process it started."""
-
-    def __init__(self, checkpoint: str, frames: int, max_batch: int, env: Optional[dict] = None, log: Optional[Path] = None):
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        work = Path(tempfile.mkdtemp(prefix="bench-server-"))
-        (work / "empty.env").write_text("")
-        self.log = log or work / "server.log"
-        env = {**os.environ, "MODEL_ID": checkpoint, "CACHE_DIR": str(work / "cache"), "HOST": "127.0.0.1",
-               "PORT": str(self.port), "ENV_FILE": str(work / "empty.env"), "RAY_ADDRESS": "local",
-               "LOG_LEVEL": "warning", "MAX_BATCH_SIZE": str(max_batch), "MAX_QUEUED_REQUESTS": "32",
-               # ceil((frames - 0.5) * 0.08 s * 12.5 frames/s) == frames, for any text.
-               "MAX_AUDIO_BASE_S": str((frames - 0.5) / FRAME_RATE), "MAX_AUDIO_S_PER_CHAR": "0", **(env or {})}
-        with open(self.log, "wb") as out:
-            self.proc = subprocess.Popen([sys.executable, "-m", "serve_app.launch"], cwd=PROJECT_ROOT, env=env,
-                                         stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-
-    def wait_ready(self, timeout_s: float) -> float:
-        started = time.monotonic()
-        while time.monotonic() - started < timeout_s:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}; see {self.log}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=5).status_code == 200:
-                    return time.monotonic() - started
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        raise TimeoutError(f"server not healthy after {timeout_s:.0f} s; see {self.log}")
-
-    def health(self) -> dict:
-        return httpx.get(f"{self.url}/health", timeout=10).json()
-
-    def stop(self) -> None:
-        import signal
-
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
+def start_server(checkpoint: str, frames: int, max_batch: int, env: Optional[dict] = None) -> LocalServer:
+    """The server under test, with a frame cap that makes every request generate exactly `frames`."""
+    return LocalServer(Path(tempfile.mkdtemp(prefix="bench-server-")), {
+        "MODEL_ID": checkpoint, "LOG_LEVEL": "warning", "MAX_BATCH_SIZE": str(max_batch), "MAX_QUEUED_REQUESTS": "32",
+        # ceil((frames - 0.5) * 0.08 s * 12.5 frames/s) == frames, for any text.
+        "MAX_AUDIO_BASE_S": str((frames - 0.5) / FRAME_RATE), "MAX_AUDIO_S_PER_CHAR": "0", **(env or {})})
 
 
 def speech(client: httpx.Client, url: str, response_format: str, seed: int) -> dict:
@@ -115,14 +67,16 @@ def speech(client: httpx.Client, url: str, response_format: str, seed: int) -> d
 def server_part(checkpoint: str, frames: int, repeats: int, levels: list[int], formats: list[str],
                 env: Optional[dict] = None, ready_timeout_s: float = 1800) -> dict:
     audio_s = frames / FRAME_RATE
-    server = BenchServer(checkpoint, frames, max(levels), env)
+    server = start_server(checkpoint, frames, max(levels), env)
     try:
-        result: dict = {"part": "server", "ready_s": round(server.wait_ready(ready_timeout_s), 1), "frames": frames,
+        started = time.monotonic()
+        server.wait_until(lambda r: r.status_code == 200, ready_timeout_s)
+        result: dict = {"part": "server", "ready_s": round(time.monotonic() - started, 1), "frames": frames,
                         "audio_s": audio_s, "formats": {}, "concurrency": {}}
         client = httpx.Client(timeout=3600)
-        speech(client, server.url, "pcm", 0)  # warm the path (ffmpeg, handles, connection) like the engine's warm-up
+        speech(client, server.base_url, "pcm", 0)  # warm the path (ffmpeg, handles, connection) like the engine's warm-up
         for fmt in formats:
-            runs = [speech(client, server.url, fmt, seed) for seed in range(repeats)]
+            runs = [speech(client, server.base_url, fmt, seed) for seed in range(repeats)]
             if fmt == "pcm":  # the stream is the raw PCM: its length proves the frame count
                 expected = int(audio_s * SAMPLE_RATE) * 2
                 bad = [r["bytes"] for r in runs if r["bytes"] != expected]
@@ -136,12 +90,12 @@ def server_part(checkpoint: str, frames: int, repeats: int, levels: list[int], f
             runs: list[dict] = [{} for _ in range(n)]
             clients = [httpx.Client(timeout=3600) for _ in range(n)]
             for c in clients:
-                c.get(f"{server.url}/v1/models")  # connected before the clock starts
+                c.get(f"{server.base_url}/v1/models")  # connected before the clock starts
             barrier = threading.Barrier(n)
 
             def one(i: int) -> None:
                 barrier.wait()
-                runs[i] = speech(clients[i], server.url, "pcm", 100 + i)
+                runs[i] = speech(clients[i], server.base_url, "pcm", 100 + i)
 
             threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
             t0 = time.perf_counter()
@@ -156,11 +110,11 @@ def server_part(checkpoint: str, frames: int, repeats: int, levels: list[int], f
             result["concurrency"][str(n)] = {
                 "wall_s": round(wall, 3), "audio_s_per_s": round(n * audio_s / wall, 3),
                 "ttfb_p50_ms": round(1000 * percentile(ttfb, 50), 1), "ttfb_p95_ms": round(1000 * percentile(ttfb, 95), 1)}
-        health = server.health()
+        health = server.health().json()
         rss_mb, processes = process_tree_rss_mb(server.proc.pid)
         result["memory"] = {"model_replica": health["model"]["memory"], "all_processes_rss_mb": rss_mb,
                             "processes": processes}
         result["model"] = {k: health["model"].get(k) for k in ("device", "dtype", "quantize", "max_batch_size")}
         return result
     finally:
-        server.stop()
+        server.stop(timeout=60)

@@ -53,9 +53,9 @@ class BatchKV:
     def add(self, caches: list) -> None:
         """Append a row from a prefilled single-row cache (mlx-audio `KVCache`s, one per layer)."""
         length = caches[0].offset
-        if self.rows:
-            self._resize(max(self.capacity, _round_up(length + 1)))
         capacity = max(self.capacity, _round_up(length + 1))
+        if self.rows:
+            self._resize(capacity)
         for i, cache in enumerate(caches):
             k, v = (a[:, :, :length, :] for a in (cache.keys, cache.values))
             k, v = (mx.pad(a, [(0, 0), (0, 0), (0, capacity - length), (0, 0)]) for a in (k, v))
