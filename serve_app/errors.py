@@ -90,6 +90,12 @@ class ModelNotReadyError(ServiceUnavailableError):
     default_code = "model_not_ready"
 
 
+class ModelLoadError(ModelNotReadyError):
+    """The checkpoint could not be found, downloaded or loaded; the message names the file and the problem."""
+
+    default_code = "model_load_failed"
+
+
 class OutOfMemoryError(ServiceUnavailableError):
     """MLX could not allocate (or the replica passed MLX_MEMORY_LIMIT_MB) while generating."""
 

@@ -13,22 +13,8 @@ import shutil
 import subprocess
 from typing import Optional
 
+from .formats import FORMATS
 from .settings import SAMPLE_RATE
-
-# format -> (Content-Type, encoder and muxer arguments)
-FORMATS: dict[str, tuple[str, list[str]]] = {
-    "mp3": ("audio/mpeg", ["-c:a", "libmp3lame", "-b:a", "64k", "-write_xing", "0", "-f", "mp3"]),
-    "opus": ("audio/opus", ["-c:a", "libopus", "-b:a", "32k", "-page_duration", "20000", "-f", "ogg"]),
-    "aac": ("audio/aac", ["-c:a", "aac", "-b:a", "64k", "-f", "adts"]),
-    "flac": ("audio/flac", ["-c:a", "flac", "-sample_fmt", "s16", "-f", "flac"]),
-    # On a pipe ffmpeg writes 0xFFFFFFFF into the RIFF and data sizes (streaming WAV).
-    "wav": ("audio/wav", ["-c:a", "pcm_s16le", "-f", "wav"]),
-    "pcm": ("audio/pcm", ["-c:a", "pcm_s16le", "-f", "s16le"]),
-}
-
-
-def content_type(fmt: str) -> str:
-    return FORMATS[fmt][0]
 
 
 def atempo_chain(speed: float) -> Optional[str]:
@@ -53,9 +39,9 @@ def ffmpeg_command(ffmpeg: str, fmt: str, speed: float = 1.0) -> list[str]:
         "-probesize", "32", "-analyzeduration", "0",
         "-f", "s16le", "-ar", str(SAMPLE_RATE), "-ac", "1", "-i", "pipe:0",
         *(["-filter:a", tempo] if tempo else []),
-        # No metadata and no encoder tags: the WAV header is the plain 44 bytes, mp3 has no ID3 tag.
+        # No metadata and no encoder tags: the WAV header is the plain 44 bytes (mp3: see formats.py).
         "-ar", str(SAMPLE_RATE), "-ac", "1", "-map_metadata", "-1", "-fflags", "+bitexact", "-flags:a", "+bitexact",
-        *FORMATS[fmt][1],
+        *FORMATS[fmt].ffmpeg_args(),
         "-flush_packets", "1", "pipe:1",
     ]
 

@@ -7,7 +7,11 @@ runs `serve run` on that copy. `serve run serve_config.yaml` keeps working as is
 In the foreground it simply becomes `serve run`. As a service (`--service`, what ops/sesame-tts, launchd
 and systemd use) it supervises `serve run` instead: it refuses to start twice, writes the PID file,
 copies the server's output into a rotated log, and on SIGTERM lets in-flight streams finish within the
-grace period before everything it started is gone.
+grace period before everything it started is gone. It also watches the server, because `serve run`
+outlives the Ray cluster under it (measured: with its raylet and GCS killed, the replicas went on answering
+/health for 60 s before `serve run` gave up) and launchd's KeepAlive or systemd's Restart only act when
+the supervised process exits: when a Ray core process that `serve run` started exits, or when the server,
+having answered once, stops answering at all, the supervisor ends everything and exits non-zero at once.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ import yaml
 
 from dotenv import dotenv_values
 
-from .settings import PROJECT_ROOT, Settings, find_env_file
+from .settings import PROJECT_ROOT, STOP_GRACE_S, STOP_KILL_AFTER_S, Settings, find_env_file
 from .voices import VoiceLibrary
 
 
@@ -57,8 +61,14 @@ def render_config(settings: Settings, source: Path) -> Path:
 
 LOG_MAX_BYTES = 10 * 1024 * 1024
 LOG_BACKUPS = 5
-STOP_GRACE_S = 40  # in-flight responses get this long to finish after a stop
-STOP_KILL_AFTER_S = 15  # then serve run's own shutdown gets this long before everything is killed
+# A server that has answered once and then fails this many probes in a row (one every WATCH_INTERVAL_S,
+# each given WATCH_TIMEOUT_S) is gone: no answer at all, not even a 503. So is a cluster whose core
+# processes, started by `serve run` (a local cluster; none when it joins one started with `ray start`), exit.
+CLUSTER_PROCESSES = ("gcs_server", "raylet")
+WATCH_INTERVAL_S = 5.0
+WATCH_TIMEOUT_S = 5.0
+WATCH_FAILURES = 3
+CLUSTER_GONE_EXIT = 75  # EX_TEMPFAIL: the service manager restarts us
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
@@ -86,11 +96,43 @@ def claim_pid_file(path: Path) -> None:
     path.write_text(f"{os.getpid()}\n")
 
 
+def health_url(settings: Settings) -> str:
+    host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
+    return f"http://{host}:{settings.port}/health"
+
+
+def server_answers(settings: Settings, timeout: float = WATCH_TIMEOUT_S) -> bool:
+    """Whether anything answers HTTP on the server's port (a 503 is an answer; a closed port is not)."""
+    try:
+        with urllib.request.urlopen(health_url(settings), timeout=timeout):
+            return True
+    except urllib.error.HTTPError:
+        return True
+    except (OSError, ValueError):
+        return False
+
+
+def cluster_processes(parent: int) -> set[str]:
+    """Which of Ray's core processes run as direct children of `parent` (`serve run`). A killed one stays a
+    zombie (nobody reaps it), so zombies do not count."""
+    try:
+        out = subprocess.run(["ps", "-A", "-o", "ppid=,stat=,comm="], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return set()
+    found = set()
+    for line in out.splitlines():
+        parts = line.split(None, 2)
+        if len(parts) == 3 and parts[0] == str(parent) and not parts[1].startswith("Z"):
+            name = os.path.basename(parts[2].strip())
+            if name in CLUSTER_PROCESSES:
+                found.add(name)
+    return found
+
+
 def in_flight(settings: Settings) -> Optional[int]:
     """Speech requests the running server is still serving (None when it does not answer)."""
-    host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
     try:
-        with urllib.request.urlopen(f"http://{host}:{settings.port}/health", timeout=2) as response:
+        with urllib.request.urlopen(health_url(settings), timeout=2) as response:
             return json.load(response).get("in_flight")
     except urllib.error.HTTPError as exc:  # 503 while draining still carries the body
         return json.load(exc).get("in_flight")
@@ -128,12 +170,39 @@ def supervise(command: list[str], settings: Settings) -> int:
     child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     stopping = threading.Event()
+    gone = threading.Event()
+
+    def watch() -> None:
+        """End everything when the cluster's core processes exit, or when the server, having answered
+        once, stops answering."""
+        answered, failures, seen = False, 0, set()
+        while not stopping.wait(WATCH_INTERVAL_S) and child.poll() is None:
+            running = cluster_processes(child.pid)
+            seen |= running
+            if server_answers(settings):
+                answered, failures = True, 0
+            else:
+                failures += answered
+            lost = seen - running
+            if lost:
+                why = f"Ray's {' and '.join(sorted(lost))} exited"
+            elif failures >= WATCH_FAILURES:
+                why = f"the server stopped answering on port {settings.port} ({failures} probes)"
+            else:
+                continue
+            if stopping.is_set():
+                return
+            gone.set()
+            log.info("sesame-tts: %s: the Ray cluster is gone. Exiting so the service manager restarts the server.",
+                     why)
+            _kill_session(child.pid)
+            return
 
     def shut_down() -> None:
         drain(settings, log, STOP_GRACE_S)
         child.send_signal(signal.SIGINT)  # serve run's own shutdown (serve.shutdown())
         time.sleep(STOP_KILL_AFTER_S)
-        _kill_group(child.pid)
+        _kill_session(child.pid)
 
     def stop(signum, frame):
         if stopping.is_set():
@@ -145,12 +214,15 @@ def supervise(command: list[str], settings: Settings) -> int:
 
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, stop)
+    threading.Thread(target=watch, name="watchdog", daemon=True).start()
     try:
         for raw in iter(child.stdout.readline, b""):
             log.info("%s", _ANSI.sub("", raw.decode(errors="replace").rstrip()))
         code = child.wait()
-        _kill_group(child.pid)  # anything the cluster left behind
+        _kill_session(child.pid)  # anything the cluster left behind
         log.info("sesame-tts: stopped (exit %s)", code)
+        if gone.is_set():
+            return CLUSTER_GONE_EXIT
         return 0 if stopping.is_set() else code
     finally:
         settings.drain_flag.unlink(missing_ok=True)
@@ -158,11 +230,24 @@ def supervise(command: list[str], settings: Settings) -> int:
             pid_file.unlink()
 
 
-def _kill_group(pgid: int) -> None:
+def _kill_session(sid: int) -> None:
+    """SIGKILL every process of the session `serve run` leads (it was started with start_new_session). Ray's
+    workers run in process groups of their own there, so killing the group alone would leave them behind
+    when the raylet that normally ends them is already dead."""
     try:
-        os.killpg(pgid, signal.SIGKILL)
+        os.killpg(sid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
+    try:
+        out = subprocess.run(["ps", "-A", "-o", "pid="], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return
+    for pid in (int(p) for p in out.split()):
+        try:
+            if os.getsid(pid) == sid:
+                os.kill(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
 
 
 def main(argv: list[str] | None = None) -> None:

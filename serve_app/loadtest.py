@@ -32,11 +32,12 @@ from urllib.parse import urlparse
 import httpx
 
 from .ffmpeg import find_ffmpeg
+from .formats import FORMATS as ALL_FORMATS
 from .settings import SAMPLE_RATE
 
 logger = logging.getLogger("sesame_tts.loadtest")
 
-FORMATS = ["mp3", "opus", "aac", "flac", "wav", "pcm"]
+FORMATS = list(ALL_FORMATS)
 TEXTS = [
     "Hello there.",
     "Your meeting with Dana moved to three thirty, in the small room.",

@@ -12,7 +12,7 @@ import functools
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Optional
 
 from .protocol import Usage
 from .settings import FRAME_RATE
@@ -65,7 +65,6 @@ class RequestRecord:
     started: float = field(default_factory=time.perf_counter)
     first_byte: Optional[float] = None
     usage: Usage = field(default_factory=Usage)
-    on_finish: Optional[Callable[[float], None]] = None  # gets the duration in s
     done: bool = False
 
     def mark_first_byte(self) -> None:
@@ -81,8 +80,6 @@ class RequestRecord:
             return
         self.done = True
         total = time.perf_counter() - self.started
-        if self.on_finish is not None:
-            self.on_finish(total)
         rtf = total / self.audio_seconds if self.audio_seconds else None
         ttfb = f"{1000 * self.first_byte:.0f}" if self.first_byte is not None else "-"
         logger.info(

@@ -12,7 +12,8 @@ from typing import Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr
 
-from .settings import MODEL_NAME, ResponseFormat
+from .formats import ResponseFormat
+from .settings import MODEL_NAME
 
 
 class VoiceRef(BaseModel):
@@ -64,6 +65,17 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+class AudioModel(BaseModel):
+    """An entry of Open WebUI's TTS model list (GET /v1/audio/models)."""
+
+    id: str = MODEL_NAME
+    name: str = "Sesame CSM-1B"
+
+
+class AudioModelList(BaseModel):
+    models: list[AudioModel]
 
 
 class VoiceInfo(BaseModel):

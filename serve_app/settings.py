@@ -15,10 +15,10 @@ from typing import Literal, Mapping, Optional
 from dotenv import dotenv_values
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
+from .formats import ResponseFormat
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
-ResponseFormat = Literal["mp3", "opus", "aac", "flac", "wav", "pcm"]
-RESPONSE_FORMATS: tuple[str, ...] = ("mp3", "opus", "aac", "flac", "wav", "pcm")
 
 # The Mimi codec's fixed output: 24 kHz mono, one CSM frame per 80 ms.
 SAMPLE_RATE = 24_000
@@ -26,6 +26,10 @@ FRAME_RATE = 12.5
 SAMPLES_PER_FRAME = int(SAMPLE_RATE / FRAME_RATE)
 
 MODEL_NAME = "csm-1b"
+
+# Stopping, in one place: the service's drain, Serve's own shutdown, and the model replica's grace period.
+STOP_GRACE_S = 40  # in-flight responses get this long to finish after a stop
+STOP_KILL_AFTER_S = 15  # then `serve run`'s own shutdown gets this long before everything is killed
 
 
 class ConfigError(ValueError):
@@ -47,8 +51,13 @@ class Settings(BaseModel):
     max_input_length: int = Field(4096, ge=1, le=100_000)
     log_level: Literal["debug", "info", "warning", "error", "critical"] = "info"
 
-    # When set, /v1 requests need `Authorization: Bearer <API_KEY>` (/health stays open).
+    # When set, speech (and every other /v1 call but the lists) needs `Authorization: Bearer <API_KEY>`;
+    # /health stays open.
     api_key: Optional[SecretStr] = None
+    # Whether the lists (/v1/models, /v1/audio/models, /v1/audio/voices) need the key too. Off by default:
+    # Open WebUI and similar clients fetch them without a key and silently fall back to OpenAI's names,
+    # and they reveal only the model and preset names.
+    lists_need_api_key: bool = False
 
     # The model.
     dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
@@ -86,6 +95,10 @@ class Settings(BaseModel):
     # MLX memory the model replica may use (MB, 0 = no limit beyond the machine's). A request that would
     # pass it fails with 503 out_of_memory and the replica releases MLX's cache; the others carry on.
     mlx_memory_limit_mb: int = Field(0, ge=0)
+    # The model replica's MLX thread is taken as hung when one task (a batch step, a call) runs longer than
+    # this; Serve's health check then fails and Serve replaces the replica. A step takes milliseconds on a
+    # GPU; a long prefill with full-size weights on a slow CPU can take minutes. Loading is exempt.
+    worker_stall_timeout_s: float = Field(300.0, ge=1.0)
 
     # Presets and ffmpeg.
     voices_dir: Path = PROJECT_ROOT / "voices"

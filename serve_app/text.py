@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 import unicodedata
 from collections import deque
+from typing import Optional
 
 # A sentence ends at terminal punctuation (plus closing quotes/brackets) before a space or the end, or
 # right after CJK terminal punctuation, which is written without a following space.
@@ -30,6 +31,23 @@ def normalize(text: str) -> str:
     text = unicodedata.normalize("NFC", text)
     text = "".join(" " if unicodedata.category(ch) == "Cc" and ch not in "\n" else ch for ch in text)
     return _SPACES.sub(" ", text).strip()
+
+
+def unspeakable(text: str) -> Optional[str]:
+    """Why `text` cannot be given to the model, or None when it can.
+
+    JSON lets a body carry lone surrogates ("\\ud800", or their bytes written with surrogatepass), which are
+    not Unicode text at all: the tokenizer rejects them. And text made only of separators and invisible
+    characters (controls, format characters such as zero-width spaces, private-use or unassigned code
+    points) holds nothing to speak."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return (f"Input is not valid Unicode text: it holds a lone surrogate (U+{ord(text[exc.start]):04X}) at "
+                f"character {exc.start}.")
+    if not any(unicodedata.category(ch)[0] in "LNPS" for ch in text):
+        return "Input has nothing to speak: give some text (letters, digits or punctuation)."
+    return None
 
 
 Span = tuple[int, int]  # [start, end) in the normalised text

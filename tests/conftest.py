@@ -85,9 +85,18 @@ def server(tiny_checkpoint, tmp_path_factory) -> Server:
 
 
 def session_processes(sid: int) -> list[str]:
-    """`ps` lines of every process in session `sid` (a server started with start_new_session: its pid)."""
-    out = subprocess.run(["ps", "-eo", "sid=,pid=,args="], capture_output=True, text=True).stdout
-    return [line for line in out.splitlines() if line.split()[0] == str(sid)]
+    """`ps` lines ("sid pid args", never cut short) of every live process in session `sid` (a server started
+    with start_new_session: its pid)."""
+    out = subprocess.run(["ps", "-ww", "-eo", "sid=,pid=,stat=,args="], capture_output=True, text=True).stdout
+    rows = [line.split(None, 3) for line in out.splitlines()]
+    # Zombies are dead already (a killed parent's children wait there for init to reap them).
+    return [f"{r[0]} {r[1]} {r[3]}" for r in rows if len(r) == 4 and r[0] == str(sid) and not r[2].startswith("Z")]
+
+
+def children(pid: int) -> list[int]:
+    """The direct children of process `pid` (one we started)."""
+    out = subprocess.run(["ps", "-eo", "pid=,ppid="], capture_output=True, text=True).stdout
+    return [int(p) for p, parent in (line.split() for line in out.splitlines()) if parent == str(pid)]
 
 
 @pytest.fixture(scope="session")

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import base64
 import json
-import subprocess
+import os
+import signal
 import threading
 import time
 
@@ -14,6 +15,7 @@ import openai
 import pytest
 
 from tests.audio import decode, duration, probe, rms
+from tests.conftest import session_processes
 
 pytestmark = pytest.mark.server
 
@@ -191,17 +193,26 @@ def test_four_simultaneous_requests(openai_client):
         assert_audible(decode(data))
 
 
-def _ffmpeg_pids() -> list[int]:
-    out = subprocess.run(["pgrep", "-x", "ffmpeg"], capture_output=True, text=True)
-    return [int(p) for p in out.stdout.split()]
+def _ffmpeg_pids(server) -> list[int]:
+    """The ffmpeg processes of this test's own server: its encoder's children, in the server's session.
+    (Never every ffmpeg on the machine: a developer's own jobs are not ours to see or kill.)"""
+    return [int(line.split()[1]) for line in session_processes(server.proc.pid)
+            if line.split()[2].rsplit("/", 1)[-1] == "ffmpeg"]
 
 
-def _wait_ffmpeg(running: bool, timeout: float = 5.0) -> list[int]:
+def _wait_ffmpeg(server, running: bool, timeout: float = 5.0) -> list[int]:
     """ffmpeg pids, once they are (running=True) or are not (False) there, or at the timeout."""
     deadline = time.monotonic() + timeout
-    while bool(_ffmpeg_pids()) != running and time.monotonic() < deadline:
+    while bool(_ffmpeg_pids(server)) != running and time.monotonic() < deadline:
         time.sleep(0.02)
-    return _ffmpeg_pids()
+    return _ffmpeg_pids(server)
+
+
+def _kill_ffmpeg(server) -> None:
+    pids = _ffmpeg_pids(server)
+    assert pids, "the response's ffmpeg should be running"
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
 
 
 def test_disconnect_frees_the_model_and_kills_ffmpeg(server):
@@ -211,7 +222,7 @@ def test_disconnect_frees_the_model_and_kills_ffmpeg(server):
         assert response.status_code == 200
         chunks = response.iter_raw()  # held: a dropped iterator closes the stream at once
         next(chunks)
-        assert _wait_ffmpeg(running=True, timeout=1.0), "the response's ffmpeg should be running"
+        assert _wait_ffmpeg(server, running=True, timeout=1.0), "the response's ffmpeg should be running"
     # Closed after the first chunk. Left running, the rest would take over 10 s of generation here.
     started = time.perf_counter()
     with httpx.stream("POST", f"{server.api}/audio/speech", timeout=60,
@@ -221,7 +232,7 @@ def test_disconnect_frees_the_model_and_kills_ffmpeg(server):
         first_byte = time.perf_counter() - started
         assert sum(len(c) for c in chunks) > 0
     assert first_byte < 2.0, f"next request waited {first_byte:.2f} s: the abandoned one kept the model"
-    assert _wait_ffmpeg(running=False) == [], "ffmpeg processes left behind"
+    assert _wait_ffmpeg(server, running=False) == [], "ffmpeg processes left behind"
 
 
 def test_ffmpeg_dying_mid_stream_aborts_the_body(server):
@@ -231,8 +242,7 @@ def test_ffmpeg_dying_mid_stream_aborts_the_body(server):
         assert response.status_code == 200
         chunks = response.iter_raw()
         next(chunks)
-        for pid in _ffmpeg_pids():
-            subprocess.run(["kill", "-9", str(pid)])
+        _kill_ffmpeg(server)
         with pytest.raises(httpx.HTTPError):  # an aborted chunked body, never a clean end
             for _ in chunks:
                 pass
@@ -245,8 +255,7 @@ def test_ffmpeg_dying_mid_stream_ends_sse_with_error_event(server):
                       json={"input": text, "response_format": "mp3", "stream_format": "sse"}) as response:
         lines = response.iter_lines()
         assert next(lines).startswith("data: ")
-        for pid in _ffmpeg_pids():
-            subprocess.run(["kill", "-9", str(pid)])
+        _kill_ffmpeg(server)
         rest = [line for line in lines if line]
     assert rest[-1] != "data: [DONE]"
     event = json.loads(rest[-1][6:])

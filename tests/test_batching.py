@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from serve_app.engine.batch import BatchKV, backbone_step, embed_frame, prefill
-from serve_app.engine.generation import CSMEngine, SynthesisRequest
+from serve_app.engine.generation import CSMEngine
+from serve_app.engine.request import SynthesisRequest
 from serve_app.engine.scheduler import END, BatchScheduler, GenerationJob
 from serve_app.protocol import Usage
 from serve_app.settings import SAMPLES_PER_FRAME, Settings

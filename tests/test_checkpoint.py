@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from serve_app.engine.checkpoint import ModelLoadError, TextTokenizer, load_csm, load_mimi, resolve_checkpoint
+from serve_app.engine.checkpoint import TextTokenizer, load_csm, load_mimi, resolve_checkpoint
+from serve_app.errors import ModelLoadError
 from serve_app.settings import Settings
 from serve_app.tiny_checkpoint import MIMI_FILE
 

@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 
 from serve_app.deployments.model import CSMModel
-from serve_app.engine.generation import CSMEngine, ContextSegment, SynthesisRequest, _Tokens, max_frames_for
+from serve_app.engine.generation import CSMEngine, _Tokens, max_frames_for
+from serve_app.engine.request import ContextSegment, SynthesisRequest
+from serve_app.engine.runners import synthesize
 from serve_app.engine.worker import ModelWorker
 from serve_app.errors import ModelNotReadyError
 from serve_app.protocol import Usage
@@ -22,7 +24,7 @@ from tests.conftest import ENGINE_CAPS as CAPS
 
 def run(engine, chunks, voice="conversational", voices=None, **kw):
     preset = VoiceLibrary.load(Settings().voices_dir).resolve(voice)
-    items = list(engine.synthesize(SynthesisRequest(chunks, preset, **kw)))
+    items = list(synthesize(engine, SynthesisRequest(chunks, preset, **kw)))
     assert isinstance(items[-1], Usage)
     return items[:-1], items[-1]
 
@@ -88,7 +90,7 @@ def test_cancel_stops_within_a_frame(engine):
     frames = []
     cancel = threading.Event()
     preset = VoiceLibrary.load(Settings().voices_dir).resolve("fast")
-    gen = engine.synthesize(SynthesisRequest(["A long sentence " * 20], preset, seed=1), cancel.is_set)
+    gen = synthesize(engine, SynthesisRequest(["A long sentence " * 20], preset, seed=1), cancel.is_set)
     first = next(gen)
     cancel.set()
     frames = list(gen)
@@ -164,7 +166,7 @@ def test_missing_prompt_clip_names_the_voice(tiny_checkpoint, tmp_path, voices):
     copy = tmp_path / "ckpt"
     shutil.copytree(tiny_checkpoint, copy)
     (copy / "prompts" / "conversational_b.wav").unlink()
-    from serve_app.engine.checkpoint import ModelLoadError
+    from serve_app.errors import ModelLoadError
 
     with pytest.raises(ModelLoadError, match="voice 'professional' prompt.audio: .*conversational_b.wav.* not found"):
         CSMEngine.load(Settings(model_id=str(copy)), voices)
@@ -181,3 +183,18 @@ def test_quantized_weights_load_and_speak(tiny_checkpoint, voices, bits):
     samples = np.frombuffer(b"".join(pcm), "<i2")
     assert len(samples) == usage.output_tokens * SAMPLES_PER_FRAME > 0
     assert np.sqrt(np.mean(samples.astype(float) ** 2)) > 300
+
+
+def test_whisper_plays_8_db_quieter_than_the_same_sampling_without_gain(engine, voices):
+    """Same preset, same seed, same codes: only the gain differs, so the PCM ratio is exactly -8 dB (0.398)."""
+    whisper = voices.resolve("whisper")
+    unity = whisper.model_copy(update={"gain_db": 0.0})  # same name: the same voice prompt
+    quiet = np.frombuffer(b"".join(i for i in synthesize(engine, SynthesisRequest(["Softly now."], whisper, seed=5))
+                                   if isinstance(i, bytes)), "<i2").astype(float)
+    loud = np.frombuffer(b"".join(i for i in synthesize(engine, SynthesisRequest(["Softly now."], unity, seed=5))
+                                  if isinstance(i, bytes)), "<i2").astype(float)
+    assert len(quiet) == len(loud) > 0
+    unclipped = np.abs(loud) < 32000  # where the unity copy hit full scale the ratio says nothing
+    assert unclipped.mean() > 0.9
+    ratio = np.sqrt(np.mean(quiet[unclipped] ** 2) / np.mean(loud[unclipped] ** 2))
+    assert ratio == pytest.approx(10 ** (-8 / 20), rel=0.01)

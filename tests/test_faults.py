@@ -17,7 +17,7 @@ import mlx.core as mx
 import pytest
 
 from serve_app.deployments.model import CSMModel
-from serve_app.engine.generation import SynthesisRequest
+from serve_app.engine.request import SynthesisRequest
 from serve_app.errors import OutOfMemoryError
 from serve_app.settings import Settings
 from serve_app.text import chunk_text

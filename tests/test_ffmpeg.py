@@ -9,7 +9,8 @@ import time
 import numpy as np
 import pytest
 
-from serve_app.ffmpeg import FORMATS, atempo_chain, ffmpeg_command, find_ffmpeg
+from serve_app.ffmpeg import atempo_chain, ffmpeg_command, find_ffmpeg
+from serve_app.formats import FORMATS
 from tests.audio import decode, duration
 
 
@@ -52,6 +53,16 @@ def test_first_mp3_bytes_come_before_input_ends():
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_mp3_starts_with_an_mpeg_frame_not_a_tag():
+    """No ID3v2 tag and no Xing/Info header frame: the first bytes are an audio frame's header (24 kHz is
+    MPEG-2 Layer III), so a player starts on the first chunk it receives."""
+    ffmpeg, _ = find_ffmpeg("ffmpeg")
+    out = subprocess.run(ffmpeg_command(ffmpeg, "mp3"), input=_tone(0.5), capture_output=True, check=True).stdout
+    assert out[:3] != b"ID3"
+    assert out[0] == 0xFF and out[1] & 0xFE == 0xF2  # frame sync, MPEG-2, Layer III
+    assert b"Xing" not in out[:1024] and b"Info" not in out[:1024]
 
 
 def test_missing_ffmpeg_is_reported():

@@ -22,13 +22,55 @@ def test_render_applies_host_and_port(tmp_path):
     assert rendered["applications"] == yaml.safe_load((PROJECT_ROOT / "serve_config.yaml").read_text())["applications"]
 
 
-def test_builder_applies_serve_options(tmp_path):
-    from serve_app.app import DEPLOYMENT_OPTIONS, build_application
+def _deployments(app) -> dict:
+    """Every deployment of a bound application graph, by name."""
+    from ray.serve.deployment import Application
 
-    app = build_application(Settings(cache_dir=tmp_path))
-    assert app is not None
-    assert DEPLOYMENT_OPTIONS["CSMModel"]["num_replicas"] == 1
-    assert sum(o["ray_actor_options"]["num_cpus"] for o in DEPLOYMENT_OPTIONS.values()) < 1.5
+    found, todo = {}, [app]
+    while todo:
+        deployment = todo.pop()._bound_deployment
+        found[deployment.name] = deployment
+        todo += [arg for arg in deployment.init_args if isinstance(arg, Application)]
+    return found
+
+
+def test_builder_derives_serve_options_from_settings(tmp_path):
+    from serve_app.app import build_application
+    from serve_app.settings import STOP_GRACE_S
+
+    settings = Settings(cache_dir=tmp_path, max_batch_size=4, max_queued_requests=6)
+    found = _deployments(build_application(settings))
+    assert set(found) == {"SpeechIngress", "TextFrontend", "AudioEncoder", "CSMModel"}
+    model = found["CSMModel"]
+    assert model.num_replicas == 1
+    assert model.init_args[0] is settings
+    # Admission lets 4 + 6 streams in; every deployment they pass through has a slot for each, and more.
+    for name, deployment in found.items():
+        assert deployment._deployment_config.max_ongoing_requests > 10, name
+    assert model._deployment_config.graceful_shutdown_timeout_s == STOP_GRACE_S
+    assert model._deployment_config.health_check_period_s <= 10
+    assert sum(d.ray_actor_options["num_cpus"] for d in found.values()) < 1.5
+    bigger = _deployments(build_application(Settings(cache_dir=tmp_path, max_batch_size=8, max_queued_requests=100)))
+    assert bigger["CSMModel"]._deployment_config.max_ongoing_requests > 108
+
+
+def test_processes_that_run_no_mlx_never_import_it():
+    """The builder (serve run's process) and the ingress, frontend and encoder replicas import only these
+    modules; MLX, mlx-audio and the tokenizer load in the model replica alone."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "import serve_app.app, serve_app.deployments.ingress, serve_app.deployments.encoder, "
+        "serve_app.deployments.frontend, serve_app.deployments.model, serve_app.loadtest, serve_app.launch\n"
+        "from serve_app.settings import Settings\n"
+        "serve_app.app.build_application(Settings())\n"
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'mlx', 'mlx_audio', 'tokenizers', 'huggingface_hub'}))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
 
 
 def test_pid_file_refuses_a_live_server_and_replaces_a_stale_one(tmp_path):

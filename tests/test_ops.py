@@ -7,7 +7,9 @@ import json
 import os
 import plistlib
 import shutil
+import signal
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -18,7 +20,7 @@ import pytest
 
 from serve_app.local_server import free_port
 from tests.audio import decode, duration
-from tests.conftest import ROOT, TEST_ENV, session_processes
+from tests.conftest import ROOT, TEST_ENV, children, session_processes
 
 CTL = ROOT / "ops" / "sesame-tts"
 
@@ -85,8 +87,7 @@ def test_control_script_cycle(tiny_checkpoint, tmp_path, ray_dir):
     assert started.returncode == 0, started.stdout + started.stderr
     try:
         pid = int((cache / "server.pid").read_text())
-        serve_pid = int(subprocess.run(["pgrep", "-f", f"{cache}/serve_config.yaml"], capture_output=True,
-                                       text=True).stdout.split()[0])
+        (serve_pid,) = children(pid)  # the supervisor's `serve run`, in a session of its own
         again = ctl("start", env=env)
         assert again.returncode != 0 and "already running" in again.stderr
 
@@ -101,7 +102,8 @@ def test_control_script_cycle(tiny_checkpoint, tmp_path, ray_dir):
             r = httpx.post(f"{api}/audio/speech", json={"input": "hi"}, headers=headers, timeout=30)
             assert r.status_code == 401
             assert r.json()["error"]["code"] == "invalid_api_key" and r.json()["error"]["type"] == "invalid_request_error"
-        assert httpx.get(f"{api}/models", timeout=10).status_code == 401
+        # The lists stay open (LISTS_NEED_API_KEY is off): Open WebUI fetches them without a key.
+        assert httpx.get(f"{api}/models", timeout=10).status_code == 200
         good = {"Authorization": "Bearer sk-local-secret"}
         r = httpx.post(f"{api}/audio/speech", json={"input": "Logged and counted.", "response_format": "wav"},
                        headers=good, timeout=60)
@@ -144,9 +146,14 @@ def test_control_script_cycle(tiny_checkpoint, tmp_path, ray_dir):
 
         client = threading.Thread(target=long_request)
         client.start()
-        time.sleep(1.0)
+        deadline = time.monotonic() + 60  # in flight before the stop begins, however busy the machine is
+        while httpx.get(f"http://127.0.0.1:{port}/health", timeout=10).json()["in_flight"] < 1:
+            assert time.monotonic() < deadline, "the long request never reached the server"
+            time.sleep(0.05)
         stopper = subprocess.Popen([str(CTL), "stop"], env=env, stdout=subprocess.PIPE, text=True)
-        time.sleep(1.0)
+        deadline = time.monotonic() + 60  # the stop has begun once the drain flag is there (slow on a busy machine)
+        while not (cache / "draining").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
         refused = httpx.post(f"{api}/audio/speech", json={"input": "late"}, headers=good, timeout=30)
         assert refused.status_code == 503 and refused.json()["error"]["code"] == "shutting_down"
         client.join(120)
@@ -164,3 +171,45 @@ def test_control_script_cycle(tiny_checkpoint, tmp_path, ray_dir):
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
     assert ctl("status", env=env).returncode != 0
+
+
+def test_supervisor_exits_when_its_ray_cluster_dies(tiny_checkpoint, tmp_path, ray_dir):
+    """`serve run` outlives a dead cluster with its port closed; the supervisor notices (health probes) and
+    exits non-zero, so launchd's KeepAlive / systemd's Restart=on-failure start a fresh server."""
+    from serve_app.launch import CLUSTER_GONE_EXIT
+
+    cache = tmp_path / "cache"
+    port = free_port()
+    env = {**os.environ, **TEST_ENV, "MODEL_ID": str(tiny_checkpoint), "CACHE_DIR": str(cache), "HOST": "127.0.0.1",
+           "PORT": str(port), "ENV_FILE": str(tmp_path / "none.env"), "RAY_ADDRESS": "local", "RAY_TMPDIR": str(ray_dir)}
+    (tmp_path / "none.env").write_text("")
+    supervisor = subprocess.Popen([sys.executable, "-m", "serve_app.launch", "--service"], cwd=ROOT, env=env,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            assert supervisor.poll() is None, (cache / "server.log").read_text()[-3000:]
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "server not healthy"
+            time.sleep(0.5)
+        (serve_pid,) = children(supervisor.pid)
+        processes = session_processes(serve_pid)
+        cluster = [line for line in processes if line.split()[2].rsplit("/", 1)[-1] in ("raylet", "gcs_server")]
+        assert len(cluster) == 2, (serve_pid, processes)
+        for line in cluster:
+            os.kill(int(line.split()[1]), signal.SIGKILL)
+        code = supervisor.wait(timeout=120)
+        log = (cache / "server.log").read_text()
+        assert code == CLUSTER_GONE_EXIT, log[-3000:]
+        assert "raylet exited: the Ray cluster is gone" in log.replace("gcs_server and ", "")
+        time.sleep(1)
+        assert session_processes(serve_pid) == [], "processes left behind"
+        assert not (cache / "server.pid").exists()
+    finally:
+        if supervisor.poll() is None:
+            os.killpg(supervisor.pid, signal.SIGKILL)
+            supervisor.wait()

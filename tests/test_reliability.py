@@ -156,13 +156,21 @@ def test_voice_names_with_path_or_shell_characters_are_unknown_voices(busy, voic
 
 
 ODD_INPUTS = ["😀😀😀", "東京、大阪。", "مرحبا بالعالم", "e\u0301\u0308", "**bold** [a](https://x.io)", "\x00\x01 hi \x7f",
-              "1,000,000 at 3.14%", "x" * 300, "\u202eevil\u202c", "‮"]
+              "1,000,000 at 3.14%", "x" * 300, "\u202eevil\u202c", "‮", "\ud800", "ok \udc00 ok", "\u200b\u200b",
+              "\ue000", "\ufeff"]
+UNSPEAKABLE = {"‮", "\ud800", "ok \udc00 ok", "\u200b\u200b", "\ue000", "\ufeff"}
 
 
 @pytest.mark.parametrize("text", ODD_INPUTS, ids=range(len(ODD_INPUTS)))
 def test_odd_input_is_spoken_or_refused_cleanly(busy, text):
-    response = httpx.post(f"{busy.api}/audio/speech", json={"input": text, "response_format": "wav"}, timeout=60)
-    if response.status_code == 200:
+    # Escaped as JSON clients send it, so a lone surrogate travels too ("\\ud800").
+    response = httpx.post(f"{busy.api}/audio/speech", content=json.dumps({"input": text, "response_format": "wav"}),
+                          headers={"Content-Type": "application/json"}, timeout=60)
+    if text in UNSPEAKABLE:
+        assert response.status_code == 400, response.text
+        error = response.json()["error"]
+        assert (error["type"], error["param"], error["code"]) == ("invalid_request_error", "input", "invalid_input")
+    elif response.status_code == 200:
         assert duration(decode(response.content)) > 0.05
     else:
         assert response.status_code == 400 and response.json()["error"]["code"] == "empty_input"

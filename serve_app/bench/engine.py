@@ -32,8 +32,10 @@ def percentile(values: list[float], q: float) -> float:
 def engine_part(checkpoint: str, frames: int, repeats: int, levels: list[int], compile_mode: str, quantize: int) -> dict:
     """Time to first PCM, frames/s and RTF for one request, then aggregate throughput with `levels`
     requests generated together (the same continuous batching the server uses)."""
-    from ..engine.generation import CSMEngine, SynthesisRequest, select_device
-    from ..engine.scheduler import GenerationJob, run_jobs
+    from ..engine.generation import CSMEngine, select_device
+    from ..engine.request import SynthesisRequest
+    from ..engine.runners import run_jobs, synthesize, warm_up
+    from ..engine.scheduler import GenerationJob
     from ..voices import VoiceLibrary
 
     settings = Settings(model_id=checkpoint, mlx_compile=compile_mode, quantize=quantize, max_batch_size=max(levels))
@@ -43,7 +45,7 @@ def engine_part(checkpoint: str, frames: int, repeats: int, levels: list[int], c
     engine = CSMEngine.load(settings, voices)
     load_s = time.perf_counter() - started
     started = time.perf_counter()
-    engine.warm_up()
+    warm_up(engine)
     warm_s = time.perf_counter() - started
     preset = voices.resolve(VOICE)
     audio_s = frames / FRAME_RATE
@@ -56,7 +58,7 @@ def engine_part(checkpoint: str, frames: int, repeats: int, levels: list[int], c
     for r in range(repeats):
         t0 = time.perf_counter()
         first = None
-        for item in engine.synthesize(request(r)):
+        for item in synthesize(engine, request(r)):
             if first is None and isinstance(item, bytes):
                 first = time.perf_counter() - t0
         total = time.perf_counter() - t0
@@ -93,7 +95,9 @@ def engine_part(checkpoint: str, frames: int, repeats: int, levels: list[int], c
 def memory_part(checkpoint: str, quantize: int) -> dict:
     """Load (with QUANTIZE), generate one short request, and report memory: the QUANTIZE check at full size,
     where a full benchmark of quantized weights would take hours on a CPU (they are slower there)."""
-    from ..engine.generation import CSMEngine, SynthesisRequest, select_device
+    from ..engine.generation import CSMEngine, select_device
+    from ..engine.request import SynthesisRequest
+    from ..engine.runners import synthesize
     from ..voices import VoiceLibrary
 
     settings = Settings(model_id=checkpoint, quantize=quantize)
@@ -103,7 +107,7 @@ def memory_part(checkpoint: str, quantize: int) -> dict:
     engine = CSMEngine.load(settings, voices)
     loaded = {"load_s": round(time.perf_counter() - started, 1), **memory_report()}
     started = time.perf_counter()
-    items = list(engine.synthesize(SynthesisRequest([TEXT], voices.resolve(VOICE), seed=0, max_frames_per_chunk=2)))
+    items = list(synthesize(engine, SynthesisRequest([TEXT], voices.resolve(VOICE), seed=0, max_frames_per_chunk=2)))
     pcm = b"".join(i for i in items if isinstance(i, bytes))
     return {"part": "memory", "quantize": quantize, "after_load": loaded, "after_request": memory_report(),
             "request_s": round(time.perf_counter() - started, 1), "pcm_samples": len(pcm) // 2}

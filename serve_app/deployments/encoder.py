@@ -17,10 +17,11 @@ from typing import AsyncIterator, Optional
 
 from ..errors import GenerationError, ServiceUnavailableError
 from ..ffmpeg import atempo_chain, ffmpeg_command, find_ffmpeg
+from ..formats import FORMATS
 from ..logs import configure_logging
 from ..protocol import Usage
 from ..settings import Settings
-from ..engine.generation import SynthesisRequest
+from ..engine.request import SynthesisRequest
 
 logger = logging.getLogger("sesame_tts")
 
@@ -52,7 +53,7 @@ class AudioEncoder:
             raise ServiceUnavailableError(f"Audio encoding is unavailable: {self._ffmpeg_info}", code="ffmpeg_unavailable")
         # The model first: its request is on its way while ffmpeg starts (~10 ms here).
         pcm = self._model.options(stream=True).generate.remote(request.synthesis)
-        if request.response_format == "pcm" and atempo_chain(request.speed) is None:
+        if FORMATS[request.response_format].raw_pcm and atempo_chain(request.speed) is None:
             # Raw PCM at normal speed is exactly what the model produces: no ffmpeg, no pipe, no extra CPU.
             try:
                 async for item in pcm:

@@ -9,7 +9,7 @@ from ..errors import InvalidRequestError
 from ..logs import configure_logging
 from ..protocol import SpeechRequest, VoiceInfo
 from ..settings import Settings
-from ..text import chunk_text, normalize
+from ..text import chunk_text, normalize, unspeakable
 from ..voices import VoiceLibrary, VoicePreset
 
 logger = logging.getLogger("sesame_tts")
@@ -21,7 +21,6 @@ class SpeechPlan:
 
     chunks: list[str]
     preset: VoicePreset
-    characters: int
 
 
 class TextFrontend:
@@ -51,11 +50,14 @@ class TextFrontend:
             )
         if not normalize(text):
             raise InvalidRequestError("Input is empty: give some text to speak.", param="input", code="empty_input")
+        problem = unspeakable(text)
+        if problem:
+            raise InvalidRequestError(problem, param="input", code="invalid_input")
         preset = self._voices.resolve(request.voice_name or self._settings.default_voice)
         if request.instructions:
             logger.info("instructions are not supported by CSM-1B and were ignored")
         chunks = chunk_text(text, self._settings.chunk_max_chars, self._settings.first_chunk_max_chars)
-        return SpeechPlan(chunks=chunks, preset=preset, characters=len(text))
+        return SpeechPlan(chunks=chunks, preset=preset)
 
     def voices(self) -> list[VoiceInfo]:
         return [VoiceInfo(id=p.name, name=p.name, description=p.description) for p in self._voices.presets.values()]

@@ -20,15 +20,15 @@ from ray.exceptions import RayActorError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import (
-    APIError, AuthenticationError, InvalidRequestError, NotFoundError, PayloadTooLargeError, RateLimitError,
-    ServiceUnavailableError, error_body, status_of, to_error_response,
+    APIError, AuthenticationError, InvalidRequestError, NotFoundError, PayloadTooLargeError, ServiceUnavailableError,
+    error_body, status_of, to_error_response,
 )
-from ..ffmpeg import FORMATS
+from ..formats import FORMATS
 from ..logs import configure_logging
 from ..observability import RequestRecord
-from ..protocol import ErrorResponse, ModelCard, ModelList, SpeechRequest, VoiceList
+from ..protocol import AudioModel, AudioModelList, ErrorResponse, ModelCard, ModelList, SpeechRequest, VoiceList
 from ..settings import Settings
-from ..engine.generation import SynthesisRequest
+from ..engine.request import SynthesisRequest
 from .encoder import EncodeRequest
 from .limits import Admission, BodySizeLimit
 from .streaming import CLIENT_GONE, SpeechStream
@@ -48,6 +48,10 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         if exc.status_code == 413:
             return to_error_response(PayloadTooLargeError(str(exc.detail)))
+        if exc.status_code == 400:  # FastAPI could not read the body at all (e.g. it is not UTF-8)
+            RequestRecord(new_request_id()).finish("400")
+            return to_error_response(InvalidRequestError(
+                "We could not parse the JSON body of your request: it must be UTF-8 encoded JSON.", code="invalid_json"))
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
         return JSONResponse(error_body(str(exc.detail), kind, None, None), status_code=exc.status_code)
 
@@ -102,7 +106,7 @@ SSE_EVENT_SCHEMA = {"type": "object", "required": ["data"],
 
 SPEECH_RESPONSES = {
     200: {"description": "Audio as it is generated (chunked), or server-sent events when stream_format is 'sse'.",
-          "content": {**{ctype: {"schema": {"type": "string", "format": "binary"}} for ctype, _ in FORMATS.values()},
+          "content": {**{ctype: {"schema": {"type": "string", "format": "binary"}} for ctype in {f.content_type for f in FORMATS.values()}},
                       "text/event-stream": {"schema": SSE_EVENT_SCHEMA}}},
     **_errors(400, 401, 413, 429, 500, 503),
 }
@@ -119,6 +123,9 @@ def _openapi_without_422(app: FastAPI) -> dict:
             schema.get("components", {}).get("schemas", {}).pop(name, None)
         app.openapi_schema = schema
     return app.openapi_schema
+
+
+SPEECH_PATH = "/v1/audio/speech"
 
 
 def new_request_id() -> str:
@@ -144,14 +151,19 @@ class SpeechIngress:
         install_error_handlers(app)
         app.add_middleware(BodySizeLimit, max_bytes=self._settings.max_request_bytes)
         auth = [Depends(self.check_api_key)]
-        app.add_api_route("/v1/audio/speech", self.create_speech, methods=["POST"], response_class=StreamingResponse,
+        # The lists need the key only with LISTS_NEED_API_KEY (see Settings).
+        lists = auth if self._settings.lists_need_api_key else []
+        app.add_api_route(SPEECH_PATH, self.create_speech, methods=["POST"], response_class=StreamingResponse,
                           dependencies=auth, responses=SPEECH_RESPONSES)
-        app.add_api_route("/v1/models", self.list_models, methods=["GET"], response_model=ModelList, dependencies=auth,
+        app.add_api_route("/v1/models", self.list_models, methods=["GET"], response_model=ModelList, dependencies=lists,
                           responses=_errors(401))
         app.add_api_route("/v1/models/{model_id}", self.get_model, methods=["GET"], response_model=ModelCard,
-                          dependencies=auth, responses=_errors(401, 404))
+                          dependencies=lists, responses=_errors(401, 404))
+        # Open WebUI's model list for a custom TTS base URL: {"models": [{"id": ...}]}.
+        app.add_api_route("/v1/audio/models", self.list_audio_models, methods=["GET"], response_model=AudioModelList,
+                          dependencies=lists, responses=_errors(401))
         app.add_api_route("/v1/audio/voices", self.list_voices, methods=["GET"], response_model=VoiceList,
-                          dependencies=auth, responses=_errors(401))
+                          dependencies=lists, responses=_errors(401))
         app.add_api_route("/health", self.health, methods=["GET"],
                           responses={503: {"description": "Not ready: the body says why (same shape as 200)."}})
         app.openapi = lambda: _openapi_without_422(app)
@@ -164,20 +176,22 @@ class SpeechIngress:
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
         expected = self._settings.api_key.get_secret_value()
         if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), expected.encode()):
-            RequestRecord(new_request_id()).finish("401")
+            if request.url.path == SPEECH_PATH:  # a speech request turned away: logged and counted as one
+                RequestRecord(new_request_id()).finish("401")
+            else:
+                logger.info("unauthorized %s %s", request.method, request.url.path)
             raise AuthenticationError("Incorrect or missing API key. Send 'Authorization: Bearer <API_KEY>'.")
 
     async def create_speech(self, body: SpeechRequest):
         """OpenAI createSpeech: streamed audio (chunked) or server-sent events."""
-        if self._settings.drain_flag.exists():
-            raise ServiceUnavailableError("The server is shutting down; retry shortly.", code="shutting_down")
+        record = RequestRecord(new_request_id(), characters=len(body.input), speed=float(body.speed))
         try:
-            self._admission.admit()
-        except RateLimitError:
-            RequestRecord(new_request_id(), characters=len(body.input)).finish("429")
+            if self._settings.drain_flag.exists():
+                raise ServiceUnavailableError("The server is shutting down; retry shortly.", code="shutting_down")
+            lease = self._admission.admit()
+        except APIError as exc:
+            record.finish(str(exc.status_code))
             raise
-        record = RequestRecord(new_request_id(), characters=len(body.input), speed=float(body.speed),
-                               on_finish=self._admission.release)
         try:
             plan = await self._frontend.prepare.remote(body)
             if isinstance(plan, APIError):
@@ -192,10 +206,12 @@ class SpeechIngress:
                 stream.cancel()
                 raise
         except BaseException as exc:
+            lease.release()
             record.finish("cancelled" if isinstance(exc, CLIENT_GONE) else str(status_of(exc)))
             raise
         record.mark_first_byte()
-        return SpeechStream(first, stream, record).response(body.stream_format == "sse", {"Cache-Control": "no-cache"})
+        return SpeechStream(first, stream, record, lease).response(body.stream_format == "sse",
+                                                                   {"Cache-Control": "no-cache"})
 
     async def list_models(self) -> ModelList:
         return ModelList(data=[ModelCard()])
@@ -204,6 +220,9 @@ class SpeechIngress:
         if model_id != ModelCard().id:
             raise NotFoundError(f"The model '{model_id}' does not exist.", param="model", code="model_not_found")
         return ModelCard()
+
+    async def list_audio_models(self) -> AudioModelList:
+        return AudioModelList(models=[AudioModel()])
 
     async def list_voices(self) -> VoiceList:
         return VoiceList(voices=await self._frontend.voices.remote())

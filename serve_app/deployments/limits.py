@@ -2,7 +2,8 @@
 
 `Admission` bounds the speech requests inside the pipeline (the ones generating in the model's batch
 plus the ones queued for it): a request beyond the bound gets 429 at once, before any audio, with a Retry-After that
-estimates when a place frees up. The ingress runs as one replica, so its count is the server's count.
+estimates when a place frees up. An admitted request holds a `Lease` that its response releases when it ends,
+however it ends. The ingress runs as one replica, so its count is the server's count.
 
 `BodySizeLimit` is ASGI middleware: a declared Content-Length over the limit gets 413 without reading the
 body; a chunked body is counted as it arrives and stopped at the limit.
@@ -11,6 +12,7 @@ body; a chunked body is counted as it arrives and stopped at the limit.
 from __future__ import annotations
 
 import math
+import time
 
 from fastapi import HTTPException
 
@@ -19,8 +21,23 @@ from ..errors import PayloadTooLargeError, RateLimitError, to_error_response
 _SMOOTHING = 0.2  # weight of the newest duration in the running average
 
 
+class Lease:
+    """One admitted speech request's place in the pipeline; whoever holds the response releases it, once."""
+
+    def __init__(self, admission: "Admission"):
+        self._admission = admission
+        self._started = time.monotonic()
+        self.released = False
+
+    def release(self) -> None:
+        if not self.released:
+            self.released = True
+            self._admission._release(time.monotonic() - self._started)
+
+
 class Admission:
-    """Counts admitted speech requests; `admit` raises `RateLimitError` when the pipeline is full."""
+    """Counts admitted speech requests; `admit` hands out a `Lease` or raises `RateLimitError` when the
+    pipeline is full."""
 
     def __init__(self, max_queued: int, slots: int = 1):
         """`slots`: requests the model generates at the same time (MAX_BATCH_SIZE)."""
@@ -28,14 +45,15 @@ class Admission:
         self.active = 0
         self._mean_s = 1.0  # running mean of admitted requests' durations (queueing included)
 
-    def admit(self) -> None:
+    def admit(self) -> Lease:
         if self.active >= self.capacity:
             raise RateLimitError(
                 f"The server is at capacity ({self.capacity} speech requests in progress or queued); "
                 "retry after the time in the Retry-After header.", retry_after=self.retry_after())
         self.active += 1
+        return Lease(self)
 
-    def release(self, duration_s: float) -> None:
+    def _release(self, duration_s: float) -> None:
         self.active -= 1
         self._mean_s += _SMOOTHING * (duration_s - self._mean_s)
 

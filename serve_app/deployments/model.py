@@ -1,8 +1,12 @@
 """CSMModel: the MLX CSM deployment (exactly one replica).
 
 The checkpoint loads in the background on the replica's MLX thread, so the replica starts at once and
-/health can say "loading" or why loading failed instead of Serve restarting a broken replica forever.
-`generate` is an async generator (a sync one keeps running after the client has gone).
+/health can say "loading" (with download progress) or why loading failed instead of Serve restarting a
+broken replica forever. `generate` is an async generator (a sync one keeps running after the client has
+gone). `check_health`, which Serve calls every few seconds, fails when the MLX thread has died or hangs in
+one task, so Serve replaces the replica.
+
+This module is imported by the app builder, which runs no MLX: the engine is imported on the replica only.
 """
 
 from __future__ import annotations
@@ -10,26 +14,36 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from typing import AsyncIterator, Optional
+from typing import TYPE_CHECKING, AsyncIterator, Optional
 
-from ..errors import ModelNotReadyError
+from ..errors import APIError, ModelNotReadyError
 from ..logs import configure_logging
 from ..observability import set_model_load
 from ..protocol import Usage
 from ..settings import MODEL_NAME, Settings
 from ..voices import VoiceLibrary
-from ..engine.generation import CSMEngine, SynthesisRequest, describe_device, select_device
-from ..engine.memory import memory_report
-from ..engine.scheduler import BatchScheduler
-from ..engine.worker import ModelWorker
+from ..engine.request import SynthesisRequest
+
+if TYPE_CHECKING:
+    from ..engine.generation import CSMEngine
 
 logger = logging.getLogger("sesame_tts")
 
 GIL_SWITCH_INTERVAL_S = 0.0005
+LOAD_TASK = "load"  # the worker task that may take as long as a first download does
+
+
+class WorkerUnhealthy(RuntimeError):
+    """Raised by `check_health`: Serve then marks the replica unhealthy and replaces it."""
 
 
 class CSMModel:
     def __init__(self, settings: Settings, voices: VoiceLibrary):
+        from ..engine.generation import describe_device, select_device
+        from ..engine.hub import DownloadProgress
+        from ..engine.memory import memory_report
+        from ..engine.worker import ModelWorker
+
         configure_logging(settings.log_level)
         # The MLX thread runs Python between kernels and holds the GIL; a PCM group it posts reaches this
         # replica's event loop only when the GIL changes hands, after up to one switch interval (5 ms by
@@ -37,16 +51,29 @@ class CSMModel:
         # within this machine's run-to-run noise (python -m serve_app.bench, three runs).
         sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
         self._settings = settings
-        self._engine: Optional[CSMEngine] = None
+        self._engine: Optional["CSMEngine"] = None
         self._error: Optional[str] = None
-        self._device = select_device(settings.mlx_device)
-        self._worker = ModelWorker(self._device)
+        device = select_device(settings.mlx_device)
+        self._device_name = describe_device(device)
+        self._memory_report = memory_report
+        self._downloads = DownloadProgress()
+        self._worker = ModelWorker(device)
         self._load_started = time.monotonic()
-        self._worker.submit(lambda: self._load(voices)).add_done_callback(self._loaded)
+        self._worker.submit(lambda: self._load(voices), label=LOAD_TASK).add_done_callback(self._loaded)
 
-    def _load(self, voices: VoiceLibrary) -> CSMEngine:
-        engine = CSMEngine.load(self._settings, voices)
-        engine.warm_up()
+    def __del__(self):
+        """Serve calls this when the replica shuts down: the MLX thread ends with it."""
+        worker = getattr(self, "_worker", None)
+        if worker is not None:
+            worker.stop()
+
+    def _load(self, voices: VoiceLibrary) -> "CSMEngine":
+        from ..engine.generation import CSMEngine
+        from ..engine.runners import warm_up
+        from ..engine.scheduler import BatchScheduler
+
+        engine = CSMEngine.load(self._settings, voices, progress=self._downloads)
+        warm_up(engine)
         self._worker.scheduler = BatchScheduler(engine, self._settings.max_batch_size)
         return engine
 
@@ -55,11 +82,14 @@ class CSMModel:
         if exc is None:
             self._engine = future.result()
             logger.info("model ready after %.1f s", time.monotonic() - self._load_started)
+        elif isinstance(exc, APIError):  # an expected failure (no network, bad folder): its message says it all
+            self._error = str(exc)
+            logger.error("model failed to load: %s", self._error)
         else:
-            self._error = str(exc) if hasattr(exc, "status_code") else f"{type(exc).__name__}: {exc}"
+            self._error = f"{type(exc).__name__}: {exc}"
             logger.error("model failed to load: %s", self._error, exc_info=exc)
 
-    def _require_engine(self) -> CSMEngine:
+    def _require_engine(self) -> "CSMEngine":
         if self._engine is not None:
             return self._engine
         if self._error is not None:
@@ -77,13 +107,38 @@ class CSMModel:
         finally:
             set_model_load(self._worker.waiting, self._worker.generating)
 
+    def worker_problem(self) -> Optional[str]:
+        """Why the MLX thread cannot serve (dead, or stuck in one task past WORKER_STALL_TIMEOUT_S)."""
+        live = self._worker.liveness()
+        if not live.alive:
+            return f"the MLX worker thread has stopped: {live.error or 'unknown reason'}"
+        limit = self._settings.worker_stall_timeout_s
+        if live.task not in (None, LOAD_TASK) and live.task_s > limit:
+            return (f"the MLX worker thread has been in one {live.task!r} task for {live.task_s:.0f} s "
+                    f"(WORKER_STALL_TIMEOUT_S={limit:g})")
+        return None
+
+    async def check_health(self) -> None:
+        """Serve's replica health check: a dead or wedged MLX thread makes the replica unhealthy.
+
+        A model that failed to load stays healthy on purpose: restarting would fail the same way, and
+        /health names the reason instead."""
+        problem = self.worker_problem()
+        if problem:
+            logger.error("model replica unhealthy: %s", problem)
+            raise WorkerUnhealthy(problem)
+
     async def health(self) -> dict:
-        state = "ready" if self._engine else ("failed" if self._error else "loading")
+        problem = self.worker_problem()
+        state = "unhealthy" if problem else ("ready" if self._engine else ("failed" if self._error else "loading"))
         info = {"status": state, "model": MODEL_NAME, "model_id": self._settings.model_id,
-                "device": describe_device(self._device), "dtype": self._settings.dtype, "quantize": self._settings.quantize or None,
+                "device": self._device_name, "dtype": self._settings.dtype, "quantize": self._settings.quantize or None,
                 "generating": self._worker.generating, "queued": self._worker.waiting,
-                "max_batch_size": self._settings.max_batch_size,
-                "memory": memory_report()}
-        if self._error:
-            info["error"] = self._error
+                "max_batch_size": self._settings.max_batch_size, "worker": self._worker.liveness().as_dict(),
+                "memory": self._memory_report()}
+        if state == "loading" and self._downloads.active:
+            info["download"] = self._downloads.report()
+        error = problem or self._error
+        if error:
+            info["error"] = error
         return info

@@ -18,9 +18,10 @@ from fastapi.responses import StreamingResponse
 from ray.exceptions import TaskCancelledError
 
 from ..errors import as_api_error
-from ..ffmpeg import content_type
+from ..formats import FORMATS
 from ..observability import RequestRecord
 from ..protocol import Usage
+from .limits import Lease
 
 logger = logging.getLogger("sesame_tts")
 
@@ -55,26 +56,30 @@ class _ClosingResponse(StreamingResponse):
 
 
 class SpeechStream:
-    """One response's audio: the encoder's stream (its first item already received) and the record."""
+    """One response's audio: the encoder's stream (its first item already received), the record, and the
+    admission lease the response holds until it ends."""
 
-    def __init__(self, first, stream, record: RequestRecord):
+    def __init__(self, first, stream, record: RequestRecord, lease: Lease):
         self._first = first
         self._stream = stream
         self._record = record
+        self._lease = lease
 
     def response(self, sse: bool, headers: dict) -> StreamingResponse:
         if sse:
             return _ClosingResponse(self._sse_events(), on_close=self.close, media_type="text/event-stream",
                                     headers=headers)
-        return _ClosingResponse(self._audio_bytes(), on_close=self.close, media_type=content_type(self._record.fmt),
+        return _ClosingResponse(self._audio_bytes(), on_close=self.close, media_type=FORMATS[self._record.fmt].content_type,
                                 headers=headers)
 
     def close(self) -> None:
-        """Cancel the encoder stream and finish the record (a no-op if the body already finished it).
+        """Cancel the encoder stream, finish the record (a no-op if the body already finished it) and give
+        the admission place back.
 
         The one place the stream is cancelled: `_ClosingResponse` calls this after every ending, so the
         body generators need no `finally` of their own."""
         self._record.finish("cancelled")
+        self._lease.release()
         self._stream.cancel()
 
     async def _items(self) -> AsyncIterator[bytes]:

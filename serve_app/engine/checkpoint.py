@@ -28,20 +28,15 @@ import mlx.nn as nn
 from tokenizers import Tokenizer
 from tokenizers.processors import TemplateProcessing
 
-from ..errors import ModelNotReadyError
+from ..errors import ModelLoadError
 from ..settings import Settings
+from .hub import DownloadProgress, fetch_repo
 
 logger = logging.getLogger("sesame_tts")
 
 TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]
 MODEL_FILES = ["config.json", "*.safetensors", "prompts/*", "mimi/*", *TOKENIZER_FILES]
 DTYPES = {"bfloat16": mx.bfloat16, "float16": mx.float16, "float32": mx.float32}
-
-
-class ModelLoadError(ModelNotReadyError):
-    """The checkpoint could not be found or loaded; the message names the file and the problem."""
-
-    default_code = "model_load_failed"
 
 
 @dataclass(frozen=True)
@@ -97,46 +92,20 @@ def is_local(model_id: str) -> bool:
     return model_id.startswith(("/", ".", "~")) or Path(model_id).expanduser().exists()
 
 
-def resolve_checkpoint(settings: Settings) -> CheckpointFiles:
+def resolve_checkpoint(settings: Settings, progress: Optional[DownloadProgress] = None) -> CheckpointFiles:
     """Locate (and on first use of a hub id, download) every file of the configured checkpoint."""
     if is_local(settings.model_id):
         root = Path(settings.model_id).expanduser().resolve()
         if not root.is_dir():
             raise ModelLoadError(f"MODEL_ID={settings.model_id}: no such directory")
         return _layout(root)
-    return _resolve_hub(settings)
-
-
-def _hub_fetch(repo_id: str, settings: Settings, patterns: list[str]) -> Path:
-    """A snapshot of `repo_id` in CACHE_DIR: from the cache when present, else downloaded once."""
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError
-
-    kwargs = dict(
-        cache_dir=settings.cache_dir / "hub",
-        allow_patterns=patterns,
-        token=settings.hf_token.get_secret_value() if settings.hf_token else None,
-    )
-    try:
-        return Path(snapshot_download(repo_id, local_files_only=True, **kwargs))
-    except LocalEntryNotFoundError:
-        pass
-    logger.info("downloading %s into %s (first run only)", repo_id, settings.cache_dir / "hub")
-    try:
-        return Path(snapshot_download(repo_id, **kwargs))
-    except Exception as exc:  # the hub's errors are many; the message is what matters here
-        hint = " (gated repo: accept its licence on the hub and set HF_TOKEN)" if "401" in str(exc) or "403" in str(exc) or "gated" in str(exc).lower() else ""
-        raise ModelLoadError(f"cannot download {repo_id}: {type(exc).__name__}: {exc}{hint}") from None
-
-
-def _resolve_hub(settings: Settings) -> CheckpointFiles:
-    root = _hub_fetch(settings.model_id, settings, MODEL_FILES)
+    root = fetch_repo(settings.model_id, settings, MODEL_FILES, progress)
     tokenizer_dir = None
     if not (root / "tokenizer.json").is_file():
-        tokenizer_dir = _hub_fetch(settings.tokenizer_id, settings, TOKENIZER_FILES)
+        tokenizer_dir = fetch_repo(settings.tokenizer_id, settings, TOKENIZER_FILES, progress)
     mimi_weights = None
     if not any((root / "mimi").glob("*.safetensors")):
-        mimi_weights = _hub_fetch(settings.mimi_id, settings, [settings.mimi_file]) / settings.mimi_file
+        mimi_weights = fetch_repo(settings.mimi_id, settings, [settings.mimi_file], progress) / settings.mimi_file
     return _layout(root, tokenizer_dir, mimi_weights)
 
 

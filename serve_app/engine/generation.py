@@ -1,9 +1,10 @@
-"""The CSM generation loop: text chunks in, 24 kHz PCM out, streamed in small groups of frames.
+"""The loaded CSM engine: checkpoint, voice prompts and CSM's token layout.
 
-We reuse mlx-audio's model math (SesameModel's backbone/decoder/embeddings, Mimi and its streaming decoder,
-the top-k sampler) and own the loop around it, because mlx-audio's `Model.generate` keeps caches and the
-random state on shared objects, fetches voice prompts from the hub, and only yields after whole groups of
-a chunk. Everything here runs on the replica's one MLX thread (see worker.py).
+We reuse mlx-audio's model math (SesameModel's backbone/decoder/embeddings, Mimi and its streaming decoder)
+and own the loop around it, because mlx-audio's `Model.generate` keeps caches and the random state on
+shared objects, fetches voice prompts from the hub, and only yields after whole groups of a chunk. The loop
+itself is the batch scheduler (scheduler.py, session.py), driven by the replica's one MLX thread
+(worker.py) or, in-process, by runners.py.
 """
 
 from __future__ import annotations
@@ -11,50 +12,24 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Optional
 
 import mlx.core as mx
 import numpy as np
 
-from ..protocol import Usage
 from ..settings import FRAME_RATE, SAMPLE_RATE, Settings
 from ..voices import VoiceLibrary, VoicePreset
 from .batch import FrameDecoder
 from .codec import stateful_modules
 from .memory import MemoryGuard
-from .checkpoint import CheckpointFiles, ModelLoadError, TextTokenizer, load_csm, load_mimi, quantize, resolve_checkpoint
+from .request import ContextSegment
+from ..errors import ModelLoadError
+from .checkpoint import CheckpointFiles, TextTokenizer, load_csm, load_mimi, quantize, resolve_checkpoint
+from .hub import DownloadProgress
 
 logger = logging.getLogger("sesame_tts")
-
-
-@dataclass
-class ContextSegment:
-    """One earlier utterance given to CSM as context: a speaker, its text and its audio.
-
-    Give `audio` (float32 mono 24 kHz) or, when already known, its Mimi `codes` (codebooks x frames).
-    This is the hook for conversation context (brief R6); today it carries voice prompts and the
-    earlier chunks of the same request.
-    """
-
-    speaker: int
-    text: str
-    audio: Optional[np.ndarray] = None
-    codes: Optional[np.ndarray] = None
-
-
-@dataclass
-class SynthesisRequest:
-    """What the model deployment needs for one response."""
-
-    chunks: list[str]
-    preset: VoicePreset
-    seed: Optional[int] = None
-    context: list[ContextSegment] = field(default_factory=list)
-    request_id: str = ""
-    # A fixed frame count per chunk instead of the length-derived cap (warm-up, benchmarks).
-    max_frames_per_chunk: Optional[int] = None
 
 
 @dataclass
@@ -108,10 +83,12 @@ class CSMEngine:
         self.memory = MemoryGuard(settings.mlx_memory_limit_mb)
 
     @classmethod
-    def load(cls, settings: Settings, voices: Optional[VoiceLibrary] = None) -> "CSMEngine":
+    def load(cls, settings: Settings, voices: Optional[VoiceLibrary] = None,
+             progress: Optional[DownloadProgress] = None) -> "CSMEngine":
+        """Find (or download once, reporting to `progress`) and load the checkpoint, then encode the voices."""
         started = time.perf_counter()
         MemoryGuard(settings.mlx_memory_limit_mb).install()
-        files = resolve_checkpoint(settings)
+        files = resolve_checkpoint(settings, progress)
         model = load_csm(files, settings.dtype)
         if settings.quantize:
             quantize(model, settings.quantize)
@@ -194,29 +171,3 @@ class CSMEngine:
             recent.insert(0, seg)
             used += len(seg)
         return chosen + recent
-
-    def warm_up(self) -> None:
-        """Short generations, so requests do not pay for first-call kernel setup; with a compiled frame
-        decoder, one per batch size up to MAX_BATCH_SIZE (it compiles once per shape)."""
-        from .scheduler import GenerationJob, run_jobs
-
-        preset = VoicePreset(name="warm-up", description="warm-up")
-        frames = self.settings.first_group_frames + 1
-        sizes = range(1, self.settings.max_batch_size + 1) if self.frame_decoder.compiled else (1,)
-        items: list = []
-        for size in sizes:
-            jobs = [GenerationJob(SynthesisRequest(["Hello."], preset, seed=i, max_frames_per_chunk=frames), items.append)
-                    for i in range(size)]
-            run_jobs(self, jobs, max_batch=size)
-        failures = [item for item in items if isinstance(item, BaseException)]
-        if failures:
-            raise failures[0]
-
-    # --- generation -----------------------------------------------------------------------------------
-
-    def synthesize(self, request: SynthesisRequest, cancelled: Callable[[], bool] = lambda: False) -> Iterator[bytes | Usage]:
-        """One request on the calling thread (in-process use): PCM (s16le, 24 kHz, mono) as each group of
-        frames is decoded, then a `Usage`. The server batches requests instead (scheduler.py)."""
-        from .scheduler import synthesize
-
-        return synthesize(self, request, cancelled)

@@ -13,17 +13,18 @@ from __future__ import annotations
 import logging
 from collections import deque
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable
 
 import mlx.core as mx
 import numpy as np
 
 from .batch import BatchKV, backbone_step, embed_frame, prefill
 from .memory import MemoryGuard
+from .request import SynthesisRequest
 from .session import SpeechSession
 
 if TYPE_CHECKING:
-    from .generation import CSMEngine, SynthesisRequest
+    from .generation import CSMEngine
 
 logger = logging.getLogger("sesame_tts")
 
@@ -34,7 +35,7 @@ END = object()  # posted after a request's last item
 class GenerationJob:
     """A request for the scheduler: `post` receives PCM bytes, a `Usage`, then `END` (or one exception)."""
 
-    request: "SynthesisRequest"
+    request: SynthesisRequest
     post: Callable[[Any], None]
     cancelled: Callable[[], bool] = lambda: False
 
@@ -84,15 +85,20 @@ class BatchScheduler:
             hidden.append(backbone_step(model.backbone, embed_frame(model, self._last), self._kv))
         while self.starting or (self.waiting and self.generating < self.max_batch):
             session = self.starting.pop(0) if self.starting else self.waiting.popleft()
-            self._joining.append(session)  # from here on a failure reaches it (see _fail)
-            prompt = session.next_prompt()
-            if prompt is None:
+            self._joining.append(session)  # from here on a batch-wide failure reaches it (see _fail)
+            try:
+                prompt = session.next_prompt()
+                if prompt is None:
+                    self._joining.pop()
+                    session.finish()
+                    session.post(END)
+                    continue
+                last, cache = prefill(model, *prompt)
+                mx.eval(last)
+            except Exception as exc:  # its own text or context: only this request fails
                 self._joining.pop()
-                session.finish()
-                session.post(END)
+                self._post_failures([session], exc)
                 continue
-            last, cache = prefill(model, *prompt)
-            mx.eval(last)
             self._kv.add(cache)
             hidden.append(last)
         self.rows.extend(self._joining)
@@ -132,43 +138,32 @@ class BatchScheduler:
         """An out-of-memory check fails the request holding the most context; any other error fails
         every request in the batch (their shared step is lost). Waiting requests are untouched."""
         error = MemoryGuard.translate(exc)
-        in_batch = self.rows + self.starting + self._joining
         if getattr(error, "code", None) == "out_of_memory" and error is exc and self.rows:
             victim = max(range(len(self.rows)), key=lambda i: self.rows[i].context_length)
-            self.rows[victim].post(error)
+            failed = [self.rows[victim]]
             self._keep([i for i in range(len(self.rows)) if i != victim])
         else:
             logger.debug("batch step failed", exc_info=exc)
-            for session in in_batch:
-                session.post(error)
-            self.rows, self.starting, self._joining, self._last = [], [], [], None
-            self._kv = BatchKV(len(self.engine.model.backbone.layers))
+            failed = self._clear_batch()
+        self._post_failures(failed, error)
+
+    def fail_all(self, exc: BaseException) -> None:
+        """Fail every request the scheduler holds, waiting ones too (the worker's last resort when
+        something escapes a step), and start again from an empty batch."""
+        failed = self._clear_batch() + list(self.waiting)
+        self.waiting.clear()
+        self._post_failures(failed, exc)
+
+    def _clear_batch(self) -> list[SpeechSession]:
+        in_batch = self.rows + self.starting + self._joining
+        self.rows, self.starting, self._joining, self._last = [], [], [], None
+        self._kv = BatchKV(len(self.engine.model.backbone.layers))
+        return in_batch
+
+    def _post_failures(self, sessions: list[SpeechSession], exc: BaseException) -> None:
+        """MLX's cache goes back first, so a caller that sees the error sees the memory released too."""
         mx.clear_cache()
         mx.reset_peak_memory()
-
-
-def run_jobs(engine: "CSMEngine", jobs: list[GenerationJob], max_batch: int) -> None:
-    """Run these jobs to the end on the calling thread (in-process use: warm-up, benchmarks, tests)."""
-    scheduler = BatchScheduler(engine, max_batch)
-    for job in jobs:
-        scheduler.add(job)
-    while scheduler.active:
-        scheduler.step()
-
-
-def synthesize(engine: "CSMEngine", request: "SynthesisRequest",
-               cancelled: Callable[[], bool] = lambda: False) -> Iterator[Any]:
-    """One request on the calling thread: PCM bytes as each group is decoded, then a `Usage`."""
-    items: deque = deque()
-    scheduler = BatchScheduler(engine, 1)
-    scheduler.add(GenerationJob(request, items.append, cancelled))
-    while scheduler.active or items:
-        while items:
-            item = items.popleft()
-            if item is END:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-        if scheduler.active:
-            scheduler.step()
+        error = MemoryGuard.translate(exc)
+        for session in sessions:
+            session.post(error)

@@ -15,9 +15,10 @@ import numpy as np
 
 from ..protocol import Usage
 from .codec import MimiStream
+from .request import SynthesisRequest
 
 if TYPE_CHECKING:
-    from .generation import CSMEngine, SynthesisRequest
+    from .generation import CSMEngine
 
 MAX_POSITIONS = 2048  # CSM's backbone context (and its RoPE table)
 
@@ -28,7 +29,7 @@ class SpeechSession:
     `post` receives PCM bytes (s16le, 24 kHz mono) as each group is decoded, then one `Usage`.
     """
 
-    def __init__(self, engine: "CSMEngine", request: "SynthesisRequest", post: Callable[[Any], None],
+    def __init__(self, engine: "CSMEngine", request: SynthesisRequest, post: Callable[[Any], None],
                  cancelled: Callable[[], bool] = lambda: False):
         self.engine, self.request, self.post, self.cancelled = engine, request, post, cancelled
         seed = request.seed if request.seed is not None else int.from_bytes(os.urandom(7), "little")

@@ -1,0 +1,143 @@
+"""The model replica's MLX thread under faults: a failing job fails only its request, the thread never dies
+silently, and a hung or dead thread makes Serve's health check fail (the model deployment's class, run
+in-process on the tiny checkpoint)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from serve_app.deployments.model import CSMModel, WorkerUnhealthy
+from serve_app.engine.request import ContextSegment, SynthesisRequest
+from serve_app.errors import ServiceUnavailableError
+from serve_app.protocol import Usage
+from serve_app.settings import Settings
+from tests.conftest import ENGINE_CAPS
+
+LONE_SURROGATE = "Hello \ud800 there."  # what a JSON body can carry ("\ud800"), and no tokenizer takes
+CODES = np.ones((32, 3), dtype=np.int32)  # three frames of Mimi codes
+
+
+def ready_model(tiny_checkpoint, voices, **settings) -> CSMModel:
+    model = CSMModel(Settings(model_id=str(tiny_checkpoint), **{**ENGINE_CAPS, **settings}), voices)
+    deadline = time.monotonic() + 120
+    while asyncio.run(model.health())["status"] == "loading":
+        assert time.monotonic() < deadline, "model did not load"
+        time.sleep(0.05)
+    assert asyncio.run(model.health())["status"] == "ready"
+    return model
+
+
+async def collect(model: CSMModel, request: SynthesisRequest) -> list:
+    return [item async for item in model.generate(request)]
+
+
+async def outcome(model: CSMModel, request: SynthesisRequest):
+    """The request's items, or the exception it ended with."""
+    try:
+        return await asyncio.wait_for(collect(model, request), timeout=120)
+    except asyncio.TimeoutError:
+        raise
+    except Exception as exc:
+        return exc
+
+
+@pytest.fixture(scope="module")
+def model(tiny_checkpoint, voices):
+    model = ready_model(tiny_checkpoint, voices, max_batch_size=4)
+    yield model
+    model._worker.stop()
+
+
+def request(voices, chunks, voice="fast", seed=1, **kw) -> SynthesisRequest:
+    return SynthesisRequest(chunks, voices.resolve(voice), seed=seed, **kw)
+
+
+def assert_still_serving(model: CSMModel, voices) -> None:
+    items = asyncio.run(collect(model, request(voices, ["Still here."], seed=3)))
+    assert sum(len(i) for i in items if isinstance(i, bytes)) > 0 and isinstance(items[-1], Usage)
+    health = asyncio.run(model.health())
+    assert health["status"] == "ready" and health["worker"]["alive"]
+    asyncio.run(model.check_health())  # Serve would keep this replica
+
+
+def test_a_job_that_cannot_join_the_batch_fails_alone(model, voices):
+    """Conversation context with text the tokenizer rejects fails while the worker takes the job (it used to
+    end the thread: later requests waited forever and /health said ready). A request beside it is untouched."""
+    solo = asyncio.run(collect(model, request(voices, ["Untouched neighbour."], seed=7)))
+
+    async def both():
+        bad = request(voices, ["Reply."], context=[ContextSegment(speaker=1, text=LONE_SURROGATE, codes=CODES)])
+        return await asyncio.gather(outcome(model, bad), outcome(model, request(voices, ["Untouched neighbour."], seed=7)))
+
+    failed, neighbour = asyncio.run(both())
+    assert isinstance(failed, Exception) and not isinstance(failed, ServiceUnavailableError), failed
+    assert neighbour == solo
+    assert_still_serving(model, voices)
+
+
+def test_a_chunk_that_fails_in_the_batch_fails_only_its_request(model, voices):
+    """A chunk is tokenized when it starts, inside a batch step: its failure ends that request only, and a
+    request already generating keeps exactly the audio it makes alone."""
+    long_text = ["A sentence that keeps generating for a while.", "And a second chunk after it."]
+    solo = asyncio.run(collect(model, request(voices, long_text, seed=11)))
+
+    async def both():
+        running = asyncio.create_task(outcome(model, request(voices, long_text, seed=11)))
+        await asyncio.sleep(0.05)  # the neighbour is in the batch when the bad chunk starts
+        failed = await outcome(model, request(voices, ["Fine first chunk.", LONE_SURROGATE], seed=2))
+        return failed, await running
+
+    failed, neighbour = asyncio.run(both())
+    assert isinstance(failed, Exception), failed
+    assert neighbour == solo
+    assert_still_serving(model, voices)
+
+
+def test_a_hung_worker_fails_the_health_check_until_it_recovers(tiny_checkpoint, voices):
+    model = ready_model(tiny_checkpoint, voices, worker_stall_timeout_s=1)
+    release = threading.Event()
+    try:
+        model._worker.submit(lambda: release.wait(60), label="stuck")  # a kernel that never returns, say
+        time.sleep(1.5)
+        live = asyncio.run(model.health())
+        assert live["status"] == "unhealthy" and live["worker"]["task"] == "stuck" and live["worker"]["task_s"] > 1
+        assert "WORKER_STALL_TIMEOUT_S=1" in live["error"]
+        with pytest.raises(WorkerUnhealthy, match="'stuck' task"):
+            asyncio.run(model.check_health())
+    finally:
+        release.set()
+    deadline = time.monotonic() + 10
+    while asyncio.run(model.health())["worker"]["task"] is not None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert_still_serving(model, voices)
+    model._worker.stop()
+
+
+def test_a_dead_worker_fails_its_requests_and_the_health_check(tiny_checkpoint, voices, monkeypatch):
+    """Nothing may end the thread, but if something does, no caller waits forever and Serve is told."""
+    model = ready_model(tiny_checkpoint, voices)
+    scheduler = model._worker.scheduler
+
+    def fatal():
+        raise KeyboardInterrupt("simulated death of the MLX thread")
+
+    async def run_one():
+        task = asyncio.create_task(outcome(model, request(voices, ["A request in the batch when it dies."])))
+        await asyncio.sleep(0.05)
+        monkeypatch.setattr(scheduler, "step", fatal)
+        return await task
+
+    failed = asyncio.run(run_one())
+    assert isinstance(failed, ServiceUnavailableError) and failed.code == "model_worker_stopped"
+    assert "KeyboardInterrupt" in failed.message
+    health = asyncio.run(model.health())
+    assert health["status"] == "unhealthy" and not health["worker"]["alive"]
+    with pytest.raises(WorkerUnhealthy, match="stopped"):
+        asyncio.run(model.check_health())
+    later = asyncio.run(outcome(model, request(voices, ["Too late."])))
+    assert isinstance(later, ServiceUnavailableError) and later.status_code == 503
