@@ -70,6 +70,7 @@ WATCH_TIMEOUT_S = 5.0
 WATCH_FAILURES = 3
 CLUSTER_GONE_EXIT = 75  # EX_TEMPFAIL: the service manager restarts us
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_DASHBOARD = re.compile(r"View the dashboard at (https?://\S+)")
 
 
 def pid_alive(pid: int) -> bool:
@@ -157,6 +158,8 @@ def supervise(command: list[str], settings: Settings) -> int:
     """Run `command` in its own process group, logging its output to a rotated server.log."""
     pid_file = settings.cache_dir / "server.pid"
     claim_pid_file(pid_file)
+    dashboard_file = settings.cache_dir / "dashboard.url"  # for `ops/sesame-tts status`
+    dashboard_file.unlink(missing_ok=True)
     settings.drain_flag.unlink(missing_ok=True)
     log = logging.getLogger("sesame_tts.server_log")
     handler = logging.handlers.RotatingFileHandler(settings.cache_dir / "server.log", maxBytes=LOG_MAX_BYTES,
@@ -217,7 +220,10 @@ def supervise(command: list[str], settings: Settings) -> int:
     threading.Thread(target=watch, name="watchdog", daemon=True).start()
     try:
         for raw in iter(child.stdout.readline, b""):
-            log.info("%s", _ANSI.sub("", raw.decode(errors="replace").rstrip()))
+            line = _ANSI.sub("", raw.decode(errors="replace").rstrip())
+            log.info("%s", line)
+            if match := _DASHBOARD.search(line):  # ours: other clusters on this machine may hold the default port
+                dashboard_file.write_text(match.group(1) + "\n")
         code = child.wait()
         _kill_session(child.pid)  # anything the cluster left behind
         log.info("sesame-tts: stopped (exit %s)", code)
@@ -226,6 +232,7 @@ def supervise(command: list[str], settings: Settings) -> int:
         return 0 if stopping.is_set() else code
     finally:
         settings.drain_flag.unlink(missing_ok=True)
+        dashboard_file.unlink(missing_ok=True)
         if pid_file.is_file() and pid_file.read_text().strip() == str(os.getpid()):
             pid_file.unlink()
 

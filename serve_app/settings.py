@@ -70,6 +70,8 @@ class Settings(BaseModel):
     # Requests generating together in one batched forward pass; more wait (up to MAX_QUEUED_REQUESTS).
     max_batch_size: int = Field(8, ge=1, le=64)
     hf_token: Optional[SecretStr] = None
+    # The hub's address (a mirror, say); None: huggingface_hub's default.
+    hf_endpoint: Optional[str] = None
     # Where a hub checkpoint's missing pieces are fetched from (a local MODEL_ID never fetches).
     tokenizer_id: str = "unsloth/Llama-3.2-1B"
     mimi_id: str = "kyutai/moshiko-pytorch-bf16"

@@ -43,14 +43,24 @@ class VoicePrompt(BaseModel):
         """The prompt's audio file; raises ConfigError if it leaves its folder or does not exist."""
         if self.audio.startswith(CHECKPOINT_PREFIX):
             base, relative = checkpoint_dir, self.audio[len(CHECKPOINT_PREFIX) :]
+            boundary = _repo_folder(base)
         else:
             base, relative = voices_dir, self.audio
+            boundary = base.resolve()
         path = (base / relative).resolve()
-        if not path.is_relative_to(base.resolve()):
+        if not path.is_relative_to(boundary):
             raise ConfigError(f"prompt audio {self.audio!r} resolves outside {base}")
         if not path.is_file():
             raise ConfigError(f"prompt audio {self.audio!r} not found (looked for {path})")
         return path
+
+
+def _repo_folder(checkpoint_dir: Path) -> Path:
+    """Where a checkpoint's files may really lie. In huggingface_hub's cache a snapshot's files are links
+    into the repo's own blobs/ folder (models--org--name/{snapshots/<commit>, blobs}), so for a snapshot
+    the repo's folder is the boundary; for a plain folder, the folder itself."""
+    folder = checkpoint_dir.resolve()
+    return folder.parent.parent if folder.parent.name == "snapshots" else folder
 
 
 class VoicePreset(BaseModel):

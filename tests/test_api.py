@@ -11,7 +11,6 @@ import time
 
 import httpx
 import numpy as np
-import openai
 import pytest
 
 from tests.audio import decode, duration, probe, rms

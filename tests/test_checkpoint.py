@@ -6,7 +6,9 @@ import json
 import shutil
 from pathlib import Path
 
+import mlx.core as mx
 import pytest
+from mlx.utils import tree_flatten
 
 from serve_app.engine.checkpoint import TextTokenizer, load_csm, load_mimi, resolve_checkpoint
 from serve_app.errors import ModelLoadError
@@ -54,8 +56,20 @@ def test_hub_id_loads_from_cache_without_network(tiny_checkpoint, tmp_path, monk
     s = settings("test-org/csm-tiny", cache_dir=tmp_path)
     files = resolve_checkpoint(s)
     assert files.root == snapshot
-    load_csm(files, "bfloat16")
-    load_mimi(files)
+    model = load_csm(files, "bfloat16")
+    # Every tensor of the file landed in the model, in bf16 (the file holds float32).
+    stored = mx.load(str(snapshot / "model.safetensors"))
+    loaded = dict(tree_flatten(model.parameters()))
+    assert set(loaded) == {k.removeprefix("model.") for k in stored}
+    for key, value in stored.items():
+        param = loaded[key.removeprefix("model.")]
+        assert param.dtype == mx.bfloat16 and param.shape == value.shape
+        assert mx.array_equal(param, value.astype(mx.bfloat16)).item(), key
+    mimi = load_mimi(files)
+    assert mimi.cfg.quantizer_nq == model.args.audio_num_codebooks == 32
+    assert mimi.cfg.seanet.dimension == files.mimi_config["seanet"]["dimension"]  # the tiny codec, not the real one
+    codes = mimi.encode(mx.zeros((1, 1, 1920 * 4)))
+    assert codes.shape == (1, 32, 4)  # 4 frames of 80 ms, one code per codebook
 
 
 def test_hub_id_fetches_tokenizer_and_mimi_from_their_own_repos(tiny_checkpoint, tmp_path, monkeypatch):

@@ -11,7 +11,7 @@ import pytest
 from serve_app.deployments.limits import Admission
 from serve_app.engine.memory import MemoryGuard
 from serve_app.errors import (
-    APIError, InvalidRequestError, ModelNotReadyError, OutOfMemoryError, PayloadTooLargeError, RateLimitError,
+    InvalidRequestError, ModelNotReadyError, OutOfMemoryError, PayloadTooLargeError, RateLimitError,
     ServiceUnavailableError, status_of, to_error_response, unwrap,
 )
 

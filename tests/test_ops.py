@@ -94,7 +94,12 @@ def test_control_script_cycle(tiny_checkpoint, tmp_path, ray_dir):
         status = ctl("status", env=env)
         assert status.returncode == 0, status.stdout + status.stderr
         assert f"running (pid {pid})" in status.stdout and "health:  ok" in status.stdout
-        assert "status: RUNNING" in status.stdout  # `serve status` through Ray's token authentication
+        # `serve status` through Ray's token authentication, at this server's own dashboard (another cluster
+        # on the machine, such as the other tests' servers, may hold the default port).
+        dashboard = (cache / "dashboard.url").read_text().strip()
+        assert f"View the dashboard at {dashboard}" in (cache / "server.log").read_text()
+        assert f"dashboard: {dashboard}" in status.stdout
+        assert "status: RUNNING" in status.stdout
 
         # API_KEY: /v1 needs the bearer token, /health does not.
         assert httpx.get(f"http://127.0.0.1:{port}/health", timeout=10).status_code == 200

@@ -80,7 +80,7 @@ def test_chunks_end_at_sentence_ends_when_sentences_fit(words):
     sentences = split_sentences(text)
     chunks = chunk_text(text, 220, 100)
     if all(len(s) <= 100 for s in sentences):
-        joined, boundaries, position = "", set(), 0
+        boundaries, position = set(), 0
         for sentence in sentences:
             position += len(sentence) + (1 if position else 0)
             boundaries.add(position)

@@ -85,3 +85,20 @@ def test_prompt_paths_resolve_inside_their_folder(voices_copy, tmp_path):
     (voices_copy / "escape.yaml").write_text("name: escape\ndescription: x\nprompt: {audio: escape.wav, text: hi}\n")
     with pytest.raises(ConfigError, match="outside"):
         VoiceLibrary.load(voices_copy).resolve("escape").prompt.resolve(voices_copy, checkpoint)
+
+
+def test_checkpoint_prompts_in_a_hub_snapshot_resolve_through_its_blob_links(voices_copy, tmp_path):
+    """huggingface_hub's cache: snapshots/<commit>/prompts/x.wav is a link to ../../../blobs/<hash>."""
+    repo = tmp_path / "hub" / "models--org--csm"
+    snapshot = repo / "snapshots" / "abc123"
+    (snapshot / "prompts").mkdir(parents=True)
+    (repo / "blobs").mkdir()
+    (repo / "blobs" / "f00d").write_bytes(b"RIFF")
+    (snapshot / "prompts" / "conversational_a.wav").symlink_to("../../../blobs/f00d")
+    path = VoiceLibrary.load(voices_copy).resolve("conversational").prompt.resolve(voices_copy, snapshot)
+    assert path == (repo / "blobs" / "f00d").resolve()
+    (tmp_path / "outside.wav").write_bytes(b"RIFF")  # a link out of the repo's folder is still refused
+    (snapshot / "prompts" / "conversational_a.wav").unlink()
+    (snapshot / "prompts" / "conversational_a.wav").symlink_to(tmp_path / "outside.wav")
+    with pytest.raises(ConfigError, match="outside"):
+        VoiceLibrary.load(voices_copy).resolve("conversational").prompt.resolve(voices_copy, snapshot)

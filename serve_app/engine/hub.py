@@ -21,8 +21,9 @@ from ..settings import Settings
 logger = logging.getLogger("sesame_tts")
 
 LOG_EVERY_S = 5.0
-_OFFLINE_MARKERS = ("connecterror", "connection", "offline", "name resolution", "timed out", "timeout",
-                    "network is unreachable", "localentrynotfound")
+# What the hub client raises when it cannot reach the hub at all (httpx2's, its own offline mode, sockets').
+_UNREACHABLE = ("ConnectError", "ConnectTimeout", "TimeoutException", "ReadTimeout", "OfflineModeIsEnabled",
+                "gaierror", "ConnectionError", "ConnectionRefusedError", "TimeoutError")
 
 
 class DownloadProgress:
@@ -99,13 +100,25 @@ def offline_message(repo_id: str, settings: Settings, reason: str) -> str:
             f"checkpoint: python -m serve_app.tiny_checkpoint /tmp/csm-tiny, then MODEL_ID=/tmp/csm-tiny.")
 
 
-def _is_offline(exc: BaseException) -> bool:
-    seen = 0
-    while exc is not None and seen < 8:
-        if any(m in f"{type(exc).__name__} {exc}".lower() for m in _OFFLINE_MARKERS):
-            return True
-        exc, seen = exc.__cause__ or exc.__context__, seen + 1
-    return False
+def _causes(exc: Optional[BaseException]) -> list[BaseException]:
+    chain: list[BaseException] = []
+    while exc is not None and len(chain) < 10 and exc not in chain:
+        chain.append(exc)
+        exc = exc.__cause__ or exc.__context__
+    return chain
+
+
+def _diagnose(exc: BaseException) -> tuple[bool, BaseException]:
+    """(whether the hub was unreachable, the error worth reporting). An HTTP answer from the hub (404,
+    401, gated) means it was reached, whatever the outer error's wording."""
+    from huggingface_hub.errors import HfHubHTTPError
+
+    chain = _causes(exc)
+    answered = next((e for e in chain if isinstance(e, HfHubHTTPError)), None)
+    if answered is not None:
+        return False, answered
+    unreachable = any(cls.__name__ in _UNREACHABLE for error in chain for cls in type(error).__mro__)
+    return unreachable, exc
 
 
 def fetch_repo(repo_id: str, settings: Settings, patterns: list[str], progress: Optional[DownloadProgress] = None) -> Path:
@@ -113,7 +126,8 @@ def fetch_repo(repo_id: str, settings: Settings, patterns: list[str], progress: 
     from huggingface_hub import hf_hub_download, snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
-    kwargs = dict(cache_dir=settings.cache_dir / "hub", token=settings.hf_token.get_secret_value() if settings.hf_token else None)
+    kwargs = dict(cache_dir=settings.cache_dir / "hub", endpoint=settings.hf_endpoint,
+                  token=settings.hf_token.get_secret_value() if settings.hf_token else None)
     try:
         return Path(snapshot_download(repo_id, local_files_only=True, allow_patterns=patterns, **kwargs))
     except LocalEntryNotFoundError:
@@ -131,7 +145,8 @@ def fetch_repo(repo_id: str, settings: Settings, patterns: list[str], progress: 
                             **kwargs)
         path = Path(snapshot_download(repo_id, allow_patterns=patterns, **kwargs))
     except Exception as exc:  # the hub's errors are many; the message is what matters here
-        if _is_offline(exc):
+        unreachable, exc = _diagnose(exc)
+        if unreachable:
             raise ModelLoadError(offline_message(repo_id, settings, "the hub cannot be reached")) from None
         text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         gated = any(s in str(exc).lower() for s in ("401", "403", "gated"))
