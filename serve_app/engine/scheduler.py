@@ -97,7 +97,7 @@ class BatchScheduler:
                 mx.eval(last)
             except Exception as exc:  # its own text or context: only this request fails
                 self._joining.pop()
-                self._post_failures([session], exc)
+                self._post_failures([session], MemoryGuard.translate(exc))
                 continue
             self._kv.add(cache)
             hidden.append(last)
@@ -160,10 +160,9 @@ class BatchScheduler:
         self._kv = BatchKV(len(self.engine.model.backbone.layers))
         return in_batch
 
-    def _post_failures(self, sessions: list[SpeechSession], exc: BaseException) -> None:
+    def _post_failures(self, sessions: list[SpeechSession], error: BaseException) -> None:
         """MLX's cache goes back first, so a caller that sees the error sees the memory released too."""
         mx.clear_cache()
         mx.reset_peak_memory()
-        error = MemoryGuard.translate(exc)
         for session in sessions:
             session.post(error)
