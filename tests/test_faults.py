@@ -8,6 +8,7 @@ in flight in test_ops.py.)
 from __future__ import annotations
 
 import asyncio
+import gc
 import shutil
 import time
 from pathlib import Path
@@ -113,6 +114,8 @@ def test_memory_limit_fails_that_request_releases_the_cache_and_the_next_succeed
     """The model deployment's class, run in-process with a memory limit 30 MiB above what this process's MLX
     already holds (other tests' models): on its own, the tiny checkpoint peaks at about 19 MiB for a short
     request and about 40 MiB for a 1,000-character one (measured)."""
+    gc.collect()  # earlier tests' engines are garbage now: the baseline must not fall during this test
+    mx.clear_cache()
     limit = int(mx.get_active_memory() / 2**20) + 30
     settings = Settings(model_id=str(tiny_checkpoint), mlx_memory_limit_mb=limit, max_audio_base_s=0.16,
                         max_audio_s_per_char=0.0)
