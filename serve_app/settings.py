@@ -81,6 +81,14 @@ class Settings(BaseModel):
     first_chunk_max_chars: int = Field(100, ge=20)
     chunk_max_chars: int = Field(220, ge=20, le=1000)
 
+    # Backbone KV reuse: a voice's reference clip is prefilled once at load and requests start from it; a
+    # request's next text chunk continues its own cache row instead of re-prefilling voice and history.
+    # Off: every chunk re-prefills its whole context (the reference behaviour, for comparisons).
+    prefix_cache: bool = True
+    # The voices' cached prefixes may hold this much memory (least recently used out first). A prefix costs
+    # ~32 KB per position with CSM-1B in bf16 (16 layers x 8 KV heads x 64 dims x keys and values).
+    voice_cache_mb: int = Field(512, ge=0)
+
     # Streaming: frames decoded per PCM group; the first group is small for a fast first byte.
     first_group_frames: int = Field(2, ge=1, le=50)
     group_frames: int = Field(6, ge=1, le=100)

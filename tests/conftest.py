@@ -55,6 +55,15 @@ def engine(tiny_checkpoint, voices):
     return CSMEngine.load(Settings(model_id=str(tiny_checkpoint), **ENGINE_CAPS), voices)
 
 
+@pytest.fixture(scope="session")
+def engine_reference(tiny_checkpoint, voices):
+    """The same engine without KV reuse: every chunk re-prefills its whole context (PREFIX_CACHE=off)."""
+    from serve_app.engine.generation import CSMEngine
+    from serve_app.settings import Settings
+
+    return CSMEngine.load(Settings(model_id=str(tiny_checkpoint), prefix_cache=False, **ENGINE_CAPS), voices)
+
+
 class Server(LocalServer):
     """The shared local server; a server that dies or never gets ready fails the test with its log's tail."""
 

@@ -97,5 +97,7 @@ def test_models_voices_and_health(server):
     # Whatever MLX runs on here (the CPU in CI, Metal on a Mac, CUDA with mlx[cuda]), named the same way.
     assert body["device"] == body["model"]["device"] in ("cpu", "gpu (metal)", "gpu (cuda)")
     assert body["model"]["worker"]["alive"] and body["model"]["worker"]["task"] in (None, "step", "admit")
+    # The voices' prefilled prefixes: conversational and whisper share one clip, professional has its own.
+    assert body["model"]["prefix_cache"]["entries"] == 2 and body["model"]["prefix_cache"]["mb"] > 0
     assert body["ffmpeg"].startswith("ffmpeg version")
     assert "conversational" in body["voices"]

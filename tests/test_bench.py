@@ -36,3 +36,18 @@ def test_bench_writes_json_markdown_and_chart(tiny_checkpoint, tmp_path):
     table = (folder / f"{tiny_checkpoint.name}.md").read_text()
     assert "Server over HTTP, streamed pcm" in table and "| 2 |" in table
     assert (folder / f"{tiny_checkpoint.name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_voice_bench_compares_kv_reuse_side_by_side(tiny_checkpoint, tmp_path):
+    out = tmp_path / "results"
+    done = subprocess.run(
+        [sys.executable, "-m", "serve_app.bench.voices", "--checkpoint", str(tiny_checkpoint), "--frames", "3",
+         "--chunks", "3", "--repeats", "1", "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    [folder] = list(out.iterdir())
+    result = json.loads((folder / f"voices-{tiny_checkpoint.name}.json").read_text())
+    assert set(result["median_s"]) == {"conversational/reuse", "conversational/reprefill", "fast/reuse", "fast/reprefill"}
+    for row in result["median_s"].values():
+        assert 0 < row["first"] < row["total"]
+    assert result["prefix_cache"]["entries"] == 2 and len(result["targets"]) == 4
+    assert "| conversational/reuse |" in (folder / f"voices-{tiny_checkpoint.name}.md").read_text()

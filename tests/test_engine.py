@@ -55,17 +55,18 @@ def test_runaway_cap_from_text_length(engine):
     assert usage.output_tokens == short + max_frames_for("Second chunk here.", engine.settings)
 
 
-def test_later_chunks_see_earlier_chunks_as_context(engine, monkeypatch):
+def test_later_chunks_see_earlier_chunks_as_context(engine_reference, monkeypatch):
+    """The reference path (no KV reuse) builds each chunk's context from the prompt and earlier chunks."""
     seen = []
-    original = engine.fit_context
+    original = engine_reference.fit_context
 
     def spy(fixed, history, budget):
         chosen = original(fixed, history, budget)
         seen.append((len(fixed), len(history), len(chosen)))
         return chosen
 
-    monkeypatch.setattr(engine, "fit_context", spy)
-    run(engine, ["One.", "Two.", "Three."], seed=1)
+    monkeypatch.setattr(engine_reference, "fit_context", spy)
+    run(engine_reference, ["One.", "Two.", "Three."], seed=1)
     assert seen == [(1, 0, 1), (1, 1, 2), (1, 2, 3)]  # voice prompt + every earlier chunk
 
 

@@ -136,6 +136,8 @@ class CSMModel:
                 "generating": self._worker.generating, "queued": self._worker.waiting,
                 "max_batch_size": self._settings.max_batch_size, "worker": self._worker.liveness().as_dict(),
                 "memory": self._memory_report()}
+        if self._engine is not None:
+            info["prefix_cache"] = self._engine.prefixes.report()
         if state == "loading" and self._downloads.active:
             info["download"] = self._downloads.report()
         error = problem or self._error

@@ -79,6 +79,11 @@ class BatchKV:
         if need < self.capacity:
             self._resize(need)
 
+    def row_state(self, row: int) -> list[tuple[mx.array, mx.array]]:
+        """One row's keys and values, (1, kv_heads, length, head_dim) per layer: what it has seen so far."""
+        length = int(self.lengths[row])
+        return [(k[row:row + 1, :, :length, :], v[row:row + 1, :, :length, :]) for k, v in zip(self.keys, self.values)]
+
     def prepare_step(self) -> None:
         """Make room for one more position in every row."""
         need = int(self.lengths.max()) + 1
@@ -122,9 +127,10 @@ def backbone_step(backbone, h: mx.array, kv: BatchKV) -> mx.array:
     return backbone.norm(h)[:, -1, :]
 
 
-def prefill(model, tokens: mx.array, mask: mx.array) -> tuple[mx.array, list]:
-    """A new row's prompt through the backbone on its own: (1, n, K+1) -> last hidden (1, D) and its cache."""
-    cache = make_prompt_cache(model.backbone)
+def prefill(model, tokens: mx.array, mask: mx.array, cache: Optional[list] = None) -> tuple[mx.array, list]:
+    """A row's prompt through the backbone on its own: (1, n, K+1) -> last hidden (1, D) and its cache.
+    With `cache` (a cached voice prefix, or the row's own earlier chunk) the tokens continue after it."""
+    cache = cache if cache is not None else make_prompt_cache(model.backbone)
     h = (model._embed_tokens(tokens) * mx.expand_dims(mask, -1)).sum(axis=2)
     return model.backbone(h, cache=cache)[:, -1, :], cache
 

@@ -28,6 +28,8 @@ from .request import ContextSegment
 from ..errors import ModelLoadError
 from .checkpoint import CheckpointFiles, TextTokenizer, load_csm, load_mimi, quantize, resolve_checkpoint
 from .hub import DownloadProgress
+from .prefix import PrefixCache
+from .session import MAX_POSITIONS
 
 logger = logging.getLogger("sesame_tts")
 
@@ -80,6 +82,7 @@ class CSMEngine:
         self.frame_decoder = FrameDecoder(model, compiled)
         self.mimi_modules = stateful_modules(mimi)
         self._prompts: dict[str, _Tokens] = {}
+        self.prefixes = PrefixCache(settings.voice_cache_mb if settings.prefix_cache else 0)
         self.memory = MemoryGuard(settings.mlx_memory_limit_mb)
 
     @classmethod
@@ -117,8 +120,17 @@ class CSMEngine:
             except Exception as exc:
                 raise ModelLoadError(f"voice '{preset.name}' prompt.audio: {exc}") from None
             segment = ContextSegment(preset.speaker, preset.prompt.text, codes=codes_by_path[path])
-            self._prompts[preset.name] = self.segment_tokens(segment)
-            logger.info("voice %s: prompt %s, %d positions", preset.name, path.name, len(self._prompts[preset.name]))
+            tokens = self.segment_tokens(segment)
+            room = self.longest_chunk_positions()
+            if len(tokens) + room > MAX_POSITIONS:
+                raise ModelLoadError(
+                    f"voice '{preset.name}' prompt.audio {path}: the clip and its transcript take {len(tokens)} "
+                    f"positions and a text chunk up to {room} more, over CSM's {MAX_POSITIONS}; use a shorter clip "
+                    f"(about {(MAX_POSITIONS - room) / 12.5 * 0.8:.0f} s at most)")
+            self._prompts[preset.name] = tokens
+            cached = self.settings.prefix_cache and self.prefixes.add(self.model, tokens.ids, tokens.mask)
+            logger.info("voice %s: prompt %s, %d positions%s", preset.name, path.name, len(tokens),
+                        ", prefilled once" if cached else "")
 
     def encode_audio(self, audio: np.ndarray) -> np.ndarray:
         """Mimi codes (codebooks x frames) of float32 mono 24 kHz audio."""
@@ -144,6 +156,12 @@ class CSMEngine:
 
     def frame_cap(self, text: str) -> int:
         return max_frames_for(text, self.settings)
+
+    def longest_chunk_positions(self) -> int:
+        """Positions the longest text chunk may need besides its context: every character a token (the
+        worst case), BOS/EOS and the speaker tag, and its frame cap."""
+        chars = self.settings.chunk_max_chars
+        return chars + 8 + max_frames_for("x" * chars, self.settings)
 
     def segment_tokens(self, segment: ContextSegment) -> _Tokens:
         """Text rows, then audio rows ending in CSM's all-zero end-of-speech frame."""

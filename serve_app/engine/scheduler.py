@@ -111,6 +111,9 @@ class BatchScheduler:
         codes = self.engine.frame_decoder(mx.concatenate(hidden), noise, inv_temperature, top_k)
         frames = np.array(codes)
         keep = [i for i, session in enumerate(self.rows) if session.accept(frames[i])]
+        for i, session in enumerate(self.rows):
+            if i not in keep:  # its chunk ended: its next chunk may continue from its row
+                session.keep_row(self._kv.row_state(i))
         self.starting.extend(s for i, s in enumerate(self.rows) if i not in keep)
         self._keep(keep, codes)
 

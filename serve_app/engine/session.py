@@ -15,6 +15,7 @@ import numpy as np
 
 from ..protocol import Usage
 from .codec import MimiStream
+from .prefix import State, caches_from, token_key
 from .request import SynthesisRequest
 
 if TYPE_CHECKING:
@@ -39,6 +40,12 @@ class SpeechSession:
         self.inv_temperature = 1.0 / preset.temperature
         self.top_k = max(1, min(preset.top_k, engine.vocab_size))
         self._fixed = engine.fixed_context(preset, request.context)
+        self._reuse = engine.settings.prefix_cache
+        self._fixed_key = (token_key(np.concatenate([s.ids for s in self._fixed]),
+                                     np.concatenate([s.mask for s in self._fixed]))
+                           if self._fixed and self._reuse else None)
+        self._resume: Optional[State] = None  # this request's cache row after its last chunk
+        self._last_frame: Optional[np.ndarray] = None  # the frame that ended the last chunk
         self._history: list = []
         self._mimi = MimiStream(engine.mimi, engine.mimi_modules)
         self.usage = Usage()
@@ -55,9 +62,15 @@ class SpeechSession:
         """Backbone positions this request holds now (its share of the batch's memory)."""
         return self._prompt_length + len(self._frames)
 
-    def next_prompt(self) -> Optional[tuple[mx.array, mx.array]]:
-        """Start the next text chunk: its prompt as (tokens, mask) of shape (1, n, K+1), or None when
-        every chunk is done."""
+    def next_prompt(self) -> Optional[tuple[mx.array, mx.array, Optional[list]]]:
+        """Start the next text chunk: its prompt as (tokens, mask) of shape (1, n, K+1) and the cache to
+        continue from (None: from nothing), or None when every chunk is done.
+
+        CSM's context for a chunk is the voice's fixed segments, then the earlier chunks (each its text, its
+        frames and the all-zero end-of-speech row), then this chunk's text. With KV reuse, a later chunk
+        continues its own cache row, which already holds all of that but the tail of the previous chunk;
+        when the row would not fit CSM's positions with this chunk, or on the first chunk, the context is
+        trimmed to what fits and prefilled, starting from the voice's cached prefix when it has one."""
         if self._chunk_index >= len(self.request.chunks):
             return None
         engine, chunk = self.engine, self.request.chunks[self._chunk_index]
@@ -65,12 +78,45 @@ class SpeechSession:
         text = engine.text_tokens(chunk, self.request.preset.speaker)
         max_frames = self.request.max_frames_per_chunk or engine.frame_cap(chunk)
         self._max_frames = min(max_frames, MAX_POSITIONS - len(text) - 1)
-        context = engine.fit_context(self._fixed, self._history, MAX_POSITIONS - len(text) - self._max_frames)
-        ids = np.concatenate([seg.ids for seg in context] + [text.ids])
-        mask = np.concatenate([seg.mask for seg in context] + [text.mask])
-        self._chunk_text, self._frames, self._prompt_length = chunk, [], len(ids)
+        self._chunk_text, self._frames = chunk, []
         self.usage.input_tokens += len(text)
-        return mx.array(ids)[None], mx.array(mask)[None]
+        resume, self._resume = self._resume, None
+        if resume is not None:
+            tail_ids, tail_mask = self._tail()
+            seen = resume[0][0].shape[2]
+            if seen + len(tail_ids) + len(text) + self._max_frames <= MAX_POSITIONS:
+                return self._prompt([tail_ids, text.ids], [tail_mask, text.mask], caches_from(resume), seen)
+        context = engine.fit_context(self._fixed, self._history, MAX_POSITIONS - len(text) - self._max_frames)
+        cache, seen = None, 0
+        fixed = len(self._fixed)
+        if self._fixed_key is not None and all(a is b for a, b in zip(context[:fixed], self._fixed)):
+            cache = engine.prefixes.lookup(self._fixed_key)
+            if cache is not None:
+                context, seen = context[fixed:], cache[0].offset
+        return self._prompt([s.ids for s in context] + [text.ids], [s.mask for s in context] + [text.mask], cache, seen)
+
+    def _prompt(self, ids: list[np.ndarray], mask: list[np.ndarray], cache: Optional[list], seen: int):
+        rows, masks = np.concatenate(ids), np.concatenate(mask)
+        self._prompt_length = seen + len(rows)
+        return mx.array(rows)[None], mx.array(masks)[None], cache
+
+    def _tail(self) -> tuple[np.ndarray, np.ndarray]:
+        """What the cache row has not seen of the previous chunk: its last frame when the frame cap cut it
+        (sampled, never fed back), then CSM's all-zero end-of-speech row (which is the frame itself when
+        the model ended the chunk)."""
+        frames = [self._last_frame] if self._last_frame is not None and self._last_frame.any() else []
+        rows = np.zeros((len(frames) + 1, self.engine.num_codebooks + 1), dtype=np.int32)
+        if frames:
+            rows[0, :-1] = frames[0]
+        mask = np.zeros_like(rows, dtype=bool)
+        mask[:, :-1] = True
+        return rows, mask
+
+    def keep_row(self, state: State) -> None:
+        """The scheduler hands over this request's cache row as its chunk ends; kept if another chunk
+        follows and KV reuse is on."""
+        if self._reuse and self._chunk_index < len(self.request.chunks):
+            self._resume = state
 
     def noise(self) -> mx.array:
         """Gumbel noise for this request's next frame (K, V), from its own key: a request samples the same
@@ -81,6 +127,7 @@ class SpeechSession:
     def accept(self, codes: np.ndarray) -> bool:
         """Take this request's new frame (K,); False when its chunk has ended (end-of-speech or cap)."""
         if not codes.any():  # CSM's all-zero end-of-speech frame
+            self._last_frame = codes
             self._end_chunk()
             return False
         self._frames.append(codes)
@@ -90,6 +137,7 @@ class SpeechSession:
             self._flush()
             self._group = self.engine.settings.group_frames
         if len(self._frames) >= self._max_frames:
+            self._last_frame = codes
             self._end_chunk()
             return False
         return True
