@@ -25,6 +25,7 @@ from mlx.utils import tree_flatten
 
 BOS, EOS = "<|begin_of_text|>", "<|end_of_text|>"
 MIMI_FILE = "tokenizer-e351c8d8-checkpoint125.safetensors"
+AUDIO_VOCAB = 2051  # sesame/csm-1b's audio_vocab_size
 PROMPTS = {
     "conversational_a": "Hi there, this is the conversational voice speaking naturally.",
     "conversational_b": "And this is the second speaker, a little brighter and quicker.",
@@ -69,12 +70,14 @@ def csm_config(text_vocab: int, full_size: bool) -> dict:
     """A transformers-style CSM config; full size is CSM-1B's (llama-1B backbone, llama-100M decoder)."""
     backbone = _llama(2048, 16, 32, 8, 8192) if full_size else _llama(64, 2, 4, 2, 128)
     decoder = _llama(1024, 4, 8, 2, 8192) if full_size else _llama(32, 1, 2, 1, 64)
-    decoder.update(model_type="csm_depth_decoder_model", num_codebooks=32, vocab_size=2048,
+    # CSM's real audio vocabulary: Mimi's 2048 codes plus 3 (codebook pad 2050), so random weights also sample
+    # codes >= 2048 and the clip before Mimi runs in every test.
+    decoder.update(model_type="csm_depth_decoder_model", num_codebooks=32, vocab_size=AUDIO_VOCAB,
                    backbone_hidden_size=backbone["hidden_size"])
     return {
         "model_type": "sesame", "backbone_flavor": "llama-1B", "decoder_flavor": "llama-100M",
-        "text_vocab_size": 128256 if full_size else text_vocab, "audio_vocab_size": 2048,
-        "audio_num_codebooks": 32, "num_codebooks": 32, "vocab_size": 2048,
+        "text_vocab_size": 128256 if full_size else text_vocab, "audio_vocab_size": AUDIO_VOCAB,
+        "audio_num_codebooks": 32, "num_codebooks": 32, "vocab_size": AUDIO_VOCAB,
         "audio_eos_token_id": 0, "audio_token_id": 128002, "bos_token_id": 128000,
         "codebook_eos_token_id": 0, "codebook_pad_token_id": 2050, "pad_token_id": 128002,
         "tie_codebooks_embeddings": True, "tie_word_embeddings": False,

@@ -46,7 +46,8 @@ def test_voice_bench_compares_kv_reuse_side_by_side(tiny_checkpoint, tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     [folder] = list(out.iterdir())
     result = json.loads((folder / f"voices-{tiny_checkpoint.name}.json").read_text())
-    assert set(result["median_s"]) == {"conversational/reuse", "conversational/reprefill", "fast/reuse", "fast/reprefill"}
+    assert set(result["median_s"]) == {"conversational/reuse", "conversational/before", "fast/reuse", "fast/before"}
+    assert set(result["join_stall"]) == {"reuse", "before", "chunked-only"}
     for row in result["median_s"].values():
         assert 0 < row["first"] < row["total"]
     assert result["prefix_cache"]["entries"] == 2 and len(result["targets"]) == 4

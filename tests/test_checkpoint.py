@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import mlx.core as mx
+import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
@@ -140,3 +141,15 @@ def test_corrupt_mimi(broken):
     (broken / "mimi" / MIMI_FILE).write_bytes(b"garbage")
     with pytest.raises(ModelLoadError, match="Mimi weights"):
         load_mimi(resolve_checkpoint(settings(broken)))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_mimi_runs_in_the_chosen_dtype_tables_included(tiny_checkpoint, dtype):
+    """MIMI_DTYPE reaches every array, also the tables mlx-audio derives from the weights (codebook
+    embeddings, expanded conv weights), and the codec still encodes and decodes."""
+    mimi = load_mimi(resolve_checkpoint(settings(tiny_checkpoint)), dtype)
+    found = {v.dtype for _, module in mimi.named_modules() for v in module.values() if isinstance(v, mx.array)}
+    assert found == {getattr(mx, dtype)}
+    codes = mimi.encode(mx.array(np.sin(np.arange(1920 * 3) / 9.0).astype(np.float32))[None, None])
+    assert codes.shape == (1, 32, 3) and int(codes.max()) < 2048
+    assert mimi.decode(codes).shape[-1] == 1920 * 3

@@ -143,3 +143,36 @@ def test_a_voice_prompt_too_long_for_a_chunk_is_refused_at_start(tiny_checkpoint
         out.writeframes(noise.tobytes())
     with pytest.raises(ModelLoadError, match="voice 'professional' prompt.audio .*conversational_b.wav.* over CSM's 2048"):
         CSMEngine.load(Settings(model_id=str(copy), **ENGINE_CAPS), voices)
+
+
+def test_a_long_prompt_joins_in_pieces_and_the_stream_keeps_its_rhythm(tiny_checkpoint, voices, reference):
+    """PREFILL_STEP_POSITIONS=32: a request whose 378-position voice clip must be prefilled (no KV reuse here)
+    joins a streaming request over many steps, and the streaming one still gets a frame every step. Both
+    produce exactly the codes they produce alone (where the prompt goes in at once)."""
+    from serve_app.engine.scheduler import BatchScheduler
+
+    chunked = CSMEngine.load(Settings(model_id=str(tiny_checkpoint), dtype="float32", prefix_cache=False,
+                                      prefill_step_positions=32, **ENGINE_CAPS), voices)
+    streaming = greedy(voices, "fast", ["A long first request that keeps on streaming."], seed=1)
+    joining = greedy(voices, "conversational", ["Joining."], seed=2)
+    out = {"streaming": [], "joining": []}
+    scheduler = BatchScheduler(chunked, 4)
+    scheduler.add(GenerationJob(streaming, out["streaming"].append))
+    for _ in range(3):
+        scheduler.step()
+    [first] = scheduler.rows
+    scheduler.add(GenerationJob(joining, out["joining"].append))
+    steps = 0
+    while len(scheduler.rows) < 2:
+        before = first.usage.output_tokens
+        scheduler.step()
+        assert first.usage.output_tokens == before + 1  # a frame every step while the other prefills
+        steps += 1
+    prompt = len(chunked._prompts["conversational"]) + len(chunked.text_tokens("Joining.", 0))
+    assert steps == -(-prompt // 32)  # in 32-position pieces
+    while scheduler.active:
+        scheduler.step()
+    for name, request in (("streaming", streaming), ("joining", joining)):
+        items = out[name]
+        assert items[-1] is END
+        assert (b"".join(items[:-2]), items[-2]) == solo(reference, request), name

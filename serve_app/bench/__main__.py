@@ -23,7 +23,7 @@ from pathlib import Path
 
 from ..settings import PROJECT_ROOT, Settings
 from . import report
-from .engine import TEXT, VOICE
+from .engine import NO_PROMPT_VOICE, TEXT, VOICE
 from .server import server_part
 
 DEFAULTS = {"tiny": {"frames": 50, "repeats": 5}, "full": {"frames": 8, "repeats": 1}}
@@ -58,22 +58,28 @@ def bench_one(kind: str, folder: Path, args, command: str) -> dict:
     levels = args.concurrency
     common = ["--checkpoint", str(folder), "--frames", str(frames), "--repeats", str(repeats)]
     result = {"checkpoint_kind": kind, "checkpoint": str(folder), "frames": frames, "repeats": repeats, "text": TEXT,
-              "voice": VOICE, "command": command, "date": datetime.datetime.now().isoformat(timespec="seconds"),
+              "voice": args.voice, "command": command, "date": datetime.datetime.now().isoformat(timespec="seconds"),
               "machine": report.machine()}
     env = {"MLX_COMPILE": args.compile}
     if args.quantize:
         env["QUANTIZE"] = str(args.quantize)
     print(f"[{kind}] bare engine", file=sys.stderr, flush=True)
     result["engine"] = run_part(["engine", *common, "--levels", ",".join(levels), "--compile", args.compile,
-                                 "--quantize", str(args.quantize)])
+                                 "--quantize", str(args.quantize), "--voice", args.voice])
     if "skipped" in result["engine"]:
         raise RuntimeError(f"the bare engine part {result['engine']['skipped']}")
-    if not args.skip_reference:
+    if args.skip_reference:
+        pass
+    elif args.voice != NO_PROMPT_VOICE:
+        result["reference"] = {"part": "reference", "skipped": f"mlx-audio's loop runs without a voice prompt: it "
+                                                               f"compares with --voice {NO_PROMPT_VOICE} only"}
+    else:
         print(f"[{kind}] mlx-audio Model.generate", file=sys.stderr, flush=True)
         result["reference"] = run_part(["reference", *common])
     if not args.skip_server:
         print(f"[{kind}] server over HTTP", file=sys.stderr, flush=True)
-        result["server"] = server_part(str(folder), frames, repeats, [int(n) for n in levels], args.formats, env)
+        result["server"] = server_part(str(folder), frames, repeats, [int(n) for n in levels], args.formats, env,
+                                       voice=args.voice)
     result["comparison"] = report.compare(result)
     return result
 
@@ -88,6 +94,8 @@ def main(argv=None) -> None:
     parser.add_argument("--formats", default="mp3,opus,pcm", type=lambda s: s.split(","))
     parser.add_argument("--compile", default="auto", choices=["auto", "on", "off"], help="MLX_COMPILE for engine and server")
     parser.add_argument("--quantize", type=int, default=0, choices=[0, 4, 8])
+    parser.add_argument("--voice", default=VOICE, help=f"the voice measured (default: the server's default, {VOICE}; "
+                                                       f"mlx-audio's loop is compared with --voice {NO_PROMPT_VOICE} only)")
     parser.add_argument("--skip-reference", action="store_true")
     parser.add_argument("--skip-server", action="store_true")
     parser.add_argument("--out", type=Path, default=PROJECT_ROOT / "results" / "bench")

@@ -21,7 +21,8 @@ from ..engine.memory import memory_report
 from ..settings import FRAME_RATE, Settings
 
 TEXT = "Hello, this is a quick benchmark of the speech server."  # one text chunk
-VOICE = "fast"  # no reference prompt: the prompt is the text alone, the same for every engine measured
+VOICE = Settings().default_voice  # what users get (a reference clip as context): measured by default
+NO_PROMPT_VOICE = "fast"  # the only voice mlx-audio's loop is compared on (it is run without a voice prompt)
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -29,7 +30,8 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))]
 
 
-def engine_part(checkpoint: str, frames: int, repeats: int, levels: list[int], compile_mode: str, quantize: int) -> dict:
+def engine_part(checkpoint: str, frames: int, repeats: int, levels: list[int], compile_mode: str, quantize: int,
+                voice: str = VOICE) -> dict:
     """Time to first PCM, frames/s and RTF for one request, then aggregate throughput with `levels`
     requests generated together (the same continuous batching the server uses)."""
     from ..engine.generation import CSMEngine, select_device
@@ -47,7 +49,7 @@ def engine_part(checkpoint: str, frames: int, repeats: int, levels: list[int], c
     started = time.perf_counter()
     warm_up(engine)
     warm_s = time.perf_counter() - started
-    preset = voices.resolve(VOICE)
+    preset = voices.resolve(voice)
     audio_s = frames / FRAME_RATE
 
     def request(seed: int) -> SynthesisRequest:
@@ -92,7 +94,7 @@ def engine_part(checkpoint: str, frames: int, repeats: int, levels: list[int], c
     return result
 
 
-def memory_part(checkpoint: str, quantize: int) -> dict:
+def memory_part(checkpoint: str, quantize: int, voice: str = VOICE) -> dict:
     """Load (with QUANTIZE), generate one short request, and report memory: the QUANTIZE check at full size,
     where a full benchmark of quantized weights would take hours on a CPU (they are slower there)."""
     from ..engine.generation import CSMEngine, select_device
@@ -107,10 +109,45 @@ def memory_part(checkpoint: str, quantize: int) -> dict:
     engine = CSMEngine.load(settings, voices)
     loaded = {"load_s": round(time.perf_counter() - started, 1), **memory_report()}
     started = time.perf_counter()
-    items = list(synthesize(engine, SynthesisRequest([TEXT], voices.resolve(VOICE), seed=0, max_frames_per_chunk=2)))
+    items = list(synthesize(engine, SynthesisRequest([TEXT], voices.resolve(voice), seed=0, max_frames_per_chunk=2)))
     pcm = b"".join(i for i in items if isinstance(i, bytes))
     return {"part": "memory", "quantize": quantize, "after_load": loaded, "after_request": memory_report(),
             "request_s": round(time.perf_counter() - started, 1), "pcm_samples": len(pcm) // 2}
+
+
+def mimi_part(checkpoint: str, frames: int, repeats: int) -> dict:
+    """Mimi alone in float32 (Sesame's way, MIMI_DTYPE's default) and bfloat16, interleaved: streaming decode
+    time per frame, the codec's memory, and how far apart the two decodes and prompt encodings are."""
+    import numpy as np
+
+    from ..engine.checkpoint import _layout, load_mimi
+    from ..engine.codec import MimiStream, stateful_modules
+    from ..engine.generation import select_device
+
+    mx.set_default_device(select_device("auto"))
+    files = _layout(Path(checkpoint))
+    codecs = {dtype: load_mimi(files, dtype) for dtype in ("float32", "bfloat16")}
+    sizes = {dtype: sum(v.nbytes for _, m in mimi.named_modules() for v in m.values() if isinstance(v, mx.array))
+             for dtype, mimi in codecs.items()}
+    rng = np.random.default_rng(0)
+    codes = rng.integers(0, 2048, size=(32, frames)).astype(np.int32)
+    clip = (np.sin(np.arange(24000 * 2) / 7.0) * 0.3 + rng.standard_normal(48000) * 0.05).astype(np.float32)
+    times: dict[str, list[float]] = {dtype: [] for dtype in codecs}
+    pcm: dict[str, np.ndarray] = {}
+    for _ in range(repeats + 1):  # the first round warms up
+        for dtype, mimi in codecs.items():
+            stream = MimiStream(mimi, stateful_modules(mimi))
+            started = time.perf_counter()
+            pcm[dtype] = stream.decode(codes)
+            times[dtype].append((time.perf_counter() - started) / frames)
+    noise = pcm["float32"] - pcm["bfloat16"]
+    snr = 10 * np.log10(np.sum(pcm["float32"] ** 2) / max(np.sum(noise ** 2), 1e-30))
+    encoded = {dtype: np.array(mimi.encode(mx.array(clip)[None, None])[0]) for dtype, mimi in codecs.items()}
+    return {"part": "mimi", "frames": frames, "repeats": repeats,
+            "decode_ms_per_frame": {d: round(1000 * statistics.median(t[1:]), 2) for d, t in times.items()},
+            "memory_mb": {d: round(b / 2**20, 1) for d, b in sizes.items()},
+            "decode_snr_db_bf16_vs_f32": round(float(snr), 1),
+            "prompt_codes_equal": f"{int((encoded['float32'] == encoded['bfloat16']).sum())}/{encoded['float32'].size}"}
 
 
 def _hub_cache_with_mimi(checkpoint: Path, root: Path) -> Path:
@@ -138,14 +175,14 @@ def reference_part(checkpoint: str, frames: int, repeats: int) -> dict:
                                                "this checkpoint's Mimi is smaller, so only full-size checkpoints compare"}
     os.environ["HF_HUB_CACHE"] = str(_hub_cache_with_mimi(folder, Path(tempfile.mkdtemp(prefix="bench-hub-"))))
     os.environ["HF_HUB_OFFLINE"] = "1"
-    from mlx_audio.tts.models.sesame.sesame import Model
+    from mlx_audio.tts.models.sesame.sesame import Model, load_llama3_tokenizer
     from mlx_audio.lm.sample_utils import make_sampler
 
     from ..engine.generation import select_device
     from ..voices import VoiceLibrary
 
     mx.set_default_device(select_device("auto"))
-    preset = VoiceLibrary.load(Settings().voices_dir).resolve(VOICE)
+    preset = VoiceLibrary.load(Settings().voices_dir).resolve(NO_PROMPT_VOICE)
     # Its AutoTokenizer would read the checkpoint's config.json (model_type "sesame") and fail: give it a
     # folder with the tokenizer files alone.
     tokenizer_dir = Path(tempfile.mkdtemp(prefix="bench-tokenizer-"))
@@ -154,6 +191,9 @@ def reference_part(checkpoint: str, frames: int, repeats: int) -> dict:
     config.update(text_tokenizer=str(tokenizer_dir), use_default_voice_prompt=False)
     started = time.perf_counter()
     model = Model(config)
+    # Given a tokenizer folder, mlx-audio loads it without CSM's template (BOS text EOS): one token short of
+    # what Sesame's generator (and our engine) feeds the model. Its own loader adds the template.
+    model._text_tokenizer = load_llama3_tokenizer(str(tokenizer_dir))
     weights = model.sanitize(mx.load(str(folder / "model.safetensors")))
     weights = {k: v.astype(mx.bfloat16) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()}
     model.load_weights(list(weights.items()), strict=False)
@@ -179,19 +219,22 @@ def reference_part(checkpoint: str, frames: int, repeats: int) -> dict:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m serve_app.bench.engine")
-    parser.add_argument("part", choices=["engine", "reference", "memory"])
+    parser.add_argument("part", choices=["engine", "reference", "memory", "mimi"])
     parser.add_argument("--checkpoint", required=True)
     parser.add_argument("--frames", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--levels", default="1,2,4,8")
     parser.add_argument("--compile", default="auto", choices=["auto", "on", "off"])
     parser.add_argument("--quantize", type=int, default=0, choices=[0, 4, 8])
+    parser.add_argument("--voice", default=VOICE)
     args = parser.parse_args(argv)
     if args.part == "engine":
         levels = [int(n) for n in args.levels.split(",")]
-        out = engine_part(args.checkpoint, args.frames, args.repeats, levels, args.compile, args.quantize)
+        out = engine_part(args.checkpoint, args.frames, args.repeats, levels, args.compile, args.quantize, args.voice)
     elif args.part == "memory":
-        out = memory_part(args.checkpoint, args.quantize)
+        out = memory_part(args.checkpoint, args.quantize, args.voice)
+    elif args.part == "mimi":
+        out = mimi_part(args.checkpoint, args.frames, args.repeats)
     else:
         out = reference_part(args.checkpoint, args.frames, args.repeats)
     sys.stdout.write(json.dumps(out) + "\n")

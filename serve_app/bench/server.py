@@ -47,10 +47,10 @@ def start_server(checkpoint: str, frames: int, max_batch: int, env: Optional[dic
         "MAX_AUDIO_BASE_S": str((frames - 0.5) / FRAME_RATE), "MAX_AUDIO_S_PER_CHAR": "0", **(env or {})})
 
 
-def speech(client: httpx.Client, url: str, response_format: str, seed: int) -> dict:
+def speech(client: httpx.Client, url: str, response_format: str, seed: int, voice: str = VOICE) -> dict:
     """One streamed request on a connected client (as SDK clients keep theirs): time to first byte, total
     time, and the bytes received. A new client per request would add ~20 ms of client set-up here."""
-    body = {"model": "csm-1b", "input": TEXT, "voice": VOICE, "response_format": response_format, "seed": seed}
+    body = {"model": "csm-1b", "input": TEXT, "voice": voice, "response_format": response_format, "seed": seed}
     t0 = time.perf_counter()
     first = None
     size = 0
@@ -65,7 +65,7 @@ def speech(client: httpx.Client, url: str, response_format: str, seed: int) -> d
 
 
 def server_part(checkpoint: str, frames: int, repeats: int, levels: list[int], formats: list[str],
-                env: Optional[dict] = None, ready_timeout_s: float = 1800) -> dict:
+                env: Optional[dict] = None, ready_timeout_s: float = 1800, voice: str = VOICE) -> dict:
     audio_s = frames / FRAME_RATE
     server = start_server(checkpoint, frames, max(levels), env)
     try:
@@ -74,9 +74,9 @@ def server_part(checkpoint: str, frames: int, repeats: int, levels: list[int], f
         result: dict = {"part": "server", "ready_s": round(time.monotonic() - started, 1), "frames": frames,
                         "audio_s": audio_s, "formats": {}, "concurrency": {}}
         client = httpx.Client(timeout=3600)
-        speech(client, server.base_url, "pcm", 0)  # warm the path (ffmpeg, handles, connection) like the engine's warm-up
+        speech(client, server.base_url, "pcm", 0, voice)  # warm the path (ffmpeg, handles, connection) like the engine's warm-up
         for fmt in formats:
-            runs = [speech(client, server.base_url, fmt, seed) for seed in range(repeats)]
+            runs = [speech(client, server.base_url, fmt, seed, voice) for seed in range(repeats)]
             if fmt == "pcm":  # the stream is the raw PCM: its length proves the frame count
                 expected = int(audio_s * SAMPLE_RATE) * 2
                 bad = [r["bytes"] for r in runs if r["bytes"] != expected]
@@ -95,7 +95,7 @@ def server_part(checkpoint: str, frames: int, repeats: int, levels: list[int], f
 
             def one(i: int) -> None:
                 barrier.wait()
-                runs[i] = speech(clients[i], server.base_url, "pcm", 100 + i)
+                runs[i] = speech(clients[i], server.base_url, "pcm", 100 + i, voice)
 
             threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
             t0 = time.perf_counter()

@@ -95,7 +95,7 @@ class CSMEngine:
         model = load_csm(files, settings.dtype)
         if settings.quantize:
             quantize(model, settings.quantize)
-        engine = cls(model, load_mimi(files), TextTokenizer(files.tokenizer_dir), settings, files)
+        engine = cls(model, load_mimi(files, settings.mimi_dtype), TextTokenizer(files.tokenizer_dir), settings, files)
         if voices is not None:
             engine.load_voice_prompts(voices)
         logger.info("loaded %s in %.1f s (%s%s, %s)", files.root, time.perf_counter() - started, settings.dtype,

@@ -3,9 +3,11 @@
 Every step computes one frame for every request in the batch: the rows already generating take one
 backbone step together; rows that start a text chunk (a new request, or the next chunk of one already in
 the batch) are prefilled on their own and join; then one depth-decoder pass samples all 32 codebooks for
-every row at once. Each request keeps its own backbone cache row, PRNG key, stop rule, frame cap, Mimi
-state and output (see session.py), so a request that ends, fails or is cancelled leaves without disturbing
-the others. It all runs on the replica's one MLX thread (worker.py).
+every row at once. While rows are generating, a joining prompt is prefilled at most PREFILL_STEP_POSITIONS
+per step, so a long context joining never stalls the streams already running for more than that. Each
+request keeps its own backbone cache row, PRNG key, stop rule, frame cap, Mimi state and output (see
+session.py), so a request that ends, fails or is cancelled leaves without disturbing the others. It all runs
+on the replica's one MLX thread (worker.py).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from __future__ import annotations
 import logging
 from collections import deque
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import mlx.core as mx
 import numpy as np
@@ -29,6 +31,20 @@ if TYPE_CHECKING:
 logger = logging.getLogger("sesame_tts")
 
 END = object()  # posted after a request's last item
+
+
+@dataclass
+class PendingPrefill:
+    """A prompt being prefilled across steps: (1, n, K+1) tokens and mask, the cache so far, positions done."""
+
+    tokens: mx.array
+    mask: mx.array
+    cache: Optional[list]
+    done: int = 0
+
+    @property
+    def remaining(self) -> int:
+        return self.tokens.shape[1] - self.done
 
 
 @dataclass
@@ -49,7 +65,7 @@ class BatchScheduler:
         self.waiting: deque[SpeechSession] = deque()
         self.rows: list[SpeechSession] = []  # in the order of the cache rows
         self.starting: list[SpeechSession] = []  # in the batch, between two text chunks
-        self._joining: list[SpeechSession] = []  # being prefilled during this step
+        self._joining: list[SpeechSession] = []  # prefilled during this step, joining the rows
         self._kv = BatchKV(len(engine.model.backbone.layers))
         self._last = None  # the rows' previous frame (rows, K)
 
@@ -83,23 +99,39 @@ class BatchScheduler:
         hidden = []
         if self.rows:
             hidden.append(backbone_step(model.backbone, embed_frame(model, self._last), self._kv))
-        while self.starting or (self.waiting and self.generating < self.max_batch):
-            session = self.starting.pop(0) if self.starting else self.waiting.popleft()
-            self._joining.append(session)  # from here on a batch-wide failure reaches it (see _fail)
+        # With rows generating, a joining prompt gets a bounded share of this step; with none, nobody waits.
+        budget = self.engine.settings.prefill_step_positions if self.rows else None
+        while (self.starting or (self.waiting and self.generating < self.max_batch)) and (budget is None or budget > 0):
+            if not self.starting:
+                self.starting.append(self.waiting.popleft())
+            session = self.starting[0]  # stays there (in the batch) until its prompt is prefilled
             try:
-                prompt = session.next_prompt()
-                if prompt is None:
-                    self._joining.pop()
-                    session.finish()
-                    session.post(END)
-                    continue
-                last, cache = prefill(model, *prompt)
-                mx.eval(last)
+                if session.prefill is None:
+                    prompt = session.next_prompt()
+                    if prompt is None:
+                        self.starting.pop(0)
+                        session.finish()
+                        session.post(END)
+                        continue
+                    session.prefill = PendingPrefill(*prompt)
+                part = session.prefill
+                take = part.remaining if budget is None else min(part.remaining, budget)
+                last, part.cache = prefill(model, part.tokens[:, part.done:part.done + take],
+                                           part.mask[:, part.done:part.done + take], part.cache)
+                part.done += take
+                budget = None if budget is None else budget - take
+                mx.eval(last, *[c.keys for c in part.cache], *[c.values for c in part.cache])
             except Exception as exc:  # its own text or context: only this request fails
-                self._joining.pop()
+                self.starting.pop(0)
+                session.prefill = None
                 self._post_failures([session], MemoryGuard.translate(exc))
                 continue
-            self._kv.add(cache)
+            if part.remaining:
+                continue  # more of it next step
+            self.starting.pop(0)
+            session.prefill = None
+            self._joining.append(session)
+            self._kv.add(part.cache)
             hidden.append(last)
         self.rows.extend(self._joining)
         self._joining = []

@@ -45,6 +45,7 @@ class SpeechSession:
                                      np.concatenate([s.mask for s in self._fixed]))
                            if self._fixed and self._reuse else None)
         self._resume: Optional[State] = None  # this request's cache row after its last chunk
+        self.prefill = None  # the scheduler's PendingPrefill while this chunk's prompt goes in
         self._last_frame: Optional[np.ndarray] = None  # the frame that ended the last chunk
         self._history: list = []
         self._mimi = MimiStream(engine.mimi, engine.mimi_modules)
