@@ -176,3 +176,11 @@ def test_a_long_prompt_joins_in_pieces_and_the_stream_keeps_its_rhythm(tiny_chec
         items = out[name]
         assert items[-1] is END
         assert (b"".join(items[:-2]), items[-2]) == solo(reference, request), name
+
+
+def test_a_voice_clip_that_does_not_fit_is_left_out_as_without_reuse(reusing, reference, voices, monkeypatch):
+    """With CSM's context made shorter than the voice's clip plus the chunk (420 positions), the reference path
+    leaves the clip out; the cached prefix must not sneak it back in."""
+    monkeypatch.setattr(session_module, "MAX_POSITIONS", 420)
+    request = greedy(voices, "conversational", ["Short."], seed=4, max_frames_per_chunk=40)
+    assert solo(reusing, request) == solo(reference, request)

@@ -90,7 +90,9 @@ class SpeechSession:
         context = engine.fit_context(self._fixed, self._history, MAX_POSITIONS - len(text) - self._max_frames)
         cache, seen = None, 0
         fixed = len(self._fixed)
-        if self._fixed_key is not None and all(a is b for a, b in zip(context[:fixed], self._fixed)):
+        # The cached prefix applies only when every fixed segment made it into the context, in order.
+        if (self._fixed_key is not None and len(context) >= fixed
+                and all(a is b for a, b in zip(context[:fixed], self._fixed))):
             cache = engine.prefixes.lookup(self._fixed_key)
             if cache is not None:
                 context, seen = context[fixed:], cache[0].offset
