@@ -102,6 +102,18 @@ def session_processes(sid: int) -> list[str]:
     return [f"{r[0]} {r[1]} {r[3]}" for r in rows if len(r) == 4 and r[0] == str(sid) and not r[2].startswith("Z")]
 
 
+def settled(model, timeout: float = 120) -> dict:
+    """The in-process model deployment's /health body once it has stopped loading (ready or failed)."""
+    import asyncio
+    import time
+
+    deadline = time.monotonic() + timeout
+    while (health := asyncio.run(model.health()))["status"] == "loading":
+        assert time.monotonic() < deadline, "the model is still loading"
+        time.sleep(0.05)
+    return health
+
+
 def children(pid: int) -> list[int]:
     """The direct children of process `pid` (one we started)."""
     out = subprocess.run(["ps", "-eo", "pid=,ppid="], capture_output=True, text=True).stdout

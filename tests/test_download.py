@@ -18,7 +18,7 @@ from serve_app.engine.request import SynthesisRequest
 from serve_app.errors import ModelLoadError, ModelNotReadyError
 from serve_app.protocol import Usage
 from serve_app.settings import Settings
-from tests.conftest import ENGINE_CAPS
+from tests.conftest import ENGINE_CAPS, settled
 from tests.fake_hub import FakeHub
 
 REPO = "test-org/csm-tiny"
@@ -70,11 +70,7 @@ def test_first_start_downloads_with_progress_then_loads_offline(hub, tmp_path, v
     # The next start finds everything in CACHE_DIR: nothing is fetched, even with the hub gone.
     hub.close()
     again = CSMModel(Settings(model_id=REPO, cache_dir=tmp_path, hf_endpoint=closed_port_url(), **ENGINE_CAPS), voices)
-    deadline = time.monotonic() + 60
-    while health(again)["status"] == "loading":
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-    assert health(again)["status"] == "ready"
+    assert settled(again)["status"] == "ready"
 
 
 async def _collect(model, request):
@@ -90,11 +86,7 @@ def test_no_network_on_first_start_is_a_503_that_says_what_to_do(tmp_path, voice
     settings = Settings(model_id="sesame-test/not-cached", cache_dir=tmp_path, hf_endpoint=closed_port_url())
     with caplog.at_level(logging.INFO, logger="sesame_tts"):
         model = CSMModel(settings, voices)
-        deadline = time.monotonic() + 60
-        while health(model)["status"] == "loading":
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
-    state = health(model)
+        state = settled(model)
     assert state["status"] == "failed"
     for words in ("needs the network once", "MODEL_ID to a local CSM checkpoint folder", "serve_app.tiny_checkpoint"):
         assert words in state["error"]

@@ -23,7 +23,7 @@ from serve_app.errors import OutOfMemoryError
 from serve_app.settings import Settings
 from serve_app.text import chunk_text
 from serve_app.voices import VoiceLibrary
-from tests.conftest import launch_server
+from tests.conftest import launch_server, settled
 
 pytestmark = pytest.mark.server
 
@@ -123,10 +123,7 @@ def test_memory_limit_fails_that_request_releases_the_cache_and_the_next_succeed
                         max_audio_s_per_char=0.0, prefix_cache=False)
     voices = VoiceLibrary.load(settings.voices_dir)
     model = CSMModel(settings, voices)
-    deadline = time.monotonic() + 60
-    while asyncio.run(model.health())["status"] == "loading":
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    assert settled(model)["status"] == "ready"
     big = SynthesisRequest(chunk_text("word " * 200, 220, 100), voices.resolve("conversational"), seed=1)
     with pytest.raises(OutOfMemoryError) as info:
         _run(model, big)

@@ -16,7 +16,7 @@ from serve_app.engine.request import ContextSegment, SynthesisRequest
 from serve_app.errors import ServiceUnavailableError
 from serve_app.protocol import Usage
 from serve_app.settings import Settings
-from tests.conftest import ENGINE_CAPS
+from tests.conftest import ENGINE_CAPS, settled
 
 LONE_SURROGATE = "Hello \ud800 there."  # what a JSON body can carry ("\ud800"), and no tokenizer takes
 CODES = np.ones((32, 3), dtype=np.int32)  # three frames of Mimi codes
@@ -24,11 +24,7 @@ CODES = np.ones((32, 3), dtype=np.int32)  # three frames of Mimi codes
 
 def ready_model(tiny_checkpoint, voices, **settings) -> CSMModel:
     model = CSMModel(Settings(model_id=str(tiny_checkpoint), **{**ENGINE_CAPS, **settings}), voices)
-    deadline = time.monotonic() + 120
-    while asyncio.run(model.health())["status"] == "loading":
-        assert time.monotonic() < deadline, "model did not load"
-        time.sleep(0.05)
-    assert asyncio.run(model.health())["status"] == "ready"
+    assert settled(model)["status"] == "ready"
     return model
 
 
