@@ -14,6 +14,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 import mlx.core as mx
 
@@ -30,13 +31,27 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))]
 
 
+def time_request(engine, request) -> tuple[Optional[float], float, float]:
+    """(first PCM s, total s, longest gap between two PCM pieces s) of one request run in-process."""
+    from ..engine.runners import synthesize
+
+    started = last = time.perf_counter()
+    first, gap = None, 0.0
+    for item in synthesize(engine, request):
+        if isinstance(item, bytes):
+            now = time.perf_counter()
+            first = first if first is not None else now - started
+            gap, last = max(gap, now - last), now
+    return first, time.perf_counter() - started, gap
+
+
 def engine_part(checkpoint: str, frames: int, repeats: int, levels: list[int], compile_mode: str, quantize: int,
                 voice: str = VOICE) -> dict:
     """Time to first PCM, frames/s and RTF for one request, then aggregate throughput with `levels`
     requests generated together (the same continuous batching the server uses)."""
     from ..engine.generation import CSMEngine, select_device
     from ..engine.request import SynthesisRequest
-    from ..engine.runners import run_jobs, synthesize, warm_up
+    from ..engine.runners import run_jobs, warm_up
     from ..engine.scheduler import GenerationJob
     from ..voices import VoiceLibrary
 
@@ -58,12 +73,7 @@ def engine_part(checkpoint: str, frames: int, repeats: int, levels: list[int], c
     mx.reset_peak_memory()
     single = []
     for r in range(repeats):
-        t0 = time.perf_counter()
-        first = None
-        for item in synthesize(engine, request(r)):
-            if first is None and isinstance(item, bytes):
-                first = time.perf_counter() - t0
-        total = time.perf_counter() - t0
+        first, total, _ = time_request(engine, request(r))
         single.append({"first_pcm_s": first, "total_s": total})
     totals = [s["total_s"] for s in single]
     result = {

@@ -23,24 +23,11 @@ from pathlib import Path
 
 from ..settings import PROJECT_ROOT, Settings
 from . import report
+from .engine import time_request
 
 TEXT = "Hello, this is the first sentence of the answer."
 CHUNK = "And here the answer goes on with another part."
 VOICES = ("conversational", "fast")
-
-
-def timed(engine, request) -> tuple[float, float, float]:
-    """(first PCM s, total s, longest gap between two PCM pieces s) of one in-process request."""
-    from ..engine.runners import synthesize
-
-    started = last = time.perf_counter()
-    first, gap = None, 0.0
-    for item in synthesize(engine, request):
-        if isinstance(item, bytes):
-            now = time.perf_counter()
-            first = first if first is not None else now - started
-            gap, last = max(gap, now - last), now
-    return first or 0.0, time.perf_counter() - started, gap
 
 
 def join_stall(engine, frames: int, voices) -> dict:
@@ -95,10 +82,10 @@ def run(checkpoint: Path, frames: int, chunks: int, repeats: int, configs: tuple
             preset = voices.resolve(voice)
             for name in compared:
                 one = SynthesisRequest([TEXT], preset, seed=r, max_frames_per_chunk=frames)
-                rows[(voice, name)]["first"].append(timed(engines[name], one)[0])
+                rows[(voice, name)]["first"].append(time_request(engines[name], one)[0])
                 if chunks:
                     many = SynthesisRequest([TEXT] + [CHUNK] * (chunks - 1), preset, seed=r, max_frames_per_chunk=frames)
-                    _, total, gap = timed(engines[name], many)
+                    _, total, gap = time_request(engines[name], many)
                     rows[(voice, name)]["total"].append(total)
                     rows[(voice, name)]["gap"].append(gap)
     med = {k: {m: round(statistics.median(v), 4) if v else None for m, v in row.items()} for k, row in rows.items()}
