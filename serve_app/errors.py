@@ -52,6 +52,14 @@ class AuthenticationError(APIError):
     default_code = "invalid_api_key"
 
 
+class PermissionDeniedError(APIError):
+    """The server is configured not to allow this (a feature turned off)."""
+
+    status_code = 403
+    error_type = "invalid_request_error"
+    default_code = "permission_denied"
+
+
 class NotFoundError(APIError):
     status_code = 404
     error_type = "invalid_request_error"

@@ -46,6 +46,23 @@ def ffmpeg_command(ffmpeg: str, fmt: str, speed: float = 1.0) -> list[str]:
     ]
 
 
+# Demuxers for the upload types OpenAI accepts (mpeg, wav, ogg, aac, flac, webm, mp4): nothing else is
+# probed, so no playlist, concat list or image format can make ffmpeg open anything but its stdin.
+UPLOAD_DEMUXERS = "mp3,wav,ogg,aac,flac,matroska,webm,mov,mp4,m4a,3gp,3g2,mj2"
+
+
+def decode_command(ffmpeg: str, max_s: float) -> list[str]:
+    """Any accepted upload on stdin -> float32 24 kHz mono on stdout. Only the pipe protocol and the upload
+    demuxers are allowed; the first audio stream is decoded and output stops at `max_s` seconds, so a small
+    file that decodes to hours (a decompression bomb) costs at most that much."""
+    return [
+        ffmpeg, "-hide_banner", "-nostdin", "-loglevel", "error", "-threads", "1",
+        "-protocol_whitelist", "pipe", "-format_whitelist", UPLOAD_DEMUXERS, "-i", "pipe:0",
+        "-map", "0:a:0", "-vn", "-sn", "-dn", "-t", f"{max_s:.3f}",
+        "-ac", "1", "-ar", str(SAMPLE_RATE), "-f", "f32le", "pipe:1",
+    ]
+
+
 def find_ffmpeg(name: str) -> tuple[Optional[str], str]:
     """(path, version line) of ffmpeg, or (None, reason) when it cannot be run."""
     path = shutil.which(name)

@@ -117,6 +117,15 @@ class Settings(BaseModel):
     # GPU; a long prefill with full-size weights on a slow CPU can take minutes. Loading is exempt.
     worker_stall_timeout_s: float = Field(300.0, ge=1.0)
 
+    # Custom voices (POST /v1/audio/voice_consents, /v1/audio/voices): stored under CACHE_DIR. Off: no new
+    # consents or voices (stored ones still speak and can be deleted).
+    custom_voices: bool = True
+    # At most this many custom voices, and this many consents, are kept.
+    max_custom_voices: int = Field(50, ge=1, le=10_000)
+    # The longest reference clip accepted. Its frames share CSM's 2,048 positions with the longest text chunk
+    # and the conversation; a 30 s clip takes ~400 (the model replica checks the exact fit).
+    custom_voice_max_s: float = Field(30.0, ge=2.0, le=100.0)
+
     # Presets and ffmpeg.
     voices_dir: Path = PROJECT_ROOT / "voices"
     ffmpeg_path: str = "ffmpeg"

@@ -74,6 +74,8 @@ class VoicePreset(BaseModel):
     top_k: int = Field(50, ge=1, le=2048)
     gain_db: float = Field(0.0, ge=-30.0, le=12.0)
     prompt: Optional[VoicePrompt] = None
+    # A custom voice (custom_voices.py): `name` is its id, and the model replica reads its clip from the store.
+    custom: bool = False
 
     @field_validator("name")
     @classmethod

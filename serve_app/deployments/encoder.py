@@ -15,8 +15,10 @@ import logging
 from dataclasses import dataclass
 from typing import AsyncIterator, Optional
 
-from ..errors import GenerationError, ServiceUnavailableError
-from ..ffmpeg import atempo_chain, ffmpeg_command, find_ffmpeg
+import numpy as np
+
+from ..errors import APIError, GenerationError, InvalidRequestError, ServiceUnavailableError
+from ..ffmpeg import atempo_chain, decode_command, ffmpeg_command, find_ffmpeg
 from ..formats import FORMATS
 from ..logs import configure_logging
 from ..protocol import Usage
@@ -26,6 +28,7 @@ from ..engine.request import SynthesisRequest
 logger = logging.getLogger("sesame_tts")
 
 READ_SIZE = 64 * 1024
+DECODE_TIMEOUT_S = 60  # an upload of at most 10 MiB decodes in well under a second; past this it is hostile
 
 
 @dataclass
@@ -88,6 +91,34 @@ class AudioEncoder:
                 await _kill(proc)
             finally:
                 self._running -= 1
+
+    async def decode(self, data: bytes, max_s: float, param: str) -> np.ndarray | APIError:
+        """An uploaded recording as float32 24 kHz mono, at most `max_s` seconds (+1 frame, so a longer clip
+        can be told from one that fits). Bytes that are not audio come back as a 400 value (an expected
+        outcome, not a replica error)."""
+        if self._ffmpeg is None:
+            return ServiceUnavailableError(f"Audio decoding is unavailable: {self._ffmpeg_info}",
+                                           code="ffmpeg_unavailable")
+        proc = await asyncio.create_subprocess_exec(
+            *decode_command(self._ffmpeg, max_s + 0.08), stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        self._running += 1
+        try:
+            out, err = await asyncio.wait_for(proc.communicate(data), DECODE_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            return InvalidRequestError(f"The file in '{param}' could not be decoded in {DECODE_TIMEOUT_S} s.",
+                                       param=param, code="invalid_audio")
+        finally:
+            await _kill(proc)
+            self._running -= 1
+        pcm = np.frombuffer(out[: len(out) // 4 * 4], dtype="<f4")
+        if proc.returncode != 0 or not len(pcm) or not np.isfinite(pcm).all():
+            reason = err.decode(errors="replace").strip().splitlines()[-1:] or ["no audio in it"]
+            logger.info("upload in %r not decoded: %s", param, reason[0][:200])
+            return InvalidRequestError(
+                f"The file in '{param}' is not audio this server can read (send mpeg, wav, ogg, aac, flac, webm "
+                "or mp4 audio).", param=param, code="invalid_audio")
+        return pcm.copy()
 
     @staticmethod
     async def _feed(pcm, proc: asyncio.subprocess.Process) -> Usage:

@@ -1,11 +1,20 @@
-"""TextFrontend: validates and chunks the input text and resolves the voice preset."""
+"""TextFrontend: validates and chunks the input text, resolves the voice (a preset or a custom voice), and
+keeps the custom-voice store (consents and voices, custom_voices.py).
+
+Invalid input is an expected outcome, so a 400 or 404 comes back as a value for the ingress to raise: an
+exception raised here would make Ray Serve log a "Request failed" traceback for every typo."""
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
+from typing import Optional
 
-from ..errors import InvalidRequestError
+import numpy as np
+
+from ..custom_voices import ConsentRecord, CustomVoiceStore, VoiceRecord
+from ..errors import APIError, InvalidRequestError, NotFoundError
 from ..logs import configure_logging
 from ..protocol import SpeechRequest, VoiceInfo
 from ..settings import Settings
@@ -28,17 +37,23 @@ class TextFrontend:
         configure_logging(settings.log_level)
         self._settings = settings
         self._voices = voices
+        self._store = CustomVoiceStore(settings)
 
-    def prepare(self, request: SpeechRequest) -> SpeechPlan | InvalidRequestError:
-        """Check the input and voice, and split the text into chunks.
+    @staticmethod
+    def _errors_as_values(method):
+        @functools.wraps(method)
+        def wrapper(*args, **kwargs):
+            try:
+                return method(*args, **kwargs)
+            except APIError as exc:
+                return exc
 
-        Invalid input is an expected outcome, so the 400 comes back as a value for the ingress to raise:
-        an exception raised here would make Ray Serve log a "Request failed" traceback for every typo.
-        """
-        try:
-            return self._plan(request)
-        except InvalidRequestError as exc:
-            return exc
+        return wrapper
+
+    @_errors_as_values
+    def prepare(self, request: SpeechRequest) -> SpeechPlan | APIError:
+        """Check the input and voice, and split the text into chunks."""
+        return self._plan(request)
 
     def _plan(self, request: SpeechRequest) -> SpeechPlan:
         text = request.input
@@ -53,11 +68,85 @@ class TextFrontend:
         problem = unspeakable(text)
         if problem:
             raise InvalidRequestError(problem, param="input", code="invalid_input")
-        preset = self._voices.resolve(request.voice_name or self._settings.default_voice)
+        preset = self.resolve(request.voice_name or self._settings.default_voice)
         if request.instructions:
             logger.info("instructions are not supported by CSM-1B and were ignored")
         chunks = chunk_text(text, self._settings.chunk_max_chars, self._settings.first_chunk_max_chars)
         return SpeechPlan(chunks=chunks, preset=preset)
 
+    def resolve(self, name: str) -> VoicePreset:
+        """A preset or alias first, then a custom voice by id or name; else the presets' 400, naming all."""
+        try:
+            return self._voices.resolve(name)
+        except InvalidRequestError as exc:
+            record = self._store.find(name)
+            if record is None:
+                custom = [v.name for v in self._store.voices().values()]
+                if custom:
+                    exc.message += f" Custom voices: {', '.join(custom)}."
+                    exc.args = (exc.message,)
+                raise exc from None
+        return VoicePreset(name=record.id, description=record.description(), custom=True)
+
     def voices(self) -> list[VoiceInfo]:
-        return [VoiceInfo(id=p.name, name=p.name, description=p.description) for p in self._voices.presets.values()]
+        presets = [VoiceInfo(id=p.name, name=p.name, description=p.description) for p in self._voices.presets.values()]
+        return presets + [VoiceInfo(id=v.id, name=v.name, description=v.description())
+                          for v in self._store.voices().values()]
+
+    # --- the custom-voice store -----------------------------------------------------------------------
+
+    def _taken_names(self) -> set[str]:
+        return {n.casefold() for n in [*self._voices.presets, *self._voices.aliases]}
+
+    @_errors_as_values
+    def check_new_voice(self, name: str, consent: str) -> None | APIError:
+        """Before a sample is decoded: the consent exists, the name is free and there is room."""
+        try:
+            self._store.consent(consent)
+        except NotFoundError:
+            raise InvalidRequestError(f"Invalid value for 'consent': no voice consent with id '{consent}'.",
+                                      param="consent", code="consent_not_found") from None
+        if name.casefold() in self._taken_names() or self._store.find(name) is not None:
+            raise InvalidRequestError(f"A voice named '{name}' exists already; choose another name.", param="name",
+                                      code="voice_name_taken")
+        if len(self._store.voices()) >= self._settings.max_custom_voices:
+            raise InvalidRequestError(f"This server keeps at most {self._settings.max_custom_voices} custom voices "
+                                      "(MAX_CUSTOM_VOICES); delete one first.", code="voice_limit_reached")
+        return None
+
+    @_errors_as_values
+    def add_voice(self, record: VoiceRecord, sample: np.ndarray, codes: np.ndarray, codes_tag: str) -> VoiceRecord | APIError:
+        return self._store.add_voice(record, sample, codes, codes_tag, self._taken_names())
+
+    @_errors_as_values
+    def custom_voice(self, voice_id: str) -> VoiceRecord | APIError:
+        record = self._store.voices().get(voice_id)
+        if record is None:
+            raise NotFoundError(f"No custom voice with id '{voice_id}'.", param="voice_id", code="voice_not_found")
+        return record
+
+    @_errors_as_values
+    def delete_voice(self, voice_id: str) -> None | APIError:
+        self._store.delete_voice(voice_id)
+        return None
+
+    @_errors_as_values
+    def add_consent(self, name: str, language: str, recording: np.ndarray) -> ConsentRecord | APIError:
+        return self._store.add_consent(name, language, recording)
+
+    @_errors_as_values
+    def consent(self, consent_id: str) -> ConsentRecord | APIError:
+        return self._store.consent(consent_id)
+
+    @_errors_as_values
+    def consent_page(self, limit: int, after: Optional[str]) -> tuple[list[ConsentRecord], bool] | APIError:
+        return self._store.page(limit, after)
+
+    @_errors_as_values
+    def rename_consent(self, consent_id: str, name: str) -> ConsentRecord | APIError:
+        return self._store.rename_consent(consent_id, name)
+
+    @_errors_as_values
+    def delete_consent(self, consent_id: str) -> None | APIError:
+        self._store.delete_consent(consent_id)
+        return None

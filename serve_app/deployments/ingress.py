@@ -32,6 +32,7 @@ from ..engine.request import SynthesisRequest
 from .encoder import EncodeRequest
 from .limits import Admission, BodySizeLimit
 from .streaming import CLIENT_GONE, SpeechStream
+from .voice_routes import UPLOAD_BODY_BYTES, UPLOAD_PATHS, VoiceRoutes
 
 logger = logging.getLogger("sesame_tts")
 
@@ -88,8 +89,9 @@ def validation_error(exc: RequestValidationError) -> InvalidRequestError:
 _ERROR_DESCRIPTIONS = {
     400: "Invalid request (OpenAI error body).",
     401: "Missing or wrong API key, when API_KEY is set.",
-    404: "No such model.",
-    413: "Request body over MAX_REQUEST_BYTES.",
+    403: "Turned off on this server (CUSTOM_VOICES=false).",
+    404: "No such model, voice or voice consent.",
+    413: "Request body over MAX_REQUEST_BYTES (uploads: a file over 10 MiB).",
     429: "MAX_QUEUED_REQUESTS are already waiting; see the Retry-After header.",
     500: "Generation failed.",
     503: "Model loading or failed, ffmpeg missing, out of memory, or shutting down; see Retry-After.",
@@ -149,7 +151,8 @@ class SpeechIngress:
     def build_asgi_app(self) -> FastAPI:
         app = FastAPI(title="Sesame TTS", description="OpenAI-compatible text-to-speech with Sesame CSM-1B on MLX.")
         install_error_handlers(app)
-        app.add_middleware(BodySizeLimit, max_bytes=self._settings.max_request_bytes)
+        app.add_middleware(BodySizeLimit, max_bytes=self._settings.max_request_bytes,
+                           larger={path: UPLOAD_BODY_BYTES for path in UPLOAD_PATHS})
         auth = [Depends(self.check_api_key)]
         # The lists need the key only with LISTS_NEED_API_KEY (see Settings).
         lists = auth if self._settings.lists_need_api_key else []
@@ -164,6 +167,11 @@ class SpeechIngress:
                           dependencies=lists, responses=_errors(401))
         app.add_api_route("/v1/audio/voices", self.list_voices, methods=["GET"], response_model=VoiceList,
                           dependencies=lists, responses=_errors(401))
+        # Custom voices: every route needs the key when one is set (they create, reveal or delete voices).
+        for path, endpoint, method, model, statuses, extra in VoiceRoutes(
+                self._settings, self._frontend, self._encoder, self._model).routes():
+            app.add_api_route(path, endpoint, methods=[method], response_model=model, dependencies=auth,
+                              responses=_errors(*statuses), openapi_extra=extra)
         app.add_api_route("/health", self.health, methods=["GET"],
                           responses={503: {"description": "Not ready: the body says why (same shape as 200)."}})
         app.openapi = lambda: _openapi_without_422(app)

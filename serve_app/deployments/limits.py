@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import time
+from typing import Optional
 
 from fastapi import HTTPException
 
@@ -77,17 +78,20 @@ def too_large_message(limit: int) -> str:
 class BodySizeLimit:
     """ASGI middleware enforcing `max_bytes` on HTTP request bodies."""
 
-    def __init__(self, app, max_bytes: int):
+    def __init__(self, app, max_bytes: int, larger: Optional[dict[str, int]] = None):
+        """`larger`: paths whose POST bodies may be bigger (uploads), with their own limit."""
         self.app = app
         self.max_bytes = max_bytes
+        self.larger = larger or {}
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        limit = self.larger.get(scope.get("path", ""), self.max_bytes) if scope.get("method") == "POST" else self.max_bytes
         declared = dict(scope.get("headers") or ()).get(b"content-length")
         # A malformed Content-Length is the HTTP server's to reject; only a real number is judged here.
-        if declared is not None and declared.strip().isdigit() and int(declared) > self.max_bytes:
-            response = to_error_response(PayloadTooLargeError(too_large_message(self.max_bytes)))
+        if declared is not None and declared.strip().isdigit() and int(declared) > limit:
+            response = to_error_response(PayloadTooLargeError(too_large_message(limit)))
             return await response(scope, receive, send)
         received = 0
 
@@ -96,8 +100,8 @@ class BodySizeLimit:
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if received > self.max_bytes:
-                    raise BodyTooLarge(self.max_bytes)
+                if received > limit:
+                    raise BodyTooLarge(limit)
             return message
 
         await self.app(scope, counting_receive, send)

@@ -11,6 +11,7 @@ This module is imported by the app builder, which runs no MLX: the engine is imp
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import sys
 import time
@@ -106,6 +107,26 @@ class CSMModel:
                 yield item
         finally:
             set_model_load(self._worker.waiting, self._worker.generating)
+
+    async def encode_custom_voice(self, audio, transcript: Optional[str]) -> tuple | APIError:
+        """(Mimi codes, codes tag) of a new custom voice's checked clip, or the 400 why it cannot be one."""
+        engine = self._require_engine()
+        try:
+            codes = await asyncio.wrap_future(self._worker.submit(
+                lambda: engine.encode_custom_voice(audio, transcript), label="encode voice"))
+        except APIError as exc:
+            return exc
+        return codes, engine.codes_tag
+
+    async def load_custom_voice(self, voice_id: str) -> None:
+        """Prefill a stored custom voice now (every replica also does it when the voice is first used)."""
+        engine = self._require_engine()
+        await asyncio.wrap_future(self._worker.submit(lambda: engine.load_custom_voice(voice_id), label="load voice"))
+
+    async def forget_custom_voice(self, voice_id: str) -> None:
+        if self._engine is not None:
+            engine = self._engine
+            await asyncio.wrap_future(self._worker.submit(lambda: engine.forget_voice(voice_id), label="forget voice"))
 
     def worker_problem(self) -> Optional[str]:
         """Why the MLX thread cannot serve (dead, or stuck in one task past WORKER_STALL_TIMEOUT_S)."""

@@ -9,6 +9,7 @@ itself is the batch scheduler (scheduler.py, session.py), driven by the replica'
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import time
@@ -25,7 +26,8 @@ from .batch import FrameDecoder
 from .codec import stateful_modules
 from .memory import MemoryGuard
 from .request import ContextSegment
-from ..errors import ModelLoadError
+from ..custom_voices import CustomVoiceStore
+from ..errors import InvalidRequestError, ModelLoadError
 from .checkpoint import CheckpointFiles, TextTokenizer, load_csm, load_mimi, quantize, resolve_checkpoint
 from .hub import DownloadProgress
 from .prefix import PrefixCache
@@ -82,6 +84,7 @@ class CSMEngine:
         self.frame_decoder = FrameDecoder(model, compiled)
         self.mimi_modules = stateful_modules(mimi)
         self._prompts: dict[str, _Tokens] = {}
+        self._codes_tag: Optional[str] = None
         self.prefixes = PrefixCache(settings.voice_cache_mb if settings.prefix_cache else 0)
         self.memory = MemoryGuard(settings.mlx_memory_limit_mb)
 
@@ -98,6 +101,7 @@ class CSMEngine:
         engine = cls(model, load_mimi(files, settings.mimi_dtype), TextTokenizer(files.tokenizer_dir), settings, files)
         if voices is not None:
             engine.load_voice_prompts(voices)
+            engine.load_custom_voices()
         logger.info("loaded %s in %.1f s (%s%s, %s)", files.root, time.perf_counter() - started, settings.dtype,
                     f", {settings.quantize}-bit" if settings.quantize else "", mx.default_device())
         return engine
@@ -121,16 +125,75 @@ class CSMEngine:
                 raise ModelLoadError(f"voice '{preset.name}' prompt.audio: {exc}") from None
             segment = ContextSegment(preset.speaker, preset.prompt.text, codes=codes_by_path[path])
             tokens = self.segment_tokens(segment)
-            room = self.longest_chunk_positions()
-            if len(tokens) + room > MAX_POSITIONS:
-                raise ModelLoadError(
-                    f"voice '{preset.name}' prompt.audio {path}: the clip and its transcript take {len(tokens)} "
-                    f"positions and a text chunk up to {room} more, over CSM's {MAX_POSITIONS}; use a shorter clip "
-                    f"(about {(MAX_POSITIONS - room) / 12.5 * 0.8:.0f} s at most)")
-            self._prompts[preset.name] = tokens
-            cached = self.settings.prefix_cache and self.prefixes.add(self.model, tokens.ids, tokens.mask)
-            logger.info("voice %s: prompt %s, %d positions%s", preset.name, path.name, len(tokens),
-                        ", prefilled once" if cached else "")
+            problem = self.overflow(tokens)
+            if problem:
+                raise ModelLoadError(f"voice '{preset.name}' prompt.audio {path}: {problem}")
+            self._add_prompt(preset.name, tokens, path.name)
+
+    def _add_prompt(self, name: str, tokens: _Tokens, source: str) -> None:
+        self._prompts[name] = tokens
+        cached = self.settings.prefix_cache and self.prefixes.add(self.model, tokens.ids, tokens.mask)
+        logger.info("voice %s: prompt %s, %d positions%s", name, source, len(tokens), ", prefilled once" if cached else "")
+
+    def overflow(self, tokens: _Tokens) -> Optional[str]:
+        """Why a voice prompt cannot be used (it and the longest text chunk pass CSM's positions), or None."""
+        room = self.longest_chunk_positions()
+        if len(tokens) + room <= MAX_POSITIONS:
+            return None
+        return (f"the clip and its transcript take {len(tokens)} positions and a text chunk up to {room} more, over "
+                f"CSM's {MAX_POSITIONS}; use a shorter clip (about {(MAX_POSITIONS - room) / 12.5 * 0.8:.0f} s at most)")
+
+    # --- custom voices (custom_voices.py): encoded once, stored, loaded on any replica when first used ---
+
+    @property
+    def codes_tag(self) -> str:
+        """Which Mimi made a clip's codes: its weights file (name, size, first MiB), dtype and codebooks."""
+        if self._codes_tag is None:
+            digest = hashlib.sha256(f"{self.settings.mimi_dtype}:{self.num_codebooks}".encode())
+            if self.files is not None:
+                path = self.files.mimi_weights
+                digest.update(f"{path.name}:{path.stat().st_size}".encode())
+                with open(path, "rb") as src:
+                    digest.update(src.read(1 << 20))
+            self._codes_tag = digest.hexdigest()[:16]
+        return self._codes_tag
+
+    def encode_custom_voice(self, audio: np.ndarray, transcript: Optional[str]) -> np.ndarray:
+        """A new custom voice's Mimi codes, once its clip (and transcript) are known to fit CSM's context."""
+        codes = self.encode_audio(audio)
+        problem = self.overflow(self.segment_codes(0, transcript or "", codes))
+        if problem:
+            raise InvalidRequestError(f"The voice sample is too long for CSM: {problem}.", param="audio_sample",
+                                      code="audio_too_long")
+        return codes
+
+    def load_custom_voices(self) -> None:
+        """Every stored custom voice, at load; one that cannot be read is logged and skipped (the rest serve)."""
+        for voice_id in CustomVoiceStore(self.settings).voices():
+            try:
+                self.load_custom_voice(voice_id)
+            except Exception as exc:
+                logger.warning("custom voice %s not loaded: %s", voice_id, exc)
+
+    def load_custom_voice(self, voice_id: str) -> None:
+        """A stored custom voice's prompt (and its prefilled prefix); encodes the clip only if this Mimi has
+        not before (a changed checkpoint)."""
+        store = CustomVoiceStore(self.settings)
+        record, codes, sample = store.codes(voice_id, self.codes_tag)
+        if codes is None:
+            codes = self.encode_audio(sample)
+            store.save_codes(voice_id, self.codes_tag, codes)
+        tokens = self.segment_codes(0, record.transcript or "", codes)
+        problem = self.overflow(tokens)  # stored under other chunk settings, say
+        if problem:
+            raise InvalidRequestError(f"Voice '{record.name}' cannot be used with this server's settings: {problem}.",
+                                      param="voice", code="invalid_voice")
+        self._add_prompt(voice_id, tokens, f"custom '{record.name}'")
+
+    def forget_voice(self, voice_id: str) -> None:
+        tokens = self._prompts.pop(voice_id, None)
+        if tokens is not None:
+            self.prefixes.remove(tokens.ids, tokens.mask)
 
     def encode_audio(self, audio: np.ndarray) -> np.ndarray:
         """Mimi codes (codebooks x frames) of float32 mono 24 kHz audio."""
@@ -151,6 +214,8 @@ class CSMEngine:
 
     def fixed_context(self, preset: VoicePreset, context: list[ContextSegment]) -> list[_Tokens]:
         """What every chunk of a request sees first: the voice's prompt, then the given conversation."""
+        if preset.custom and preset.name not in self._prompts:
+            self.load_custom_voice(preset.name)
         fixed = [self._prompts[preset.name]] if preset.name in self._prompts else []
         return fixed + [self.segment_tokens(seg) for seg in context]
 

@@ -80,6 +80,9 @@ class PrefixCache:
         self._entries[key] = (state, size)
         return True
 
+    def remove(self, ids: np.ndarray, mask: np.ndarray) -> None:
+        self._entries.pop(token_key(ids, mask), None)
+
     def lookup(self, key: bytes) -> Optional[list[KVCache]]:
         entry = self._entries.get(key)
         if entry is None:
