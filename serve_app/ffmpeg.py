@@ -40,7 +40,8 @@ def ffmpeg_command(ffmpeg: str, fmt: str, speed: float = 1.0) -> list[str]:
         "-f", "s16le", "-ar", str(SAMPLE_RATE), "-ac", "1", "-i", "pipe:0",
         *(["-filter:a", tempo] if tempo else []),
         # No metadata and no encoder tags: the WAV header is the plain 44 bytes (mp3: see formats.py).
-        "-ar", str(SAMPLE_RATE), "-ac", "1", "-map_metadata", "-1", "-fflags", "+bitexact", "-flags:a", "+bitexact",
+        "-ar", str(FORMATS[fmt].sample_rate), "-ac", "1", "-map_metadata", "-1", "-fflags", "+bitexact",
+        "-flags:a", "+bitexact",
         *FORMATS[fmt].ffmpeg_args(),
         "-flush_packets", "1", "pipe:1",
     ]

@@ -32,7 +32,7 @@ from urllib.parse import urlparse
 import httpx
 
 from .ffmpeg import find_ffmpeg
-from .formats import FORMATS as ALL_FORMATS
+from .formats import OPENAI_FORMATS as ALL_FORMATS
 from .settings import SAMPLE_RATE
 
 logger = logging.getLogger("sesame_tts.loadtest")

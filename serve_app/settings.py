@@ -15,13 +15,12 @@ from typing import Literal, Mapping, Optional
 from dotenv import dotenv_values
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
-from .formats import ResponseFormat
+from .formats import SAMPLE_RATE, ResponseFormat
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
-# The Mimi codec's fixed output: 24 kHz mono, one CSM frame per 80 ms.
-SAMPLE_RATE = 24_000
+# The Mimi codec's fixed output: 24 kHz mono (SAMPLE_RATE, from formats.py), one CSM frame per 80 ms.
 FRAME_RATE = 12.5
 SAMPLES_PER_FRAME = int(SAMPLE_RATE / FRAME_RATE)
 
@@ -79,6 +78,10 @@ class Settings(BaseModel):
     tokenizer_id: str = "unsloth/Llama-3.2-1B"
     mimi_id: str = "kyutai/moshiko-pytorch-bf16"
     mimi_file: str = "tokenizer-e351c8d8-checkpoint125.safetensors"
+
+    # Text ready to speak: markdown (emphasis, headings, lists, links, code blocks, tables) and emoji are taken
+    # out before chunking (speakable.py); MAX_INPUT_LENGTH applies to the text as sent.
+    normalize_text: bool = True
 
     # Text chunking: the first chunk is short so speech starts early.
     first_chunk_max_chars: int = Field(100, ge=20)

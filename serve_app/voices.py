@@ -7,6 +7,7 @@ file adds a voice; a broken file stops start-up with a message naming the file a
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from pathlib import Path
@@ -83,6 +84,18 @@ class VoicePreset(BaseModel):
         if not _NAME.match(value):
             raise ValueError("must be lower-case letters, digits, '-' or '_' (at most 64)")
         return value
+
+
+_NOT_ALNUM = re.compile(r"[^A-Za-z0-9]")
+
+
+def elevenlabs_id(name: str) -> str:
+    """A voice's id in ElevenLabs' form (clients check `^[a-zA-Z0-9]{10,40}$`): the name itself when it fits
+    ("conversational"), else its letters and digits followed by a stable hash ("fast" -> "fast" + 16 hex)."""
+    plain = _NOT_ALNUM.sub("", name)
+    if 10 <= len(plain) <= 40 and plain == name:
+        return plain
+    return plain[:24] + hashlib.sha1(name.encode()).hexdigest()[:16]
 
 
 def _read(path: Path) -> object:

@@ -29,6 +29,25 @@ def decode(data: bytes, fmt: str | None = None) -> np.ndarray:
     return np.frombuffer(out.stdout, dtype="<i2").astype(np.float32) / 32768.0
 
 
+RAW_MUXERS = ("s16le", "mulaw", "alaw")  # headerless: ffmpeg must be told what they are
+
+
+def decode_format(data: bytes, fmt: str) -> tuple[np.ndarray, int]:
+    """Any registry format (OpenAI's or ElevenLabs') decoded to 24 kHz mono floats, and the sample rate the
+    stream itself declares (for raw formats, the registry's)."""
+    from serve_app.formats import FORMATS
+
+    spec = FORMATS[fmt]
+    if spec.muxer in RAW_MUXERS:
+        source = ["-f", spec.muxer, "-ar", str(spec.sample_rate), "-ac", "1"]
+        rate = spec.sample_rate
+    else:
+        source, rate = [], int(probe(data)["stream"]["sample_rate"])
+    out = subprocess.run(["ffmpeg", "-v", "error", *source, "-i", "pipe:0", "-f", "s16le", "-ar", "24000", "-ac", "1",
+                          "pipe:1"], input=data, capture_output=True, check=True)
+    return np.frombuffer(out.stdout, dtype="<i2").astype(np.float32) / 32768.0, rate
+
+
 def duration(samples: np.ndarray) -> float:
     return len(samples) / 24000.0
 

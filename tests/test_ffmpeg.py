@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from serve_app.ffmpeg import atempo_chain, ffmpeg_command, find_ffmpeg
-from serve_app.formats import FORMATS
-from tests.audio import decode, duration
+from serve_app.formats import ELEVENLABS_FORMATS, FORMATS, OPENAI_FORMATS
+from tests.audio import decode, decode_format, duration
 
 
 @pytest.mark.parametrize("speed,stages", [(1.0, None), (2.0, [2.0]), (4.0, [2.0, 2.0]), (0.25, [0.5, 0.5]),
@@ -32,13 +32,24 @@ def _tone(seconds: float) -> bytes:
     return (np.sin(2 * np.pi * 220 * t) * 8000).astype("<i2").tobytes()
 
 
-@pytest.mark.parametrize("fmt", sorted(FORMATS))
+@pytest.mark.parametrize("fmt", sorted(OPENAI_FORMATS))
 @pytest.mark.parametrize("speed", [1.0, 4.0, 0.25])
 def test_encode_round_trip(fmt, speed):
     ffmpeg, _ = find_ffmpeg("ffmpeg")
     out = subprocess.run(ffmpeg_command(ffmpeg, fmt, speed), input=_tone(1.0), capture_output=True, check=True).stdout
     seconds = duration(decode(out, "pcm" if fmt == "pcm" else None))
     assert seconds == pytest.approx(1.0 / speed, rel=0.12, abs=0.08)
+
+
+@pytest.mark.parametrize("fmt", sorted(ELEVENLABS_FORMATS))
+def test_elevenlabs_formats_resample_to_their_rate(fmt):
+    """Every ElevenLabs output format: the declared rate, the tone's length, and the tone still there."""
+    ffmpeg, _ = find_ffmpeg("ffmpeg")
+    out = subprocess.run(ffmpeg_command(ffmpeg, fmt, 1.25), input=_tone(1.0), capture_output=True, check=True).stdout
+    samples, rate = decode_format(out, fmt)
+    assert rate == FORMATS[fmt].sample_rate
+    assert duration(samples) == pytest.approx(0.8, rel=0.12, abs=0.08)
+    assert np.sqrt(np.mean(samples ** 2)) > 0.1
 
 
 def test_first_mp3_bytes_come_before_input_ends():

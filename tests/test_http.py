@@ -205,6 +205,34 @@ def test_api_key_guards_speech_and_lists_stay_open_as_open_webui_calls_them(keye
     assert keyed.request("GET", "/v1/models").json()["data"][0]["id"] == "csm-1b"
 
 
+def test_elevenlabs_routes_take_the_key_as_xi_api_key_and_answer_in_their_shape(keyed):
+    path = "/elevenlabs/v1/text-to-speech/conversational?output_format=pcm_24000"
+    refused = keyed.request("POST", path, json={"text": "hi"}, headers={"xi-api-key": "nope"})
+    assert refused.status_code == 401 and refused.json()["detail"]["status"] == "invalid_api_key"
+    ok = keyed.request("POST", path, json={"text": "hi"}, headers={"xi-api-key": "sk-local"})
+    assert ok.status_code == 200 and ok.headers["content-type"] == "audio/pcm" and len(ok.content) > 0
+    too_big = keyed.request("POST", path, content=b"x" * (Settings().max_request_bytes + 1),
+                            headers={"xi-api-key": "sk-local", "content-type": "application/json"})
+    assert too_big.status_code == 413 and too_big.json()["detail"]["status"] == "request_too_large"
+    invalid = keyed.request("POST", path, json={"txt": "hi"}, headers={"xi-api-key": "sk-local"})
+    assert invalid.status_code == 422 and invalid.json()["detail"][0]["loc"] == ["body", "text"]
+
+
+def test_markdown_and_emoji_never_reach_the_model(local, tiny_checkpoint, tmp_path_factory):
+    """Same seed: markdown with emoji sounds exactly like its plain words (the model got the same text); with
+    NORMALIZE_TEXT off it does not. A reply of only a code block has nothing to speak."""
+    def pcm(app, text):
+        response = app.request("POST", SPEECH, json={"input": text, "response_format": "pcm", "seed": 11})
+        assert response.status_code == 200, response.text
+        return response.content
+
+    marked, plain = "## Hi **there** 👋🏽\n- [see this](https://x.io)", "Hi there\nsee this"
+    assert pcm(local, marked) == pcm(local, plain)
+    raw = LocalApp(make_settings(tiny_checkpoint, tmp_path_factory, normalize_text=False))
+    assert pcm(raw, marked) != pcm(raw, plain)
+    assert_error(local.request("POST", SPEECH, json={"input": "```\nrm -rf /\n```"}), 400, "input", "empty_input")
+
+
 def test_lists_need_the_key_when_configured(tiny_checkpoint, tmp_path_factory):
     closed = LocalApp(make_settings(tiny_checkpoint, tmp_path_factory, api_key="sk-local", lists_need_api_key=True))
     for path in ("/v1/models", "/v1/models/csm-1b", "/v1/audio/models", "/v1/audio/voices"):

@@ -18,8 +18,9 @@ from ..errors import APIError, InvalidRequestError, NotFoundError
 from ..logs import configure_logging
 from ..protocol import SpeechRequest, VoiceInfo
 from ..settings import Settings
+from ..speakable import speakable
 from ..text import chunk_text, normalize, unspeakable
-from ..voices import VoiceLibrary, VoicePreset
+from ..voices import VoiceLibrary, VoicePreset, elevenlabs_id
 
 logger = logging.getLogger("sesame_tts")
 
@@ -68,6 +69,11 @@ class TextFrontend:
         problem = unspeakable(text)
         if problem:
             raise InvalidRequestError(problem, param="input", code="invalid_input")
+        if self._settings.normalize_text:
+            text = speakable(text)
+            if unspeakable(text):
+                raise InvalidRequestError("Input has nothing to speak once markdown, code blocks and emoji are left "
+                                          "out (NORMALIZE_TEXT).", param="input", code="empty_input")
         preset = self.resolve(request.voice_name or self._settings.default_voice)
         if request.instructions:
             logger.info("instructions are not supported by CSM-1B and were ignored")
@@ -80,7 +86,10 @@ class TextFrontend:
             return self._voices.resolve(name)
         except InvalidRequestError as exc:
             record = self._store.find(name)
-            if record is None:
+            if record is None:  # ElevenLabs' id of a preset or custom voice (elevenlabs_id)
+                known = {elevenlabs_id(v.id): v.id for v in self.voices()}
+                if name in known:
+                    return self.resolve(known[name])
                 custom = [v.name for v in self._store.voices().values()]
                 if custom:
                     exc.message += f" Custom voices: {', '.join(custom)}."

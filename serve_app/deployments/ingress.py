@@ -23,12 +23,13 @@ from ..errors import (
     APIError, AuthenticationError, InvalidRequestError, NotFoundError, PayloadTooLargeError, ServiceUnavailableError,
     error_body, status_of, to_error_response,
 )
-from ..formats import FORMATS
+from ..formats import OPENAI_FORMATS
 from ..logs import configure_logging
 from ..observability import RequestRecord
 from ..protocol import AudioModel, AudioModelList, ErrorResponse, ModelCard, ModelList, SpeechRequest, VoiceList
 from ..settings import Settings
 from ..engine.request import SynthesisRequest
+from . import elevenlabs
 from .encoder import EncodeRequest
 from .limits import Admission, BodySizeLimit
 from .streaming import CLIENT_GONE, SpeechStream
@@ -108,7 +109,7 @@ SSE_EVENT_SCHEMA = {"type": "object", "required": ["data"],
 
 SPEECH_RESPONSES = {
     200: {"description": "Audio as it is generated (chunked), or server-sent events when stream_format is 'sse'.",
-          "content": {**{ctype: {"schema": {"type": "string", "format": "binary"}} for ctype in {f.content_type for f in FORMATS.values()}},
+          "content": {**{ctype: {"schema": {"type": "string", "format": "binary"}} for ctype in {f.content_type for f in OPENAI_FORMATS.values()}},
                       "text/event-stream": {"schema": SSE_EVENT_SCHEMA}}},
     **_errors(400, 401, 413, 429, 500, 503),
 }
@@ -152,7 +153,9 @@ class SpeechIngress:
         app = FastAPI(title="Sesame TTS", description="OpenAI-compatible text-to-speech with Sesame CSM-1B on MLX.")
         install_error_handlers(app)
         app.add_middleware(BodySizeLimit, max_bytes=self._settings.max_request_bytes,
-                           larger={path: UPLOAD_BODY_BYTES for path in UPLOAD_PATHS})
+                           larger={path: UPLOAD_BODY_BYTES for path in UPLOAD_PATHS},
+                           respond=lambda path, error: (elevenlabs.error_response(error)
+                                                        if path.startswith(elevenlabs.PREFIX) else None))
         auth = [Depends(self.check_api_key)]
         # The lists need the key only with LISTS_NEED_API_KEY (see Settings).
         lists = auth if self._settings.lists_need_api_key else []
@@ -172,6 +175,8 @@ class SpeechIngress:
                 self._settings, self._frontend, self._encoder, self._model).routes():
             app.add_api_route(path, endpoint, methods=[method], response_model=model, dependencies=auth,
                               responses=_errors(*statuses), openapi_extra=extra)
+        # ElevenLabs' API under its own prefix (its routes clash with OpenAI's; its errors have another shape).
+        app.mount(elevenlabs.PREFIX, elevenlabs.ElevenLabsRoutes(self._settings, self._frontend, self.start_speech).app())
         app.add_api_route("/health", self.health, methods=["GET"],
                           responses={503: {"description": "Not ready: the body says why (same shape as 200)."}})
         app.openapi = lambda: _openapi_without_422(app)
@@ -192,6 +197,13 @@ class SpeechIngress:
 
     async def create_speech(self, body: SpeechRequest):
         """OpenAI createSpeech: streamed audio (chunked) or server-sent events."""
+        stream = await self.start_speech(body, body.response_format or self._settings.default_format)
+        return stream.response(body.stream_format == "sse", {"Cache-Control": "no-cache"})
+
+    async def start_speech(self, body: SpeechRequest, fmt: str) -> SpeechStream:
+        """Admit, plan, start the encoder and wait for its first chunk: any failure before audio is raised
+        here (for the caller's error shape); after it, the stream holds the lease and the request's record.
+        Every dialect's speech route comes through here (the same admission, log line and metrics)."""
         record = RequestRecord(new_request_id(), characters=len(body.input), speed=float(body.speed))
         try:
             if self._settings.drain_flag.exists():
@@ -204,10 +216,9 @@ class SpeechIngress:
             plan = await self._frontend.prepare.remote(body)
             if isinstance(plan, APIError):
                 raise plan
-            record.voice = plan.preset.name
-            record.fmt = body.response_format or self._settings.default_format
+            record.voice, record.fmt = plan.preset.name, fmt
             synthesis = SynthesisRequest(plan.chunks, plan.preset, seed=body.seed, request_id=record.request_id)
-            stream = self._encoder.options(stream=True).encode.remote(EncodeRequest(synthesis, record.fmt, record.speed))
+            stream = self._encoder.options(stream=True).encode.remote(EncodeRequest(synthesis, fmt, record.speed))
             try:
                 first = await stream.__anext__()
             except BaseException:
@@ -218,8 +229,7 @@ class SpeechIngress:
             record.finish("cancelled" if isinstance(exc, CLIENT_GONE) else str(status_of(exc)))
             raise
         record.mark_first_byte()
-        return SpeechStream(first, stream, record, lease).response(body.stream_format == "sse",
-                                                                   {"Cache-Control": "no-cache"})
+        return SpeechStream(first, stream, record, lease)
 
     async def list_models(self) -> ModelList:
         return ModelList(data=[ModelCard()])

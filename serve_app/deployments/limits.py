@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Optional
+from typing import Callable, Optional
 
 from fastapi import HTTPException
+from starlette.responses import Response
 
-from ..errors import PayloadTooLargeError, RateLimitError, to_error_response
+from ..errors import APIError, PayloadTooLargeError, RateLimitError, to_error_response
 
 _SMOOTHING = 0.2  # weight of the newest duration in the running average
 
@@ -78,11 +79,14 @@ def too_large_message(limit: int) -> str:
 class BodySizeLimit:
     """ASGI middleware enforcing `max_bytes` on HTTP request bodies."""
 
-    def __init__(self, app, max_bytes: int, larger: Optional[dict[str, int]] = None):
-        """`larger`: paths whose POST bodies may be bigger (uploads), with their own limit."""
+    def __init__(self, app, max_bytes: int, larger: Optional[dict[str, int]] = None,
+                 respond: Optional[Callable[[str, APIError], Optional[Response]]] = None):
+        """`larger`: paths whose POST bodies may be bigger (uploads), with their own limit. `respond`: the
+        413 in another dialect's shape for a path (None: OpenAI's)."""
         self.app = app
         self.max_bytes = max_bytes
         self.larger = larger or {}
+        self.respond = respond or (lambda path, error: None)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -91,7 +95,8 @@ class BodySizeLimit:
         declared = dict(scope.get("headers") or ()).get(b"content-length")
         # A malformed Content-Length is the HTTP server's to reject; only a real number is judged here.
         if declared is not None and declared.strip().isdigit() and int(declared) > limit:
-            response = to_error_response(PayloadTooLargeError(too_large_message(limit)))
+            error = PayloadTooLargeError(too_large_message(limit))
+            response = self.respond(scope.get("path", ""), error) or to_error_response(error)
             return await response(scope, receive, send)
         received = 0
 

@@ -1,0 +1,67 @@
+"""The normaliser (serve_app/speakable.py): prose keeps every word in order, whatever markdown wraps it;
+markup, code blocks and emoji do not reach the model."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from serve_app.speakable import speakable
+
+WORD = re.compile(r"[^\W_]+(?:['’.,-][^\W_]+)*")
+
+
+def words(text: str) -> list[str]:
+    return WORD.findall(text)
+
+
+# Plain prose: words of letters and digits in any script, with the punctuation prose uses between them.
+word = st.text(alphabet=st.characters(categories=("L", "Nd")), min_size=1, max_size=12)
+punctuation = st.sampled_from(["", "", "", ",", ".", "!", "?", ";", ":", " -", "'s", "...", ")", "\""])
+sentence = st.lists(st.tuples(word, punctuation).map("".join), min_size=1, max_size=20).map(" ".join)
+prose = st.lists(sentence, min_size=1, max_size=6).map(lambda lines: "\n".join(lines))
+
+# Markdown around words: the words inside must come out, the markup must not.
+WRAPS = ["**{}**", "*{}*", "_{}_", "__{}__", "~~{}~~", "`{}`", "[{}](https://example.com/a_(b)?c=d)",
+         "![{}](img.png)", "<b>{}</b>", "{}"]
+LINE_STARTS = ["", "# ", "### ", "> ", "- ", "* ", "+ ", "1. ", "- [ ] ", "- [x] ", "> > ", "• "]
+
+
+@settings(max_examples=300, deadline=None)
+@given(prose)
+def test_plain_prose_keeps_every_word_in_order(text):
+    assert words(speakable(text)) == words(text)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(LINE_STARTS), st.lists(st.tuples(st.sampled_from(WRAPS), word),
+                                                                   min_size=1, max_size=8)),
+                min_size=1, max_size=8))
+def test_markdown_keeps_the_words_it_wraps_and_drops_its_markup(lines):
+    text = "\n".join(start + " ".join(wrap.format(w) for wrap, w in parts) for start, parts in lines)
+    spoken = speakable(text)
+    # Ordered-list numbers are words too ("1. first" reads well aloud); every other marker goes.
+    expected = [x for start, parts in lines
+                for x in [n for n in words(start) if n.isdigit()] + [y for _, w in parts for y in words(w)]]
+    assert words(spoken) == expected
+    assert not set(spoken) & set("*_~`#>[]|<"), spoken
+
+
+@pytest.mark.parametrize("markdown, spoken", [
+    ("# Weather today\nIt is **sunny** and *warm*.", "Weather today\nIt is sunny and warm."),
+    ("Run `ls -la` first.\n```bash\nrm -rf /\n```\nThen rest.", "Run ls -la first.\nThen rest."),
+    ("See [the docs](https://x.io/a_(b)) and <https://y.io>.", "See the docs and https://y.io."),
+    ("| Day | Temp |\n|---|:---:|\n| Mon | 20 |", "Day, Temp\n\nMon, 20"),
+    ("- [x] done\n- [ ] todo\n1. first", "done\ntodo\n1. first"),
+    ("> quoted _text_ here", "quoted text here"),
+    ("Great job! 🎉👍🏽 See you 👩‍👩‍👧 soon ✨", "Great job! See you soon "),
+    ("snake_case_name and 5 * 3 * 2 stay", "snake_case_name and 5 * 3 * 2 stay"),
+    ("C# and F# are languages; 50% off, $5.", "C# and F# are languages; 50% off, $5."),
+    ("Title\n=====\ntext\n\n---\n[1]: https://example.com", "Title\n\ntext\n\n\n"),
+    ("Arrows → and ★ stars go; 1️⃣ stays a one.", "Arrows and stars go; 1 stays a one."),
+])
+def test_examples(markdown, spoken):
+    assert speakable(markdown) == spoken
