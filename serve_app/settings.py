@@ -115,6 +115,9 @@ class Settings(BaseModel):
     # MLX memory the model replica may use (MB, 0 = no limit beyond the machine's). A request that would
     # pass it fails with 503 out_of_memory and the replica releases MLX's cache; the others carry on.
     mlx_memory_limit_mb: int = Field(0, ge=0)
+    # Release the model's weights (memory back to the OS) after this many seconds without a request; the next
+    # request reloads them first (see README "Idle unload" for the time that takes). 0: never.
+    idle_unload_s: float = Field(0.0, ge=0.0)
     # The model replica's MLX thread is taken as hung when one task (a batch step, a call) runs longer than
     # this; Serve's health check then fails and Serve replaces the replica. A step takes milliseconds on a
     # GPU; a long prefill with full-size weights on a slow CPU can take minutes. Loading is exempt.

@@ -160,6 +160,47 @@ def mimi_part(checkpoint: str, frames: int, repeats: int) -> dict:
             "prompt_codes_equal": f"{int((encoded['float32'] == encoded['bfloat16']).sum())}/{encoded['float32'].size}"}
 
 
+def reload_part(checkpoint: str, idle_s: float) -> dict:
+    """IDLE_UNLOAD_S on the model deployment class itself (no Ray): memory loaded and after the idle unload,
+    and the first PCM of a request that finds the weights loaded vs released (the reload included)."""
+    import asyncio
+
+    from ..deployments.model import CSMModel
+    from ..engine.request import SynthesisRequest
+    from ..voices import VoiceLibrary
+
+    settings = Settings(model_id=checkpoint, idle_unload_s=idle_s)
+    voices = VoiceLibrary.load(settings.voices_dir)
+    model = CSMModel(settings, voices)
+
+    def wait(state: str) -> dict:
+        while (health := asyncio.run(model.health()))["status"] != state:
+            if health["status"] in ("failed", "unhealthy"):
+                raise RuntimeError(health.get("error"))
+            time.sleep(0.05)
+        return health
+
+    async def first_pcm() -> float:
+        started = time.perf_counter()
+        request = SynthesisRequest([TEXT], voices.resolve(VOICE), seed=0, max_frames_per_chunk=2)
+        first = None
+        async for item in model.generate(request):
+            if first is None and isinstance(item, bytes):
+                first = time.perf_counter() - started
+        return first
+
+    loaded = wait("ready")
+    warm = min(asyncio.run(first_pcm()) for _ in range(2))  # the first request after a load pays first calls
+    unloaded = wait("unloaded")
+    cold = asyncio.run(first_pcm())
+    reloaded = wait("ready")
+    model._worker.stop()
+    return {"part": "reload", "voice": VOICE, "first_load_s": loaded["last_load_s"],
+            "reload_s": reloaded["last_load_s"], "first_pcm_loaded_s": round(warm, 3),
+            "first_pcm_after_unload_s": round(cold, 3), "memory_loaded": loaded["memory"],
+            "memory_unloaded": unloaded["memory"]}
+
+
 def _hub_cache_with_mimi(checkpoint: Path, root: Path) -> Path:
     """A folder laid out like the Hugging Face hub cache, holding the checkpoint's Mimi weights under the
     repo mlx-audio hard-codes (kyutai/moshiko-pytorch-bf16), so its `Mimi.from_pretrained` finds them."""
@@ -229,7 +270,7 @@ def reference_part(checkpoint: str, frames: int, repeats: int) -> dict:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m serve_app.bench.engine")
-    parser.add_argument("part", choices=["engine", "reference", "memory", "mimi"])
+    parser.add_argument("part", choices=["engine", "reference", "memory", "mimi", "reload"])
     parser.add_argument("--checkpoint", required=True)
     parser.add_argument("--frames", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
@@ -237,6 +278,7 @@ def main(argv=None) -> None:
     parser.add_argument("--compile", default="auto", choices=["auto", "on", "off"])
     parser.add_argument("--quantize", type=int, default=0, choices=[0, 4, 8])
     parser.add_argument("--voice", default=VOICE)
+    parser.add_argument("--idle-s", type=float, default=2.0, help="reload part: IDLE_UNLOAD_S")
     args = parser.parse_args(argv)
     if args.part == "engine":
         levels = [int(n) for n in args.levels.split(",")]
@@ -245,6 +287,8 @@ def main(argv=None) -> None:
         out = memory_part(args.checkpoint, args.quantize, args.voice)
     elif args.part == "mimi":
         out = mimi_part(args.checkpoint, args.frames, args.repeats)
+    elif args.part == "reload":
+        out = reload_part(args.checkpoint, args.idle_s)
     else:
         out = reference_part(args.checkpoint, args.frames, args.repeats)
     sys.stdout.write(json.dumps(out) + "\n")

@@ -251,7 +251,8 @@ class SpeechIngress:
         encoder = await self._encoder.health.remote()
         voices = [v.id for v in await self._frontend.voices.remote()]
         draining = self._settings.drain_flag.exists()
-        ok = model["status"] == "ready" and encoder["ok"] and not draining
+        # Unloaded after idling (IDLE_UNLOAD_S) it can serve: requests wait for the weights to come back.
+        ok = model["status"] in ("ready", "unloading", "unloaded", "reloading") and encoder["ok"] and not draining
         reasons = [r for r in (model.get("error"), None if encoder["ok"] else encoder["ffmpeg"]) if r]
         if model["status"] == "loading":
             reasons.append("model is loading")

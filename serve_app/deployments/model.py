@@ -12,8 +12,10 @@ This module is imported by the app builder, which runs no MLX: the engine is imp
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import sys
+import threading
 import time
 from typing import TYPE_CHECKING, AsyncIterator, Optional
 
@@ -59,14 +61,30 @@ class CSMModel:
         self._memory_report = memory_report
         self._downloads = DownloadProgress()
         self._worker = ModelWorker(device)
-        self._load_started = time.monotonic()
-        self._worker.submit(lambda: self._load(voices), label=LOAD_TASK).add_done_callback(self._loaded)
+        self._voices = voices
+        # Idle unload (IDLE_UNLOAD_S): requests in flight and the last activity, under one lock with the unload.
+        self._lock = threading.Lock()
+        self._in_flight = 0
+        self._last_active = time.monotonic()
+        self._unloaded = False  # the weights were released after an idle period; the next request reloads
+        self._released = False  # ... and MLX's memory is back (health says "unloading" until then)
+        self._reload: Optional[concurrent.futures.Future] = None
+        self._load_s: Optional[float] = None  # the latest (re)load, warm-up included
+        self._start_load()
+        if settings.idle_unload_s:
+            threading.Thread(target=self._watch_idle, name="idle-unload", daemon=True).start()
 
     def __del__(self):
         """Serve calls this when the replica shuts down: the MLX thread ends with it."""
         worker = getattr(self, "_worker", None)
         if worker is not None:
             worker.stop()
+
+    def _start_load(self) -> concurrent.futures.Future:
+        self._load_started = time.monotonic()
+        future = self._worker.submit(lambda: self._load(self._voices), label=LOAD_TASK)
+        future.add_done_callback(self._loaded)
+        return future
 
     def _load(self, voices: VoiceLibrary) -> "CSMEngine":
         from ..engine.generation import CSMEngine
@@ -81,8 +99,10 @@ class CSMModel:
     def _loaded(self, future) -> None:
         exc = future.exception()
         if exc is None:
-            self._engine = future.result()
-            logger.info("model ready after %.1f s", time.monotonic() - self._load_started)
+            self._load_s = time.monotonic() - self._load_started
+            with self._lock:
+                self._engine, self._unloaded, self._released, self._reload = future.result(), False, False, None
+            logger.info("model ready after %.1f s", self._load_s)
         elif isinstance(exc, APIError):  # an expected failure (no network, bad folder): its message says it all
             self._error = str(exc)
             logger.error("model failed to load: %s", self._error)
@@ -99,29 +119,88 @@ class CSMModel:
 
     async def generate(self, request: SynthesisRequest) -> AsyncIterator[bytes | Usage]:
         """Stream s16le PCM chunks for the request, then one `Usage`."""
-        self._require_engine()
-        set_model_load(self._worker.waiting + 1, self._worker.generating)
+        await self._acquire()
         try:
+            set_model_load(self._worker.waiting + 1, self._worker.generating)
             async for item in self._worker.stream(request):
                 set_model_load(self._worker.waiting, self._worker.generating)
                 yield item
         finally:
+            self._release()
             set_model_load(self._worker.waiting, self._worker.generating)
+
+    # --- idle unload (IDLE_UNLOAD_S) --------------------------------------------------------------------
+
+    async def _acquire(self) -> "CSMEngine":
+        """Count a request in (so no unload starts under it) and reload the weights if they were released."""
+        with self._lock:
+            self._in_flight += 1
+            reload = None
+            if self._unloaded and self._engine is None:
+                reload = self._reload = self._reload or self._start_load()
+        try:
+            if reload is not None:
+                logger.info("reloading the model after an idle unload")
+                await asyncio.wrap_future(reload)
+            return self._require_engine()
+        except BaseException:
+            self._release()
+            raise
+
+    def _release(self) -> None:
+        with self._lock:
+            self._in_flight -= 1
+            self._last_active = time.monotonic()
+
+    def _idle_for(self) -> float:
+        return time.monotonic() - self._last_active if not self._in_flight else 0.0
+
+    def _watch_idle(self) -> None:
+        limit = self._settings.idle_unload_s
+        pending: Optional[concurrent.futures.Future] = None
+        while self._worker.liveness().alive:
+            time.sleep(min(1.0, limit / 4))
+            if self._engine is not None and self._idle_for() >= limit and (pending is None or pending.done()):
+                pending = self._worker.submit(self._unload, label="unload")
+
+    def _unload(self) -> bool:
+        """On the MLX thread: release the weights, caches and MLX's buffers, unless a request came meanwhile."""
+        import gc
+
+        import mlx.core as mx
+
+        with self._lock:
+            if self._engine is None or self._idle_for() < self._settings.idle_unload_s:
+                return False
+            self._engine, self._unloaded = None, True
+            self._worker.scheduler = None
+        gc.collect()
+        mx.clear_cache()
+        self._released = True
+        logger.info("idle for %g s (IDLE_UNLOAD_S): model weights released; the next request reloads them",
+                    self._settings.idle_unload_s)
+        return True
 
     async def encode_custom_voice(self, audio, transcript: Optional[str]) -> tuple | APIError:
         """(Mimi codes, codes tag) of a new custom voice's checked clip, or the 400 why it cannot be one."""
-        engine = self._require_engine()
+        engine = await self._acquire()
         try:
             codes = await asyncio.wrap_future(self._worker.submit(
                 lambda: engine.encode_custom_voice(audio, transcript), label="encode voice"))
         except APIError as exc:
             return exc
+        finally:
+            self._release()
         return codes, engine.codes_tag
 
     async def load_custom_voice(self, voice_id: str) -> None:
         """Prefill a stored custom voice now (every replica also does it when the voice is first used)."""
-        engine = self._require_engine()
-        await asyncio.wrap_future(self._worker.submit(lambda: engine.load_custom_voice(voice_id), label="load voice"))
+        engine = await self._acquire()
+        try:
+            await asyncio.wrap_future(self._worker.submit(lambda: engine.load_custom_voice(voice_id),
+                                                          label="load voice"))
+        finally:
+            self._release()
 
     async def forget_custom_voice(self, voice_id: str) -> None:
         if self._engine is not None:
@@ -151,12 +230,18 @@ class CSMModel:
 
     async def health(self) -> dict:
         problem = self.worker_problem()
-        state = "unhealthy" if problem else ("ready" if self._engine else ("failed" if self._error else "loading"))
+        unloaded = "reloading" if self._reload is not None else ("unloaded" if self._released else "unloading")
+        state = "unhealthy" if problem else ("ready" if self._engine else ("failed" if self._error else (
+            unloaded if self._unloaded else "loading")))
         info = {"status": state, "model": MODEL_NAME, "model_id": self._settings.model_id,
                 "device": self._device_name, "dtype": self._settings.dtype, "quantize": self._settings.quantize or None,
                 "generating": self._worker.generating, "queued": self._worker.waiting,
                 "max_batch_size": self._settings.max_batch_size, "worker": self._worker.liveness().as_dict(),
                 "memory": self._memory_report()}
+        if self._settings.idle_unload_s:
+            info["idle_unload"] = {"after_s": self._settings.idle_unload_s, "unloaded": self._unloaded,
+                                   "idle_s": round(self._idle_for(), 1)}
+        info["last_load_s"] = None if self._load_s is None else round(self._load_s, 2)
         if self._engine is not None:
             info["prefix_cache"] = self._engine.prefixes.report()
         if state == "loading" and self._downloads.active:
