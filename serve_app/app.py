@@ -1,7 +1,7 @@
 """The Serve application: one builder applies every deployment's options and wires the graph.
 
     SpeechIngress -> TextFrontend
-                  -> AudioEncoder -> CSMModel (exactly one replica)
+                  -> AudioEncoder -> CSMModel (one replica per machine: MODEL_REPLICAS)
 
 Deployments are plain classes (testable without Ray); only this module knows they are Serve deployments.
 `serve run serve_config.yaml` calls `build_app`, which runs in its own process: settings and voices are
@@ -11,7 +11,9 @@ only the model replica does.
 
 from __future__ import annotations
 
+import logging
 import os
+import uuid
 from typing import Optional
 
 from ray import serve
@@ -25,31 +27,70 @@ from .logs import configure_logging
 from .settings import STOP_GRACE_S, ConfigError, Settings
 from .voices import VoiceLibrary
 
+logger = logging.getLogger("sesame_tts")
+
 # Requests a replica takes besides speech streams: /health fans out to every deployment, and the lists.
 CONTROL_HEADROOM = 16
 # The ingress also answers the requests it turns away (429) and the lists; those end at once.
 INGRESS_HEADROOM = 64
 
 
-def deployment_options(settings: Settings) -> dict[str, dict]:
-    """Serve options per deployment, derived from the settings.
+MLX_RESOURCE = "mlx"  # the custom resource a machine that runs the model declares (ray start --resources)
+HEAD_RESOURCE = "node:__internal_head__"  # Ray's own resource of the head node
+
+
+def model_placement(settings: Settings) -> tuple[int, bool]:
+    """(model replicas, whether they need the "mlx" resource).
+
+    One replica per machine, because one MLX process owns one GPU: MODEL_REPLICAS replicas with Serve's
+    max_replicas_per_node=1. "auto" counts the live Ray nodes that declare the "mlx" resource (all live nodes
+    if none does), once, when the app is built; autoscaling is not used because a replica's start is a
+    multi-gigabyte load (minutes on a first download), not something to do as a queue grows and shrinks."""
+    wants_auto = settings.model_replicas == "auto"
+    try:
+        import ray
+
+        nodes = [n for n in ray.nodes() if n.get("Alive")] if ray.is_initialized() else []
+    except Exception:  # no cluster to ask (a unit test, local testing mode)
+        nodes = []
+    with_mlx = [n for n in nodes if n.get("Resources", {}).get(MLX_RESOURCE)]
+    if not wants_auto:
+        return int(settings.model_replicas), bool(with_mlx)
+    count = len(with_mlx or nodes)
+    if not count:
+        logger.warning("MODEL_REPLICAS=auto but no Ray cluster is visible while building: one model replica")
+    return max(1, count), bool(with_mlx)
+
+
+def deployment_options(settings: Settings, replicas: int = 1, needs_mlx: bool = False) -> dict[str, dict]:
+    """Serve options per deployment, derived from the settings and the model placement.
 
     A speech stream holds a slot in every deployment it passes through, and the ingress admits at most
-    MAX_BATCH_SIZE + MAX_QUEUED_REQUESTS of them (429 beyond that), so each deployment gets that many slots
-    plus headroom: Serve's own queueing never decides before our admission does. Fractional CPUs: with
-    Serve's default of one CPU per replica, four replicas do not all start on two cores."""
-    streams = settings.max_batch_size + settings.max_queued_requests
+    `replicas` x MAX_BATCH_SIZE + MAX_QUEUED_REQUESTS of them (429 beyond that), so each replica gets that
+    many slots plus headroom: Serve's own queueing never decides before our admission does, even when the
+    router sends more than its share to one replica. Fractional CPUs: with Serve's default of one CPU per
+    replica, four replicas do not all start on two cores.
+
+    With several machines, the encoder runs one replica beside each model replica (at most one per node) and
+    calls the model on its own node first (handle prefer-local routing): PCM never crosses the network, only
+    the encoded audio does."""
+    streams = replicas * settings.max_batch_size + settings.max_queued_requests
     inner = streams + CONTROL_HEADROOM
+    per_node = dict(num_replicas=replicas, max_replicas_per_node=1) if replicas > 1 else dict(num_replicas=1)
+    model_actor = {"num_cpus": 0.5, **({"resources": {MLX_RESOURCE: 1}} if needs_mlx else {})}
     return {
         "SpeechIngress": dict(num_replicas=1, max_ongoing_requests=streams + INGRESS_HEADROOM,
                               ray_actor_options={"num_cpus": 0.1}),
-        "TextFrontend": dict(num_replicas=1, max_ongoing_requests=inner, ray_actor_options={"num_cpus": 0.1}),
-        "AudioEncoder": dict(num_replicas=1, max_ongoing_requests=inner, ray_actor_options={"num_cpus": 0.2},
+        # One text frontend, on the head: it owns the custom-voice store (custom_voices.py), and its work per
+        # request (checks and chunking) takes well under a millisecond.
+        "TextFrontend": dict(num_replicas=1, max_ongoing_requests=inner, ray_actor_options={
+            "num_cpus": 0.1, **({"resources": {HEAD_RESOURCE: 0.001}} if replicas > 1 else {})}),
+        "AudioEncoder": dict(**per_node, max_ongoing_requests=inner, ray_actor_options={"num_cpus": 0.2},
                              graceful_shutdown_timeout_s=STOP_GRACE_S),
-        # The MLX model: exactly one replica, which serialises its requests on one MLX thread. Serve calls
+        # The MLX model: one replica per machine, each serialising its requests on one MLX thread. Serve calls
         # its check_health every period; a dead or hung MLX thread fails it and Serve replaces the replica.
-        "CSMModel": dict(num_replicas=1, max_ongoing_requests=inner, ray_actor_options={"num_cpus": 0.5},
-                         health_check_period_s=10, health_check_timeout_s=30,
+        "CSMModel": dict(num_replicas=replicas, max_replicas_per_node=1, max_ongoing_requests=inner,
+                         ray_actor_options=model_actor, health_check_period_s=10, health_check_timeout_s=30,
                          graceful_shutdown_timeout_s=STOP_GRACE_S),
     }
 
@@ -58,16 +99,19 @@ def build_application(settings: Settings, voices: Optional[VoiceLibrary] = None)
     """The bound application graph for these settings."""
     voices = voices or VoiceLibrary.load(settings.voices_dir)
     voices.resolve(settings.default_voice)  # DEFAULT_VOICE must name a preset or alias
-    options = deployment_options(settings)
+    replicas, needs_mlx = model_placement(settings)
+    options = deployment_options(settings, replicas, needs_mlx)
 
     def deployment(cls, name: str):
         return serve.deployment(cls, name=name, **options[name])
 
-    model = deployment(CSMModel, "CSMModel").bind(settings, voices)
+    # Where the model replicas publish their health for the ingress's /health: one key per built app.
+    health_key = uuid.uuid4().hex[:12]
+    model = deployment(CSMModel, "CSMModel").bind(settings, voices, health_key=health_key)
     encoder = deployment(AudioEncoder, "AudioEncoder").bind(settings, model)
     frontend = deployment(TextFrontend, "TextFrontend").bind(settings, voices)
     ingress = deployment(serve.ingress()(SpeechIngress), "SpeechIngress")  # the app is built on the replica
-    return ingress.bind(settings, frontend, encoder, model)
+    return ingress.bind(settings, frontend, encoder, model, model_replicas=replicas, health_key=health_key)
 
 
 def build_app(args: Optional[dict] = None) -> Application:

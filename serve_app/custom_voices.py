@@ -283,6 +283,15 @@ class CustomVoiceStore:
             raise InvalidRequestError(f"Voice '{voice_id}' is not available (deleted or unreadable).",
                                       param="voice", code="invalid_voice") from None
 
+    def prompt(self, voice_id: str) -> Optional[tuple[str, np.ndarray]]:
+        """(transcript, Mimi codes) as stored when the voice was made (None if they cannot be read)."""
+        folder = self.folder(voice_id)
+        with contextlib.suppress(OSError, ValueError):
+            record = VoiceRecord.model_validate_json((folder / "voice.json").read_text())
+            made = min(folder.glob("codes-*.npy"), key=lambda p: p.stat().st_mtime)
+            return record.transcript or "", np.load(made, allow_pickle=False)
+        return None
+
     def save_codes(self, voice_id: str, codes_tag: str, codes: np.ndarray) -> None:
         """Codes for another Mimi than the one the voice was made with (a changed checkpoint)."""
         folder = self.folder(voice_id)

@@ -50,11 +50,28 @@ def export_ray_variables() -> None:
             os.environ.setdefault(key, value)
 
 
+SECRET_SETTINGS = ("API_KEY", "HF_TOKEN")
+
+
 def render_config(settings: Settings, source: Path) -> Path:
+    """The config `serve run` gets: HOST and PORT applied, and every setting given in the environment or
+    .env written into the app's `args`. On a Ray cluster of several machines (RAY_ADDRESS) Serve builds
+    the app in a worker process of the cluster, which does not see this shell's environment; the builder
+    reads `args` first (app.build_app). The file is private to the user (it may hold API_KEY)."""
     config = yaml.safe_load(source.read_text())
     config.setdefault("http_options", {}).update(host=settings.host, port=settings.port)
+    given = Settings.given()
+    # Secrets go in the builder's environment, not in `args`, which Serve writes to its log.
+    secrets = {k: given.pop(k) for k in SECRET_SETTINGS if k in given}
+    for app in config.get("applications", []):
+        app["args"] = {**given, **(app.get("args") or {})}
+        if secrets:
+            env = app.setdefault("runtime_env", {}).setdefault("env_vars", {})
+            env.update(secrets)
     settings.cache_dir.mkdir(parents=True, exist_ok=True)
     target = settings.cache_dir / "serve_config.yaml"
+    target.touch(mode=0o600)
+    target.chmod(0o600)
     target.write_text(yaml.safe_dump(config, sort_keys=False))
     return target
 

@@ -69,6 +69,10 @@ class Settings(BaseModel):
     # Compile the per-frame depth-decoder pass (31 steps, all 32 samples) once per batch size. "auto":
     # on a GPU only; MLX's CPU backend compiles with a C++ compiler (~30 s per new shape, cold) for a few %.
     mlx_compile: Literal["auto", "on", "off"] = "auto"
+    # Model replicas, at most one per machine (Ray node): a number, or "auto" for one on every node of the Ray
+    # cluster that can run MLX (the nodes started with the custom resource {"mlx": 1}; all nodes if none is).
+    # Counted when the app is deployed: after adding a machine, restart (or redeploy) the app.
+    model_replicas: str = "1"
     # Requests generating together in one batched forward pass; more wait (up to MAX_QUEUED_REQUESTS).
     max_batch_size: int = Field(8, ge=1, le=64)
     hf_token: Optional[SecretStr] = None
@@ -146,6 +150,14 @@ class Settings(BaseModel):
     def _expand(cls, value: Path) -> Path:
         return Path(os.path.expandvars(str(value))).expanduser()
 
+    @field_validator("model_replicas", mode="before")
+    @classmethod
+    def _replicas(cls, value):
+        text = str(value).strip().lower()
+        if text != "auto" and not (text.isdigit() and 1 <= int(text) <= 256):
+            raise ValueError("must be a number of replicas (1-256) or 'auto'")
+        return text
+
     @field_validator("quantize", mode="before")
     @classmethod
     def _bits(cls, value):
@@ -171,14 +183,7 @@ class Settings(BaseModel):
     def load(cls, environ: Optional[Mapping[str, str]] = None, env_file: Optional[Path] = None) -> "Settings":
         """Read settings from `env_file` (default: `.env` in the working directory, else the project root)
         overlaid with `environ` (default: the process environment)."""
-        environ = os.environ if environ is None else environ
-        values: dict[str, str] = {}
-        path = env_file or find_env_file(environ)
-        if path is not None:
-            values.update({k: v for k, v in dotenv_values(path).items() if v is not None})
-        values.update(environ)
-        fields = {name.upper(): name for name in cls.model_fields}
-        chosen = {fields[key]: value for key, value in values.items() if key in fields}
+        chosen = {name.lower(): value for name, value in cls.given(environ, env_file).items()}
         try:
             return cls(**chosen)
         except ValidationError as exc:
@@ -187,6 +192,18 @@ class Settings(BaseModel):
                 for err in exc.errors()
             ]
             raise ConfigError("invalid settings: " + "; ".join(problems)) from None
+
+    @classmethod
+    def given(cls, environ: Optional[Mapping[str, str]] = None, env_file: Optional[Path] = None) -> dict[str, str]:
+        """The settings set in `env_file` and `environ` (the environment wins), by variable name, as text."""
+        environ = os.environ if environ is None else environ
+        values: dict[str, str] = {}
+        path = env_file or find_env_file(environ)
+        if path is not None:
+            values.update({k: v for k, v in dotenv_values(path).items() if v is not None})
+        values.update(environ)
+        names = {name.upper() for name in cls.model_fields}
+        return {key: value for key, value in values.items() if key in names}
 
     def public_dict(self) -> dict:
         """The settings safe to log: secrets are masked."""

@@ -284,6 +284,18 @@ def test_a_voice_outlives_its_server_and_is_never_encoded_twice(tiny_checkpoint,
     def no_encoding(self, audio):
         raise AssertionError("a stored voice was encoded again")
 
+    # A model replica on another machine: an empty store of its own, the voice only in the request.
+    from serve_app.custom_voices import CustomVoiceStore
+    from serve_app.engine.request import ContextSegment, SynthesisRequest
+    from serve_app.engine.runners import synthesize
+    from serve_app.voices import VoicePreset
+
+    transcript, codes = CustomVoiceStore(settings).prompt(voice["id"])
+    elsewhere = CSMEngine.load(settings.model_copy(update={"cache_dir": tmp_path_factory.mktemp("elsewhere")}))
+    request = SynthesisRequest([body["input"]], VoicePreset(name=voice["id"], description="", custom=True), seed=7,
+                               voice_prompt=ContextSegment(0, transcript, codes=codes))
+    assert b"".join(i for i in synthesize(elsewhere, request) if isinstance(i, bytes)) == before
+
     monkeypatch.setattr(CSMEngine, "encode_audio", no_encoding)  # in-process: the new replica's engine too
     monkeypatch.setattr(CSMEngine, "load_voice_prompts", lambda self, voices: None)  # presets would encode
     second = LocalApp(settings)

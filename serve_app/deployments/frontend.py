@@ -13,6 +13,7 @@ from typing import Optional
 
 import numpy as np
 
+from ..engine.request import ContextSegment
 from ..custom_voices import ConsentRecord, CustomVoiceStore, VoiceRecord
 from ..errors import APIError, InvalidRequestError, NotFoundError
 from ..logs import configure_logging
@@ -31,6 +32,7 @@ class SpeechPlan:
 
     chunks: list[str]
     preset: VoicePreset
+    voice_prompt: Optional[ContextSegment] = None  # a custom voice's clip, for replicas that have not seen it
 
 
 class TextFrontend:
@@ -39,6 +41,7 @@ class TextFrontend:
         self._settings = settings
         self._voices = voices
         self._store = CustomVoiceStore(settings)
+        self._prompts: dict[str, ContextSegment] = {}
 
     @staticmethod
     def _errors_as_values(method):
@@ -78,7 +81,18 @@ class TextFrontend:
         if request.instructions:
             logger.info("instructions are not supported by CSM-1B and were ignored")
         chunks = chunk_text(text, self._settings.chunk_max_chars, self._settings.first_chunk_max_chars)
-        return SpeechPlan(chunks=chunks, preset=preset)
+        return SpeechPlan(chunks=chunks, preset=preset, voice_prompt=self._voice_prompt(preset))
+
+    def _voice_prompt(self, preset: VoicePreset) -> Optional[ContextSegment]:
+        """A custom voice's stored transcript and codes (read once; they never change)."""
+        if not preset.custom:
+            return None
+        if preset.name not in self._prompts:
+            stored = self._store.prompt(preset.name)
+            if stored is None:
+                return None
+            self._prompts[preset.name] = ContextSegment(0, stored[0], codes=stored[1])
+        return self._prompts[preset.name]
 
     def resolve(self, name: str) -> VoicePreset:
         """A preset or alias first, then a custom voice by id or name; else the presets' 400, naming all."""
@@ -137,6 +151,7 @@ class TextFrontend:
     @_errors_as_values
     def delete_voice(self, voice_id: str) -> None | APIError:
         self._store.delete_voice(voice_id)
+        self._prompts.pop(voice_id, None)
         return None
 
     @_errors_as_values

@@ -8,8 +8,10 @@ broken chunked body, not a complete file) or ends an SSE stream with an error ev
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
+import time
 import uuid
 
 from fastapi import Depends, FastAPI, Request
@@ -29,13 +31,16 @@ from ..observability import RequestRecord
 from ..protocol import AudioModel, AudioModelList, ErrorResponse, ModelCard, ModelList, SpeechRequest, VoiceList
 from ..settings import Settings
 from ..engine.request import SynthesisRequest
-from . import elevenlabs
+from . import elevenlabs, replicas
 from .encoder import EncodeRequest
 from .limits import Admission, BodySizeLimit
 from .streaming import CLIENT_GONE, SpeechStream
 from .voice_routes import UPLOAD_BODY_BYTES, UPLOAD_PATHS, VoiceRoutes
 
 logger = logging.getLogger("sesame_tts")
+
+# Model replica states that take requests (after an idle unload, requests wait for the reload).
+SERVING = ("ready", "unloading", "unloaded", "reloading")
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -136,14 +141,20 @@ def new_request_id() -> str:
 
 
 class SpeechIngress:
-    def __init__(self, settings: Settings, frontend, encoder, model):
+    def __init__(self, settings: Settings, frontend, encoder, model, model_replicas: int = 1,
+                 health_key: str = "local"):
         configure_logging(settings.log_level)
         self._settings = settings
         self._frontend = frontend
         self._encoder = encoder
         self._model = model
-        # Speech requests between admission and their last byte; bounded, and the stop drain waits for it.
-        self._admission = Admission(settings.max_queued_requests, slots=settings.max_batch_size)
+        self._model_replicas = model_replicas
+        self._health_key = health_key
+        # Speech requests between admission and their last byte; bounded, and the stop drain waits for it. The
+        # slots follow the model replicas that can serve (refreshed from their published health).
+        self._admission = Admission(settings.max_queued_requests, slots=model_replicas * settings.max_batch_size)
+        self._replicas: list[dict] = []
+        self._replicas_read = 0.0
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         """Serve calls this on the replica after __init__; routes are bound methods of this instance."""
@@ -205,6 +216,7 @@ class SpeechIngress:
         here (for the caller's error shape); after it, the stream holds the lease and the request's record.
         Every dialect's speech route comes through here (the same admission, log line and metrics)."""
         record = RequestRecord(new_request_id(), characters=len(body.input), speed=float(body.speed))
+        await self.model_replicas()  # keeps the admission's slots in step with the replicas that serve
         try:
             if self._settings.drain_flag.exists():
                 raise ServiceUnavailableError("The server is shutting down; retry shortly.", code="shutting_down")
@@ -217,7 +229,8 @@ class SpeechIngress:
             if isinstance(plan, APIError):
                 raise plan
             record.voice, record.fmt = plan.preset.name, fmt
-            synthesis = SynthesisRequest(plan.chunks, plan.preset, seed=body.seed, request_id=record.request_id)
+            synthesis = SynthesisRequest(plan.chunks, plan.preset, seed=body.seed, request_id=record.request_id,
+                                         voice_prompt=plan.voice_prompt)
             stream = self._encoder.options(stream=True).encode.remote(EncodeRequest(synthesis, fmt, record.speed))
             try:
                 first = await stream.__anext__()
@@ -245,22 +258,49 @@ class SpeechIngress:
     async def list_voices(self) -> VoiceList:
         return VoiceList(voices=await self._frontend.voices.remote())
 
+    async def model_replicas(self, max_age_s: float = 2.0) -> list[dict]:
+        """Every model replica's published health (replicas.py), read at most every `max_age_s`; the
+        admission's slots become MAX_BATCH_SIZE per replica that can serve (at least one replica's worth, so
+        with none serving requests get the model's 503 rather than a 429)."""
+        if time.monotonic() - self._replicas_read > max_age_s:
+            self._replicas_read = time.monotonic()
+            self._replicas = await asyncio.to_thread(replicas.read, self._health_key)
+            self._follow_replicas(self._replicas)
+        return self._replicas
+
+    def _follow_replicas(self, entries: list[dict]) -> None:
+        if entries:
+            serving = sum(r["status"] in SERVING for r in entries)
+            self._admission.slots = max(1, serving) * self._settings.max_batch_size
+
     async def health(self) -> JSONResponse:
-        """200 when the model is loaded and ffmpeg runs; 503 with the reason otherwise."""
+        """200 when a model replica can serve and ffmpeg runs; 503 with the reason otherwise. `model` is the
+        replica this call reached; `replicas` lists every one, and `degraded` names those that cannot serve."""
         model = await self._model.health.remote()
         encoder = await self._encoder.health.remote()
         voices = [v.id for v in await self._frontend.voices.remote()]
+        # The replica this call reached answers fresher than its last published entry.
+        every = [model if r.get("replica") == model.get("replica") else r
+                 for r in await self.model_replicas(max_age_s=0)] or [model]
+        serving = [r for r in every if r["status"] in SERVING]
+        self._follow_replicas(every)
         draining = self._settings.drain_flag.exists()
-        # Unloaded after idling (IDLE_UNLOAD_S) it can serve: requests wait for the weights to come back.
-        ok = model["status"] in ("ready", "unloading", "unloaded", "reloading") and encoder["ok"] and not draining
-        reasons = [r for r in (model.get("error"), None if encoder["ok"] else encoder["ffmpeg"]) if r]
-        if model["status"] == "loading":
+        ok = bool(serving) and encoder["ok"] and not draining
+        errors = [model.get("error")] if not serving else []
+        reasons = [r for r in (*errors, None if encoder["ok"] else encoder["ffmpeg"]) if r]
+        if not serving and model["status"] == "loading":
             reasons.append("model is loading")
         if draining:
             reasons.append("shutting down")
         body = {"status": "ok" if ok else ("draining" if draining else "unavailable"), "model": model,
-                "ffmpeg": encoder["ffmpeg"], "voices": voices, "device": model["device"],
-                "in_flight": self._admission.active, "encoders_running": encoder["running"]}
+                "replicas": every, "ffmpeg": encoder["ffmpeg"], "voices": voices, "device": model["device"],
+                "in_flight": self._admission.active, "capacity": self._admission.capacity,
+                "encoders_running": encoder["running"],
+                "model_replicas": {"configured": self._model_replicas, "serving": len(serving)}}
+        degraded = [f"{r.get('replica', '?')} on {r.get('node', {}).get('ip', '?')}: {r['status']}"
+                    f"{' (' + r['error'] + ')' if r.get('error') else ''}" for r in every if r not in serving]
+        if degraded and serving:
+            body["degraded"] = degraded
         if reasons:
             body["reason"] = "; ".join(reasons)
         return JSONResponse(body, status_code=200 if ok else 503)

@@ -42,10 +42,16 @@ class Admission:
     pipeline is full."""
 
     def __init__(self, max_queued: int, slots: int = 1):
-        """`slots`: requests the model generates at the same time (MAX_BATCH_SIZE)."""
-        self.capacity = slots + max_queued
+        """`slots`: requests the model replicas generate at the same time (MAX_BATCH_SIZE each); the owner
+        may change it as replicas come and go."""
+        self.slots = slots
+        self.max_queued = max_queued
         self.active = 0
         self._mean_s = 1.0  # running mean of admitted requests' durations (queueing included)
+
+    @property
+    def capacity(self) -> int:
+        return self.slots + self.max_queued
 
     def admit(self) -> Lease:
         if self.active >= self.capacity:

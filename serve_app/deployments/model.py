@@ -25,6 +25,7 @@ from ..observability import set_model_load
 from ..protocol import Usage
 from ..settings import MODEL_NAME, Settings
 from ..voices import VoiceLibrary
+from . import replicas
 from ..engine.request import SynthesisRequest
 
 if TYPE_CHECKING:
@@ -36,12 +37,34 @@ GIL_SWITCH_INTERVAL_S = 0.0005
 LOAD_TASK = "load"  # the worker task that may take as long as a first download does
 
 
+def _replica_id(model: "CSMModel") -> str:
+    """Serve's id of this replica (a process-unique one in Serve's local testing mode)."""
+    from ray import serve
+
+    try:
+        return serve.get_replica_context().replica_id.unique_id
+    except Exception:
+        return f"local-{id(model):x}"
+
+
+def _node() -> dict:
+    """The Ray node this replica runs on (its id and address); "local" without a cluster."""
+    try:
+        import ray
+
+        if ray.is_initialized():
+            return {"id": ray.get_runtime_context().get_node_id(), "ip": ray.util.get_node_ip_address()}
+    except Exception:
+        pass
+    return {"id": "local", "ip": "127.0.0.1"}
+
+
 class WorkerUnhealthy(RuntimeError):
     """Raised by `check_health`: Serve then marks the replica unhealthy and replaces it."""
 
 
 class CSMModel:
-    def __init__(self, settings: Settings, voices: VoiceLibrary):
+    def __init__(self, settings: Settings, voices: VoiceLibrary, health_key: str = "local"):
         from ..engine.generation import describe_device, select_device
         from ..engine.hub import DownloadProgress
         from ..engine.memory import memory_report
@@ -71,6 +94,10 @@ class CSMModel:
         self._reload: Optional[concurrent.futures.Future] = None
         self._load_s: Optional[float] = None  # the latest (re)load, warm-up included
         self._start_load()
+        # Every model replica publishes its health for the ingress's /health (replicas.py).
+        self._health_key, self._replica_id, self._node = health_key, _replica_id(self), _node()
+        self._served = 0
+        threading.Thread(target=self._publish_health, name="health-publisher", daemon=True).start()
         if settings.idle_unload_s:
             threading.Thread(target=self._watch_idle, name="idle-unload", daemon=True).start()
 
@@ -79,6 +106,15 @@ class CSMModel:
         worker = getattr(self, "_worker", None)
         if worker is not None:
             worker.stop()
+            replicas.withdraw(self._health_key, self._replica_id)
+
+    def _publish_health(self) -> None:
+        while self._worker.liveness().alive:
+            try:
+                replicas.publish(self._health_key, self._replica_id, self.health_info())
+            except Exception as exc:  # the GCS briefly away: the entry goes stale and /health says so
+                logger.debug("could not publish health: %s", exc)
+            time.sleep(replicas.PUBLISH_EVERY_S)
 
     def _start_load(self) -> concurrent.futures.Future:
         self._load_started = time.monotonic()
@@ -125,6 +161,7 @@ class CSMModel:
             async for item in self._worker.stream(request):
                 set_model_load(self._worker.waiting, self._worker.generating)
                 yield item
+            self._served += 1
         finally:
             self._release()
             set_model_load(self._worker.waiting, self._worker.generating)
@@ -193,12 +230,13 @@ class CSMModel:
             self._release()
         return codes, engine.codes_tag
 
-    async def load_custom_voice(self, voice_id: str) -> None:
-        """Prefill a stored custom voice now (every replica also does it when the voice is first used)."""
+    async def add_custom_voice(self, voice_id: str, transcript: Optional[str], codes) -> None:
+        """Prefill a new custom voice now (any other replica does it when the voice is first used there)."""
         engine = await self._acquire()
         try:
-            await asyncio.wrap_future(self._worker.submit(lambda: engine.load_custom_voice(voice_id),
-                                                          label="load voice"))
+            await asyncio.wrap_future(self._worker.submit(
+                lambda: engine.add_custom_prompt(voice_id, transcript or "", codes, "a new custom voice"),
+                label="load voice"))
         finally:
             self._release()
 
@@ -229,6 +267,10 @@ class CSMModel:
             raise WorkerUnhealthy(problem)
 
     async def health(self) -> dict:
+        return self.health_info()
+
+    def health_info(self) -> dict:
+        """This replica: where it runs, its state, batch, queue, memory and what it has served."""
         problem = self.worker_problem()
         unloaded = "reloading" if self._reload is not None else ("unloaded" if self._released else "unloading")
         state = "unhealthy" if problem else ("ready" if self._engine else ("failed" if self._error else (
@@ -237,6 +279,7 @@ class CSMModel:
                 "device": self._device_name, "dtype": self._settings.dtype, "quantize": self._settings.quantize or None,
                 "generating": self._worker.generating, "queued": self._worker.waiting,
                 "max_batch_size": self._settings.max_batch_size, "worker": self._worker.liveness().as_dict(),
+                "node": self._node, "served": self._served, "replica": self._replica_id,
                 "memory": self._memory_report()}
         if self._settings.idle_unload_s:
             info["idle_unload"] = {"after_s": self._settings.idle_unload_s, "unloaded": self._unloaded,

@@ -165,7 +165,7 @@ class VoiceRoutes:
                              conditioning="audio_and_transcript" if transcript else "audio_only")
         record = await _value(self._frontend.add_voice.remote(record, pcm, codes, codes_tag))
         try:  # prefilled now; any replica that has not would do it on the voice's first request
-            await self._model.load_custom_voice.remote(record.id)
+            await self._model.add_custom_voice.remote(record.id, transcript, codes)
         except Exception as exc:
             logger.warning("custom voice %s stored but not prefilled yet: %s", record.id, exc)
         logger.info("custom voice %s created (%.1f s, %s)", record.id, duration, record.conditioning)

@@ -183,12 +183,15 @@ class CSMEngine:
         if codes is None:
             codes = self.encode_audio(sample)
             store.save_codes(voice_id, self.codes_tag, codes)
-        tokens = self.segment_codes(0, record.transcript or "", codes)
+        self.add_custom_prompt(voice_id, record.transcript or "", codes, f"custom '{record.name}'")
+
+    def add_custom_prompt(self, voice_id: str, transcript: str, codes: np.ndarray, source: str) -> None:
+        tokens = self.segment_codes(0, transcript, codes)
         problem = self.overflow(tokens)  # stored under other chunk settings, say
         if problem:
-            raise InvalidRequestError(f"Voice '{record.name}' cannot be used with this server's settings: {problem}.",
+            raise InvalidRequestError(f"Voice '{voice_id}' cannot be used with this server's settings: {problem}.",
                                       param="voice", code="invalid_voice")
-        self._add_prompt(voice_id, tokens, f"custom '{record.name}'")
+        self._add_prompt(voice_id, tokens, source)
 
     def forget_voice(self, voice_id: str) -> None:
         tokens = self._prompts.pop(voice_id, None)
@@ -212,10 +215,15 @@ class CSMEngine:
         """An utterance already in Mimi codes (K x frames) as context rows."""
         return self.segment_tokens(ContextSegment(speaker, text, codes=codes))
 
-    def fixed_context(self, preset: VoicePreset, context: list[ContextSegment]) -> list[_Tokens]:
-        """What every chunk of a request sees first: the voice's prompt, then the given conversation."""
+    def fixed_context(self, preset: VoicePreset, context: list[ContextSegment],
+                      voice_prompt: Optional[ContextSegment] = None) -> list[_Tokens]:
+        """What every chunk of a request sees first: the voice's prompt, then the given conversation. A custom
+        voice not seen here yet comes from the request (`voice_prompt`) or this machine's store."""
         if preset.custom and preset.name not in self._prompts:
-            self.load_custom_voice(preset.name)
+            if voice_prompt is not None and voice_prompt.codes is not None:
+                self.add_custom_prompt(preset.name, voice_prompt.text, voice_prompt.codes, "the request")
+            else:
+                self.load_custom_voice(preset.name)
         fixed = [self._prompts[preset.name]] if preset.name in self._prompts else []
         return fixed + [self.segment_tokens(seg) for seg in context]
 

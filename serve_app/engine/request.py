@@ -40,3 +40,7 @@ class SynthesisRequest:
     request_id: str = ""
     # A fixed frame count per chunk instead of the length-derived cap (warm-up, benchmarks).
     max_frames_per_chunk: Optional[int] = None
+    # A custom voice's clip (its transcript and stored Mimi codes), sent along by the text frontend, which
+    # owns the voice store: a model replica on another machine that has not seen the voice yet takes it from
+    # here (and keeps it); one that has ignores it.
+    voice_prompt: Optional[ContextSegment] = None

@@ -39,7 +39,7 @@ class SpeechSession:
         self._gain = 10.0 ** (preset.gain_db / 20.0)
         self.inv_temperature = 1.0 / preset.temperature
         self.top_k = max(1, min(preset.top_k, engine.vocab_size))
-        self._fixed = engine.fixed_context(preset, request.context)
+        self._fixed = engine.fixed_context(preset, request.context, request.voice_prompt)
         self._reuse = engine.settings.prefix_cache
         self._fixed_key = (token_key(np.concatenate([s.ids for s in self._fixed]),
                                      np.concatenate([s.mask for s in self._fixed]))
