@@ -10,10 +10,12 @@ session, never by name. Token authentication is on, as on a fresh Ray install.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -33,8 +35,13 @@ class LocalCluster:
         self.procs: list[subprocess.Popen] = []
         common = ["--block", "--node-ip-address", "127.0.0.1", "--num-cpus", str(cpus_per_node),
                   "--resources", '{"mlx": 1}', "--disable-usage-stats"]
+        # A temporary root of its own: `ray start --head` records its address in <root>/ray_current_cluster,
+        # where any later `ray.init()` on this machine without an address would find it (and hang on it once
+        # this cluster is gone).
+        self.temp_dir = tempfile.mkdtemp(prefix="rc", dir="/tmp")
         try:
-            self._start("head", ["--head", "--port", str(self.port), "--include-dashboard=false", *common])
+            self._start("head", ["--head", "--port", str(self.port), "--include-dashboard=false",
+                                 "--temp-dir", self.temp_dir, *common])
             self._wait_for_port()
             for i in range(1, nodes):
                 self._start(f"node{i}", ["--address", self.address, *common])
@@ -84,6 +91,7 @@ class LocalCluster:
                 except ProcessLookupError:
                     pass
             proc.wait(timeout=30)
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 
 def _session_pids(sid: int) -> list[int]:

@@ -21,6 +21,10 @@ from serve_app.local_server import LocalServer, ServerFailed
 
 ROOT = Path(__file__).resolve().parent.parent
 
+# Anything in this process that starts Ray (serve.shutdown() after Serve's local testing mode does) starts a
+# local instance of its own, never attaching to a cluster that some test (or a developer) left on this machine.
+os.environ.setdefault("RAY_ADDRESS", "local")
+
 # Small runaway caps: the tiny model never emits end-of-speech, so every request runs to its cap.
 TEST_ENV = {
     "MAX_AUDIO_BASE_S": "0.5",

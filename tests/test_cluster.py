@@ -58,7 +58,7 @@ def speak(server, text: str, out: dict, key) -> None:
 def test_two_replicas_on_two_nodes_share_the_requests(cluster):
     body = cluster.health().json()
     replicas = serving(body)
-    assert len({r["node"]["id"] for r in replicas}) == 2, replicas  # never two on one node
+    assert len({r["node"]["id"] for r in replicas}) == 2, body["replicas"]  # never two on one node
     assert body["model_replicas"] == {"configured": 2, "serving": 2}
     assert body["capacity"] == CAPACITY
     before = {r["replica"]: r["served"] for r in replicas}
@@ -75,8 +75,14 @@ def test_two_replicas_on_two_nodes_share_the_requests(cluster):
     for status, data, end in results.values():
         if status == 200:
             assert end == "complete" and rms(decode(data, "pcm")) > 0.01
-    after = {r["replica"]: r["served"] for r in serving(cluster.health().json())}
-    spread = {rid: after[rid] - before[rid] for rid in before}
+    def spread() -> dict:  # published every 2 s: wait until both replicas' counts include these 8
+        after = {r["replica"]: r["served"] for r in serving(cluster.health().json())}
+        return {rid: after.get(rid, 0) - before[rid] for rid in before}
+
+    deadline = time.monotonic() + 15
+    while sum(spread().values()) < 8 and time.monotonic() < deadline:
+        time.sleep(0.25)
+    spread = spread()
     assert all(n > 0 for n in spread.values()), spread  # each replica served some
     print(f"\n8 concurrent requests: statuses {sorted(statuses)}, served per replica {sorted(spread.values())}")
 

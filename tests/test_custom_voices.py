@@ -221,6 +221,7 @@ def test_names_are_display_text_and_ids_are_the_servers(app, consent_id, clips):
     assert voice["name"] == "../../etc/passwd\\x" and voice["conditioning"] == "audio_only"
     assert voice["transcript"] is None
     assert stored(app) == [voice["id"]]
+    assert app.request("GET", f"/v1/audio/voices/{voice['id']}").json() == voice  # retrieve (our extension)
     assert sorted(p.name for p in (app.settings.cache_dir / "custom_voices" / "voices" / voice["id"]).iterdir()) \
         == sorted(["voice.json", "sample.wav", next(p.name for p in (app.settings.cache_dir / "custom_voices" /
                                                                        "voices" / voice["id"]).glob("codes-*.npy"))])

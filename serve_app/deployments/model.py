@@ -93,10 +93,10 @@ class CSMModel:
         self._released = False  # ... and MLX's memory is back (health says "unloading" until then)
         self._reload: Optional[concurrent.futures.Future] = None
         self._load_s: Optional[float] = None  # the latest (re)load, warm-up included
-        self._start_load()
         # Every model replica publishes its health for the ingress's /health (replicas.py).
         self._health_key, self._replica_id, self._node = health_key, _replica_id(self), _node()
         self._served = 0
+        self._start_load()
         threading.Thread(target=self._publish_health, name="health-publisher", daemon=True).start()
         if settings.idle_unload_s:
             threading.Thread(target=self._watch_idle, name="idle-unload", daemon=True).start()
@@ -110,11 +110,15 @@ class CSMModel:
 
     def _publish_health(self) -> None:
         while self._worker.liveness().alive:
-            try:
-                replicas.publish(self._health_key, self._replica_id, self.health_info())
-            except Exception as exc:  # the GCS briefly away: the entry goes stale and /health says so
-                logger.debug("could not publish health: %s", exc)
+            self._publish_now()
             time.sleep(replicas.PUBLISH_EVERY_S)
+
+    def _publish_now(self) -> None:
+        """Also called on every change of state (loaded, failed, unloaded), so /health never lags it."""
+        try:
+            replicas.publish(self._health_key, self._replica_id, self.health_info())
+        except Exception as exc:  # the GCS briefly away: the entry goes stale and /health says so
+            logger.debug("could not publish health: %s", exc)
 
     def _start_load(self) -> concurrent.futures.Future:
         self._load_started = time.monotonic()
@@ -145,6 +149,7 @@ class CSMModel:
         else:
             self._error = f"{type(exc).__name__}: {exc}"
             logger.error("model failed to load: %s", self._error, exc_info=exc)
+        self._publish_now()
 
     def _require_engine(self) -> "CSMEngine":
         if self._engine is not None:
@@ -214,6 +219,7 @@ class CSMModel:
         gc.collect()
         mx.clear_cache()
         self._released = True
+        self._publish_now()
         logger.info("idle for %g s (IDLE_UNLOAD_S): model weights released; the next request reloads them",
                     self._settings.idle_unload_s)
         return True
