@@ -100,6 +100,20 @@ def server(tiny_checkpoint, tmp_path_factory) -> Server:
         server.stop()
 
 
+def run_loadtest(base_url: str, clients: int, requests: int, tmp_path: Path) -> dict:
+    """`python -m serve_app.loadtest` against a server (bounded); its JSON report, once it exited cleanly."""
+    import sys
+
+    report_file = tmp_path / "load.json"
+    run = subprocess.run([sys.executable, "-m", "serve_app.loadtest", "--url", base_url, "--clients", str(clients),
+                          "--requests", str(requests), "--max-seconds", "120", "--json", str(report_file)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    report = json.loads(report_file.read_text())
+    assert report["error"] == report["truncated"] == report["invalid"] == 0, report["failures"]
+    return report
+
+
 def session_processes(sid: int) -> list[str]:
     """`ps` lines ("sid pid args", never cut short) of every live process in session `sid` (a server started
     with start_new_session: its pid)."""

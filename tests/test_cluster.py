@@ -4,11 +4,8 @@ counts both, a killed replica's in-flight requests fail while the other keeps se
 
 from __future__ import annotations
 
-import json
 import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 
@@ -17,7 +14,7 @@ import pytest
 
 from serve_app.local_cluster import LocalCluster
 from tests.audio import decode, rms
-from tests.conftest import ROOT, launch_server
+from tests.conftest import launch_server, run_loadtest
 
 pytestmark = pytest.mark.server
 MAX_BATCH, MAX_QUEUED = 2, 4
@@ -88,13 +85,7 @@ def test_two_replicas_on_two_nodes_share_the_requests(cluster):
 
 
 def test_loadtest_at_eight_times_capacity_gives_only_audio_or_429(cluster, tmp_path):
-    report_file = tmp_path / "load.json"
-    run = subprocess.run([sys.executable, "-m", "serve_app.loadtest", "--url", cluster.base_url, "--clients",
-                          str(8 * CAPACITY), "--requests", "48", "--max-seconds", "120", "--json", str(report_file)],
-                         cwd=ROOT, capture_output=True, text=True, timeout=300)
-    report = json.loads(report_file.read_text())
-    assert run.returncode == 0, run.stdout + run.stderr
-    assert report["error"] == report["truncated"] == report["invalid"] == 0, report["failures"]
+    report = run_loadtest(cluster.base_url, 8 * CAPACITY, 32, tmp_path)
     assert report["ok"] >= 1 and report["attempts_429"] >= 1, report
     print(f"\nload test at 8x capacity on two nodes: {report['ok']} audio, {report['rate_limited']} 429, "
           f"{report['audio_s']} s of audio in {report['wall_s']} s")

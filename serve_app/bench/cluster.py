@@ -42,10 +42,11 @@ def main(argv=None) -> None:
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="bench-cluster-"))
-    cluster = LocalCluster(work / "ray")
     results = {}
-    try:
-        for replicas in ("1", "auto"):
+    for replicas in ("1", "auto"):
+        # A fresh two-node cluster each time: Serve keeps its first HTTP port for the life of a cluster.
+        cluster = LocalCluster(work / f"ray-{replicas}")
+        try:
             server = LocalServer(work / f"server-{replicas}", {**ENV, "MODEL_ID": args.checkpoint,
                                                                "MODEL_REPLICAS": replicas, **cluster.server_env()})
             try:
@@ -62,8 +63,8 @@ def main(argv=None) -> None:
                     "served_per_node": served, **report}
             finally:
                 server.stop()
-    finally:
-        cluster.stop()
+        finally:
+            cluster.stop()
     one, two = results.get("replicas_1"), results.get("replicas_2")
     if one and two:
         results["throughput_ratio_2_vs_1"] = round(two["audio_s_per_s"] / one["audio_s_per_s"], 2)

@@ -18,6 +18,7 @@ from typing import Any, Optional
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictStr
+from ray.exceptions import RayActorError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import (
@@ -82,7 +83,9 @@ class ElevenLabsRoutes:
     def app(self) -> FastAPI:
         app = FastAPI(title="Sesame TTS (ElevenLabs dialect)", docs_url=None, redoc_url=None)
 
+        # As on the OpenAI side: expected failures answered without a traceback, anything else logged too.
         @app.exception_handler(APIError)
+        @app.exception_handler(RayActorError)
         @app.exception_handler(Exception)
         async def _error(request: Request, exc: Exception) -> JSONResponse:
             return error_response(exc)
