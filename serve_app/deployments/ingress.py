@@ -282,7 +282,9 @@ class SpeechIngress:
         # The replica this call reached answers fresher than its last published entry.
         every = [model if r.get("replica") == model.get("replica") else r
                  for r in await self.model_replicas(max_age_s=0)] or [model]
-        serving = [r for r in every if r["status"] in SERVING]
+        # One replica: the one this call reached is the only truth (a killed one's last entry still reads
+        # "ready" until it goes stale, while its replacement loads). Several: each one's published state.
+        serving = [r for r in (every if self._model_replicas > 1 else [model]) if r["status"] in SERVING]
         self._follow_replicas(every)
         draining = self._settings.drain_flag.exists()
         ok = bool(serving) and encoder["ok"] and not draining

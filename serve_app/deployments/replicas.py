@@ -18,7 +18,7 @@ from typing import Optional
 logger = logging.getLogger("sesame_tts")
 
 PUBLISH_EVERY_S = 2.0
-STALE_S = 10.0  # an entry older than this: the replica is gone (or hung past its heartbeat)
+STALE_S = 6.0  # an entry older than this (three missed publications): the replica is gone or hung
 FORGET_S = 120.0
 _NAMESPACE = "sesame_tts"
 _LOCAL: dict[str, bytes] = {}  # local testing mode: no GCS
