@@ -241,18 +241,27 @@ class CustomVoiceStore:
             raise NotFoundError(f"No custom voice with id '{voice_id}'.", param="voice_id", code="voice_not_found")
         return self._voices / voice_id
 
+    def check_new_voice(self, name: str, consent: str, taken_names: set[str]) -> None:
+        """A new voice's consent exists, its name is free (`taken_names`: the presets', casefolded) and there is
+        room; the 400 that says which not."""
+        try:
+            self.consent(consent)
+        except NotFoundError:
+            raise InvalidRequestError(f"Invalid value for 'consent': no voice consent with id '{consent}'.",
+                                      param="consent", code="consent_not_found") from None
+        voices = self.voices()
+        if name.casefold() in taken_names | {v.name.casefold() for v in voices.values()}:
+            raise InvalidRequestError(f"A voice named '{name}' exists already; choose another name.", param="name",
+                                      code="voice_name_taken")
+        if len(voices) >= self.limit:
+            raise InvalidRequestError(f"This server keeps at most {self.limit} custom voices (MAX_CUSTOM_VOICES); "
+                                      "delete one first.", param=None, code="voice_limit_reached")
+
     def add_voice(self, record: VoiceRecord, sample: np.ndarray, codes: np.ndarray, codes_tag: str,
                   taken_names: set[str]) -> VoiceRecord:
         """Store a voice whose clip has been checked and encoded; the name must be free (presets included)."""
         with self._locked():
-            self.consent(record.consent)  # it may have been deleted meanwhile
-            voices = self.voices()
-            if len(voices) >= self.limit:
-                raise InvalidRequestError(f"This server keeps at most {self.limit} custom voices (MAX_CUSTOM_VOICES); "
-                                          "delete one first.", param=None, code="voice_limit_reached")
-            if record.name.casefold() in taken_names | {v.name.casefold() for v in voices.values()}:
-                raise InvalidRequestError(f"A voice named '{record.name}' exists already; choose another name.",
-                                          param="name", code="voice_name_taken")
+            self.check_new_voice(record.name, record.consent, taken_names)  # again, now that nobody else writes
             tmp = self._voices / f".new-{record.id}"
             tmp.mkdir()
             write_wav(tmp / "sample.wav", sample)

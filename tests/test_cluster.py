@@ -85,7 +85,7 @@ def test_two_replicas_on_two_nodes_share_the_requests(cluster):
 
 
 def test_loadtest_at_eight_times_capacity_gives_only_audio_or_429(cluster, tmp_path):
-    report = run_loadtest(cluster.base_url, 8 * CAPACITY, 32, tmp_path)
+    report = run_loadtest(cluster.base_url, 8 * CAPACITY, 16, tmp_path)
     assert report["ok"] >= 1 and report["attempts_429"] >= 1, report
     print(f"\nload test at 8x capacity on two nodes: {report['ok']} audio, {report['rate_limited']} 429, "
           f"{report['audio_s']} s of audio in {report['wall_s']} s")

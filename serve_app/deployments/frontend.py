@@ -124,17 +124,7 @@ class TextFrontend:
     @_errors_as_values
     def check_new_voice(self, name: str, consent: str) -> None | APIError:
         """Before a sample is decoded: the consent exists, the name is free and there is room."""
-        try:
-            self._store.consent(consent)
-        except NotFoundError:
-            raise InvalidRequestError(f"Invalid value for 'consent': no voice consent with id '{consent}'.",
-                                      param="consent", code="consent_not_found") from None
-        if name.casefold() in self._taken_names() or self._store.find(name) is not None:
-            raise InvalidRequestError(f"A voice named '{name}' exists already; choose another name.", param="name",
-                                      code="voice_name_taken")
-        if len(self._store.voices()) >= self._settings.max_custom_voices:
-            raise InvalidRequestError(f"This server keeps at most {self._settings.max_custom_voices} custom voices "
-                                      "(MAX_CUSTOM_VOICES); delete one first.", code="voice_limit_reached")
+        self._store.check_new_voice(name, consent, self._taken_names())
         return None
 
     @_errors_as_values
