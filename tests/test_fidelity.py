@@ -14,7 +14,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from serve_app.engine.codec import MimiStream
+from serve_app.engine import scheduler
 from serve_app.engine.generation import CSMEngine
 from serve_app.engine.request import SynthesisRequest
 from serve_app.engine.runners import run_jobs
@@ -87,9 +87,9 @@ def test_the_full_audio_vocabulary_is_sampled_and_clipped_before_mimi(tiny_check
     engine = CSMEngine.load(Settings(model_id=str(tiny_checkpoint)), voices)
     assert engine.vocab_size == 2051 and engine.mimi.cfg.quantizer_bins == 2048
     sampled, decoded = [], []
-    accept, decode = SpeechSession.accept, MimiStream.decode
+    accept, decode = SpeechSession.accept, scheduler.decode_streams
     monkeypatch.setattr(SpeechSession, "accept", lambda s, codes: sampled.append(codes.copy()) or accept(s, codes))
-    monkeypatch.setattr(MimiStream, "decode", lambda m, codes: decoded.append(codes.copy()) or decode(m, codes))
+    monkeypatch.setattr(scheduler, "decode_streams", lambda streams, codes, *a: decoded.extend(codes) or decode(streams, codes, *a))
     posted: list = []
     run_jobs(engine, [GenerationJob(SynthesisRequest(["Hello."], voices.resolve("fast"), seed=1, max_frames_per_chunk=60),
                                     posted.append)], max_batch=1)

@@ -79,9 +79,10 @@ class BatchKV:
         if need < self.capacity:
             self._resize(need)
 
-    def row_state(self, row: int) -> list[tuple[mx.array, mx.array]]:
-        """One row's keys and values, (1, kv_heads, length, head_dim) per layer: what it has seen so far."""
-        length = int(self.lengths[row])
+    def row_state(self, row: int, drop_last: bool = False) -> list[tuple[mx.array, mx.array]]:
+        """One row's keys and values, (1, kv_heads, length, head_dim) per layer: what it has seen so far
+        (`drop_last`: all but its newest position, which a speculative step wrote)."""
+        length = int(self.lengths[row]) - int(drop_last)
         return [(k[row:row + 1, :, :length, :], v[row:row + 1, :, :length, :]) for k, v in zip(self.keys, self.values)]
 
     def prepare_step(self) -> None:
@@ -101,16 +102,17 @@ def _rope(x: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
     return mx.stack([even * cos - odd * sin, odd * cos + even * sin], axis=-1).reshape(x.shape)
 
 
-def backbone_step(backbone, h: mx.array, kv: BatchKV) -> mx.array:
-    """One new position per row through the backbone: h (B, 1, D) -> the last hidden state (B, D)."""
-    kv.prepare_step()
-    rows, capacity = kv.rows, kv.capacity
-    positions = mx.array(kv.lengths)
+def backbone_math(backbone, h: mx.array, positions: mx.array, keys: list, values: list):
+    """One new position per row through the backbone, as a pure function of its inputs (so it compiles):
+    h (B, 1, D), positions (B,), the cache's keys and values per layer -> (the last hidden state (B, D),
+    keys, values with each row's position written)."""
+    rows, capacity = h.shape[0], keys[0].shape[2]
     mask = (mx.arange(capacity)[None, :] <= positions[:, None]).reshape(rows, 1, 1, capacity)
     write_at = positions.reshape(rows, 1, 1, 1)
     rope = backbone.layers[0].self_attn.rope
     cos = rope._cos_f32[positions].astype(h.dtype).reshape(rows, 1, 1, -1)
     sin = rope._sin_f32[positions].astype(h.dtype).reshape(rows, 1, 1, -1)
+    keys, values = list(keys), list(values)
     for i, layer in enumerate(backbone.layers):
         attn = layer.self_attn
         x = layer.input_layernorm(h)
@@ -118,13 +120,35 @@ def backbone_step(backbone, h: mx.array, kv: BatchKV) -> mx.array:
         k = _rope(attn.k_proj(x).reshape(rows, 1, attn.n_kv_heads, attn.head_dim), cos, sin).swapaxes(1, 2)
         v = attn.v_proj(x).reshape(rows, 1, attn.n_kv_heads, attn.head_dim).swapaxes(1, 2)
         index = mx.broadcast_to(write_at, k.shape)
-        kv.keys[i] = mx.put_along_axis(kv.keys[i], index, k.astype(kv.keys[i].dtype), axis=2)
-        kv.values[i] = mx.put_along_axis(kv.values[i], index, v.astype(kv.values[i].dtype), axis=2)
-        out = mx.fast.scaled_dot_product_attention(q, kv.keys[i], kv.values[i], scale=attn.scale, mask=mask)
+        keys[i] = mx.put_along_axis(keys[i], index, k.astype(keys[i].dtype), axis=2)
+        values[i] = mx.put_along_axis(values[i], index, v.astype(values[i].dtype), axis=2)
+        out = mx.fast.scaled_dot_product_attention(q, keys[i], values[i], scale=attn.scale, mask=mask)
         h = h + attn.o_proj(out.swapaxes(1, 2).reshape(rows, 1, -1))
         h = h + layer.mlp(layer.post_attention_layernorm(h))
-    kv.lengths = kv.lengths + 1
-    return backbone.norm(h)[:, -1, :]
+    return backbone.norm(h)[:, -1, :], keys, values
+
+
+class BackboneStep:
+    """`backbone_math` on a `BatchKV`, compiled when `compiled` is set: once per (rows, cache capacity), the
+    capacity growing in CAPACITY_STEP buckets, so a long generation compiles a handful of shapes."""
+
+    def __init__(self, backbone, compiled: bool):
+        self.backbone = backbone
+        self._fn = mx.compile(self._run) if compiled else self._run
+
+    def _run(self, h, positions, keys, values):
+        return backbone_math(self.backbone, h, positions, keys, values)
+
+    def __call__(self, h: mx.array, kv: BatchKV) -> mx.array:
+        kv.prepare_step()
+        out, kv.keys, kv.values = self._fn(h, mx.array(kv.lengths), kv.keys, kv.values)
+        kv.lengths = kv.lengths + 1
+        return out
+
+
+def backbone_step(backbone, h: mx.array, kv: BatchKV) -> mx.array:
+    """One uncompiled backbone step on a `BatchKV`: h (B, 1, D) -> the last hidden state (B, D)."""
+    return BackboneStep(backbone, compiled=False)(h, kv)
 
 
 def prefill(model, tokens: mx.array, mask: mx.array, cache: Optional[list] = None) -> tuple[mx.array, list]:

@@ -1,15 +1,25 @@
-"""Per-request Mimi streaming state.
+"""Per-request Mimi streaming state, and one batched Mimi call for the requests that flush together.
 
 mlx-audio's Mimi keeps its streaming-decoder state inside its modules (the convolutions' carried-over
 samples, the decoder transformer's KV cache), so one `MimiStreamingDecoder` can serve one stream at a time.
 With several requests in the batch each needs its own: `MimiStream` holds one request's state and swaps it
-into the shared modules for the duration of each decode, on the replica's one MLX thread.
+into the shared modules for the duration of a decode, on the replica's one MLX thread.
+
+`decode_streams` decodes the groups of several requests in one batched call: their states are stacked
+along the batch axis, decoded together, and split back. Rows batch together when they have decoded the
+same number of frames and decode the same number now (so their transformer positions, masks and carried
+conv shapes are the same, and each row computes exactly what it would alone); rows that differ go in
+separate calls. Requests that start together (a burst) stay aligned: group sizes are the same for all.
 """
 
 from __future__ import annotations
 
+from collections import defaultdict
+from typing import Optional
+
 import mlx.core as mx
 import numpy as np
+from mlx_audio.lm.models.cache import KVCache
 
 # The attributes mlx-audio's streaming conv modules carry between `step` calls.
 _STATE_FIELDS = ("_prev_xs", "_left_pad_applied", "_prev_ys")
@@ -26,29 +36,81 @@ def stateful_modules(mimi) -> list:
 
 
 class MimiStream:
-    """One request's Mimi decoder state: `decode` continues exactly where its previous call stopped."""
+    """One request's Mimi decoder state: each decode continues exactly where its previous one stopped."""
 
     def __init__(self, mimi, modules: list):
-        self._mimi = mimi
-        self._modules = modules  # stateful_modules(mimi)
-        self._state: list[dict] | None = None  # None: a fresh stream
-        self._cache = mimi.decoder_transformer.make_cache()
+        self.mimi = mimi
+        self.modules = modules  # stateful_modules(mimi)
+        self.state: Optional[list[dict]] = None  # None: a fresh stream
+        self.cache: list[KVCache] = mimi.decoder_transformer.make_cache()
+        self.frames = 0  # frames decoded so far (the decoder transformer's position)
 
-    def decode(self, codes: np.ndarray) -> np.ndarray:
+    def decode(self, codes: np.ndarray, stream: Optional[mx.Stream] = None) -> np.ndarray:
         """codes (K, T) -> float32 PCM (T * 1920 samples)."""
-        mimi = self._mimi
-        for i, module in enumerate(self._modules):
-            if self._state is None:
-                module.reset_state()
-            else:
-                for name, value in self._state[i].items():
-                    setattr(module, name, value)
-        shared_cache, mimi.decoder_cache = mimi.decoder_cache, self._cache
-        try:
-            tokens = mx.array(codes)[None]
-            pcm = mx.concatenate([mimi.decode_step(tokens[:, :, t:t + 1]) for t in range(tokens.shape[-1])], axis=-1)
-            out = np.array(pcm[0, 0].astype(mx.float32))
-        finally:
-            mimi.decoder_cache = shared_cache
-            self._state = [{f: getattr(m, f) for f in _STATE_FIELDS if hasattr(m, f)} for m in self._modules]
-        return out
+        return decode_streams([self], [codes], stream)[0]
+
+
+def decode_streams(streams: list[MimiStream], codes: list[np.ndarray],
+                   stream: Optional[mx.Stream] = None) -> list[np.ndarray]:
+    """Each stream's codes (K, T) -> its float32 PCM, rows that can share a call decoded as one batch.
+    Every call is launched before the first result is read; `stream`: the MLX stream to run Mimi on."""
+    groups: dict[tuple[int, int], list[int]] = defaultdict(list)
+    for i, (s, c) in enumerate(zip(streams, codes)):
+        groups[(s.frames, c.shape[1])].append(i)
+    with mx.stream(stream if stream is not None else mx.default_stream(mx.default_device())):
+        launched = [(rows, _decode_batch([streams[i] for i in rows], np.stack([codes[i] for i in rows])))
+                    for rows in groups.values()]
+    out: list[Optional[np.ndarray]] = [None] * len(streams)
+    for rows, pcm in launched:
+        pcm = np.array(pcm)
+        for j, i in enumerate(rows):
+            out[i] = pcm[j]
+    return out
+
+
+def _decode_batch(streams: list[MimiStream], codes: np.ndarray) -> mx.array:
+    """Aligned streams' codes (B, K, T) -> PCM (B, T * 1920), launched; their states are updated."""
+    mimi, modules = streams[0].mimi, streams[0].modules
+    for i, module in enumerate(modules):
+        if streams[0].state is None:
+            module.reset_state()
+            continue
+        for name in streams[0].state[i]:
+            values = [s.state[i][name] for s in streams]
+            setattr(module, name, mx.concatenate(values) if isinstance(values[0], mx.array) else values[0])
+    shared_cache, mimi.decoder_cache = mimi.decoder_cache, [_stack_cache([s.cache[n] for s in streams])
+                                                            for n in range(len(streams[0].cache))]
+    try:
+        tokens = mx.array(codes)
+        pcm = mx.concatenate([mimi.decode_step(tokens[:, :, t:t + 1]) for t in range(tokens.shape[-1])], axis=-1)
+        pcm = pcm[:, 0].astype(mx.float32)
+        batch_state = [{f: getattr(m, f) for f in _STATE_FIELDS if hasattr(m, f)} for m in modules]
+        batch_cache = mimi.decoder_cache
+    finally:
+        mimi.decoder_cache = shared_cache
+    for row, s in enumerate(streams):
+        s.state = [{f: v[row:row + 1] if isinstance(v, mx.array) else v for f, v in fields.items()}
+                   for fields in batch_state]
+        s.cache = [_row_cache(c, row) for c in batch_cache] if len(streams) > 1 else batch_cache
+        s.frames += codes.shape[-1]
+    mx.async_eval(pcm, *[v for s in streams for fields in s.state for v in fields.values() if isinstance(v, mx.array)])
+    return pcm
+
+
+def _stack_cache(caches: list[KVCache]) -> KVCache:
+    if len(caches) == 1:
+        return caches[0]
+    stacked = KVCache()
+    if caches[0].keys is not None:
+        offset = caches[0].offset
+        stacked.keys = mx.concatenate([c.keys[..., :offset, :] for c in caches])
+        stacked.values = mx.concatenate([c.values[..., :offset, :] for c in caches])
+        stacked.offset = offset
+    return stacked
+
+
+def _row_cache(cache: KVCache, row: int) -> KVCache:
+    single = KVCache()
+    single.keys, single.values = cache.keys[row:row + 1], cache.values[row:row + 1]
+    single.offset = cache.offset
+    return single

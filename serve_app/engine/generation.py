@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +23,7 @@ import numpy as np
 
 from ..settings import FRAME_RATE, SAMPLE_RATE, Settings
 from ..voices import VoiceLibrary, VoicePreset
-from .batch import FrameDecoder
+from .batch import BackboneStep, FrameDecoder
 from .codec import stateful_modules
 from .memory import MemoryGuard
 from .request import ContextSegment
@@ -82,7 +83,9 @@ class CSMEngine:
         self.vocab_size = model.args.audio_vocab_size
         compiled = settings.mlx_compile == "on" or (settings.mlx_compile == "auto" and mx.default_device() == mx.gpu)
         self.frame_decoder = FrameDecoder(model, compiled)
+        self.backbone_step = BackboneStep(model.backbone, compiled)
         self.mimi_modules = stateful_modules(mimi)
+        self._mimi_streams: dict[int, mx.Stream] = {}
         self._prompts: dict[str, _Tokens] = {}
         self._codes_tag: Optional[str] = None
         self.prefixes = PrefixCache(settings.voice_cache_mb if settings.prefix_cache else 0)
@@ -105,6 +108,16 @@ class CSMEngine:
         logger.info("loaded %s in %.1f s (%s%s, %s)", files.root, time.perf_counter() - started, settings.dtype,
                     f", {settings.quantize}-bit" if settings.quantize else "", mx.default_device())
         return engine
+
+    @property
+    def mimi_stream(self) -> mx.Stream:
+        """Mimi's own MLX stream: its decodes queue apart from the frames, so reading a group's PCM does not
+        wait for the frame launched after it. MLX streams belong to the thread that made them: one per
+        thread that decodes (the replica's MLX thread; in-process runs may use others)."""
+        thread = threading.get_ident()
+        if thread not in self._mimi_streams:
+            self._mimi_streams[thread] = mx.new_stream(mx.default_device())
+        return self._mimi_streams[thread]
 
     # --- prompts and tokens ---------------------------------------------------------------------------
 

@@ -13,6 +13,8 @@ import numpy as np
 
 from ..voices import VoicePreset
 
+END = object()  # posted to a generation job after its request's last item (the scheduler's own marker)
+
 
 @dataclass
 class ContextSegment:

@@ -8,6 +8,16 @@ per step, so a long context joining never stalls the streams already running for
 request keeps its own backbone cache row, PRNG key, stop rule, frame cap, Mimi state and output (see
 session.py), so a request that ends, fails or is cancelled leaves without disturbing the others. It all runs
 on the replica's one MLX thread (worker.py).
+
+The loop is pipelined, as mlx-lm's generator is: a step first builds and launches the next frame
+(`mx.async_eval`) on the codes of the frame still in flight, which stay on the device, and only then reads
+that earlier frame on the host (the step's one synchronisation) and does its host work: end-of-speech and
+frame-cap checks, bookkeeping, Mimi for a finished group. The device computes frame N+1 while Python
+handles frame N. The frame launched for a row whose chunk then turns out to have ended at frame N is
+speculative and discarded: its PRNG split is taken back and its cache row is handed over without the
+position it wrote, so the output is byte-identical to the unpipelined loop (PIPELINE=false), which reads
+every frame in the step that launched it. A row whose frame in flight is its last by the frame cap is
+known in advance and gets no speculative frame.
 """
 
 from __future__ import annotations
@@ -20,9 +30,11 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 import mlx.core as mx
 import numpy as np
 
-from .batch import BatchKV, backbone_step, embed_frame, prefill
+from .batch import BatchKV, embed_frame, prefill
+from .codec import decode_streams
+from .loop_stats import LoopStats
 from .memory import MemoryGuard
-from .request import SynthesisRequest
+from .request import END, SynthesisRequest
 from .session import SpeechSession
 
 if TYPE_CHECKING:
@@ -30,7 +42,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("sesame_tts")
 
-END = object()  # posted after a request's last item
 
 
 @dataclass
@@ -48,6 +59,15 @@ class PendingPrefill:
 
 
 @dataclass
+class LaunchedFrame:
+    """A frame launched on the device and not read on the host yet: its codes (rows, K), the sessions of
+    those rows in order, and which of them have a speculative frame launched after it."""
+
+    codes: mx.array
+    sessions: list[SpeechSession]
+
+
+@dataclass
 class GenerationJob:
     """A request for the scheduler: `post` receives PCM bytes, a `Usage`, then `END` (or one exception)."""
 
@@ -59,24 +79,29 @@ class GenerationJob:
 class BatchScheduler:
     """Runs the batch one frame at a time; `add` jobs from the MLX thread, then `step` while `active`."""
 
-    def __init__(self, engine: "CSMEngine", max_batch: int):
+    def __init__(self, engine: "CSMEngine", max_batch: int, pipelined: Optional[bool] = None):
         self.engine = engine
         self.max_batch = max_batch
+        self.pipelined = engine.settings.pipeline if pipelined is None else pipelined
         self.waiting: deque[SpeechSession] = deque()
         self.rows: list[SpeechSession] = []  # in the order of the cache rows
         self.starting: list[SpeechSession] = []  # in the batch, between two text chunks
         self._joining: list[SpeechSession] = []  # prefilled during this step, joining the rows
+        self._capped: list[SpeechSession] = []  # left the rows, their last frame still in flight
         self._kv = BatchKV(len(engine.model.backbone.layers))
-        self._last = None  # the rows' previous frame (rows, K)
+        self._last = None  # the rows' newest frame (rows, K), on the device
+        self._in_flight: Optional[LaunchedFrame] = None  # launched, not read yet (pipelined)
+        self.stats = LoopStats()
+        self.trace: Optional[Callable[[list], None]] = None  # the benchmark's look at each launched graph
 
     @property
     def active(self) -> bool:
-        return bool(self.rows or self.starting or self.waiting)
+        return bool(self.rows or self.starting or self.waiting or self._in_flight)
 
     @property
     def generating(self) -> int:
         """Requests in the batch now."""
-        return len(self.rows) + len(self.starting) + len(self._joining)
+        return len(self.rows) + len(self.starting) + len(self._joining) + len(self._capped)
 
     def add(self, job: GenerationJob) -> None:
         if not self.active:
@@ -87,7 +112,8 @@ class BatchScheduler:
         """One frame for every request in the batch; a failure ends only the requests it concerns."""
         self._drop_cancelled()
         try:
-            self._step()
+            with self.stats.step():
+                self._step()
             self.engine.memory.check()
         except Exception as exc:
             self._fail(exc)
@@ -95,12 +121,28 @@ class BatchScheduler:
             mx.clear_cache()  # between bursts the replica gives MLX's cache back
 
     def _step(self) -> None:
-        model = self.engine.model
+        ahead, self._in_flight = self._in_flight, None
+        if ahead is not None:
+            self._release_capped(ahead)
+        speculative = set(map(id, self.rows)) if ahead is not None else set()
+        launched = self._launch()
+        if ahead is not None:
+            self._read(ahead, speculative)
+        if launched is not None:
+            if self.pipelined:
+                self._in_flight = LaunchedFrame(self._last, list(self.rows))
+            else:
+                self._read(launched, set())
+
+    def _launch(self) -> Optional[LaunchedFrame]:
+        """Build the next frame for every row (and for prompts that finish prefilling now) and start it on
+        the device without waiting for it."""
+        model, engine = self.engine.model, self.engine
         hidden = []
         if self.rows:
-            hidden.append(backbone_step(model.backbone, embed_frame(model, self._last), self._kv))
+            hidden.append(engine.backbone_step(embed_frame(model, self._last), self._kv))
         # With rows generating, a joining prompt gets a bounded share of this step; with none, nobody waits.
-        budget = self.engine.settings.prefill_step_positions if self.rows else None
+        budget = engine.settings.prefill_step_positions if self.rows else None
         while (self.starting or (self.waiting and self.generating < self.max_batch)) and (budget is None or budget > 0):
             if not self.starting:
                 self.starting.append(self.waiting.popleft())
@@ -120,7 +162,8 @@ class BatchScheduler:
                                            part.mask[:, part.done:part.done + take], part.cache)
                 part.done += take
                 budget = None if budget is None else budget - take
-                mx.eval(last, *[c.keys for c in part.cache], *[c.values for c in part.cache])
+                with self.stats.sync():  # its own errors (memory) surface here, failing only this request
+                    mx.eval(last, *[c.keys for c in part.cache], *[c.values for c in part.cache])
             except Exception as exc:  # its own text or context: only this request fails
                 self.starting.pop(0)
                 session.prefill = None
@@ -136,37 +179,76 @@ class BatchScheduler:
         self.rows.extend(self._joining)
         self._joining = []
         if not self.rows:
-            return
+            return None
         noise = mx.stack([s.noise() for s in self.rows])
         inv_temperature = mx.array([[s.inv_temperature] for s in self.rows], dtype=mx.float32)
         top_k = mx.array([[s.top_k] for s in self.rows], dtype=mx.int32)
-        codes = self.engine.frame_decoder(mx.concatenate(hidden), noise, inv_temperature, top_k)
-        frames = np.array(codes)
-        keep = [i for i, session in enumerate(self.rows) if session.accept(frames[i])]
-        for i, session in enumerate(self.rows):
-            if i not in keep:  # its chunk ended: its next chunk may continue from its row
-                session.keep_row(self._kv.row_state(i))
-        self.starting.extend(s for i, s in enumerate(self.rows) if i not in keep)
-        self._keep(keep, codes)
+        self._last = engine.frame_decoder(mx.concatenate(hidden), noise, inv_temperature, top_k)
+        outputs = [self._last, *self._kv.keys, *self._kv.values]
+        if self.trace is not None:
+            self.trace(outputs)
+        mx.async_eval(*outputs)
+        self.stats.launches += 1
+        return LaunchedFrame(self._last, list(self.rows))
 
-    def _keep(self, keep: list[int], codes=None) -> None:
+    def _release_capped(self, ahead: LaunchedFrame) -> None:
+        """Rows whose frame in flight is their chunk's last by the frame cap leave before the next frame,
+        handing over their cache row as it is (it has not seen that frame, as CSM's next chunk expects)."""
+        capped = [i for i, s in enumerate(self.rows) if s.last_frame_in_flight]
+        for i in capped:
+            self.rows[i].keep_row(self._kv.row_state(i))
+            self._capped.append(self.rows[i])
+        if capped:
+            self._keep([i for i in range(len(self.rows)) if i not in capped])
+
+    def _read(self, frame: LaunchedFrame, speculative: set[int]) -> None:
+        """Frame N on the host: each session takes its codes; a row whose chunk ended leaves the batch, its
+        speculative frame N+1 (if one was launched) discarded."""
+        with self.stats.sync():
+            codes = np.array(frame.codes)
+        self.stats.frames += 1
+        self._capped = []
+        live = [(i, s) for i, s in enumerate(frame.sessions) if not s.gone]
+        ended = [s for i, s in live if not s.accept(codes[i])]
+        self._decode_groups([s for _, s in live])
+        if not ended:
+            return
+        leaving = {id(s) for s in ended}
+        for i, session in enumerate(self.rows):
+            if id(session) in leaving:  # its next chunk may continue from its row
+                if id(session) in speculative:
+                    session.rewind()
+                session.keep_row(self._kv.row_state(i, drop_last=id(session) in speculative))
+        self.starting.extend(ended)
+        self._keep([i for i, s in enumerate(self.rows) if id(s) not in leaving])
+
+    def _decode_groups(self, sessions: list[SpeechSession]) -> None:
+        """Mimi for every group finished in this frame, as few batched calls as the rows allow, on Mimi's own
+        stream: reading its PCM waits for Mimi, not for the frame in flight behind it."""
+        groups = [(s, codes) for s in sessions if (codes := s.take_group()) is not None]
+        if not groups:
+            return
+        with self.stats.sync():
+            pcm = decode_streams([s.mimi for s, _ in groups], [c for _, c in groups], self.engine.mimi_stream)
+        for (session, _), samples in zip(groups, pcm):
+            session.post_pcm(samples)
+
+    def _keep(self, keep: list[int]) -> None:
         if keep == list(range(len(self.rows))):
-            self._last = codes if codes is not None else self._last
             return
         self._kv.keep(keep)
         self.rows = [self.rows[i] for i in keep]
-        source = codes if codes is not None else self._last
-        self._last = source[mx.array(keep)] if keep else None
+        self._last = self._last[mx.array(keep)] if keep else None
 
     def _drop_cancelled(self) -> None:
         for group in (self.waiting, self.starting):
             for session in [s for s in group if s.cancelled()]:
                 group.remove(session)
-                session.post(END)
+                session.close()
         gone = [i for i, s in enumerate(self.rows) if s.cancelled()]
         if gone:
             for i in gone:
-                self.rows[i].post(END)
+                self.rows[i].close()
             self._keep([i for i in range(len(self.rows)) if i not in gone])
 
     def _fail(self, exc: Exception) -> None:
@@ -190,8 +272,9 @@ class BatchScheduler:
         self._post_failures(failed, exc)
 
     def _clear_batch(self) -> list[SpeechSession]:
-        in_batch = self.rows + self.starting + self._joining
-        self.rows, self.starting, self._joining, self._last = [], [], [], None
+        in_batch = self.rows + self.starting + self._joining + self._capped
+        self.rows, self.starting, self._joining, self._capped = [], [], [], []
+        self._last, self._in_flight = None, None
         self._kv = BatchKV(len(self.engine.model.backbone.layers))
         return in_batch
 
@@ -200,4 +283,4 @@ class BatchScheduler:
         mx.clear_cache()
         mx.reset_peak_memory()
         for session in sessions:
-            session.post(error)
+            session.close(error)

@@ -16,7 +16,7 @@ import numpy as np
 from ..protocol import Usage
 from .codec import MimiStream
 from .prefix import State, caches_from, token_key
-from .request import SynthesisRequest
+from .request import END, SynthesisRequest
 
 if TYPE_CHECKING:
     from .generation import CSMEngine
@@ -35,6 +35,7 @@ class SpeechSession:
         self.engine, self.request, self.post, self.cancelled = engine, request, post, cancelled
         seed = request.seed if request.seed is not None else int.from_bytes(os.urandom(7), "little")
         self._key = mx.random.key(seed)
+        self._key_before = self._key
         preset = request.preset
         self._gain = 10.0 ** (preset.gain_db / 20.0)
         self.inv_temperature = 1.0 / preset.temperature
@@ -48,7 +49,8 @@ class SpeechSession:
         self.prefill = None  # the scheduler's PendingPrefill while this chunk's prompt goes in
         self._last_frame: Optional[np.ndarray] = None  # the frame that ended the last chunk
         self._history: list = []
-        self._mimi = MimiStream(engine.mimi, engine.mimi_modules)
+        self.mimi = MimiStream(engine.mimi, engine.mimi_modules)
+        self._flush_due = False  # a group (or a chunk's last frames) is ready for Mimi
         self.usage = Usage()
         self._chunk_index = 0
         self._chunk_text = ""
@@ -57,6 +59,7 @@ class SpeechSession:
         self._frames: list[np.ndarray] = []
         self._pending: list[np.ndarray] = []
         self._group = engine.settings.first_group_frames
+        self.gone = False  # ended (cancelled or failed) while a frame of it may still be in flight
 
     @property
     def context_length(self) -> int:
@@ -121,11 +124,22 @@ class SpeechSession:
         if self._reuse and self._chunk_index < len(self.request.chunks):
             self._resume = state
 
+    @property
+    def last_frame_in_flight(self) -> bool:
+        """With one frame computed and not yet read, whether that frame is this chunk's last by its cap."""
+        return len(self._frames) + 1 >= self._max_frames
+
     def noise(self) -> mx.array:
         """Gumbel noise for this request's next frame (K, V), from its own key: a request samples the same
         values whichever requests share its batch."""
+        self._key_before = self._key
         self._key, subkey = mx.random.split(self._key)
         return mx.random.gumbel(shape=(self.engine.num_codebooks, self.engine.vocab_size), key=subkey)
+
+    def rewind(self) -> None:
+        """Forget the last `noise()`: its frame was speculative and is discarded (the chunk ended before it),
+        so the next chunk's first frame draws what it would have drawn without the speculation."""
+        self._key = self._key_before
 
     def accept(self, codes: np.ndarray) -> bool:
         """Take this request's new frame (K,); False when its chunk has ended (end-of-speech or cap)."""
@@ -137,8 +151,7 @@ class SpeechSession:
         self._pending.append(codes)
         self.usage.output_tokens += 1
         if len(self._pending) >= self._group:
-            self._flush()
-            self._group = self.engine.settings.group_frames
+            self._flush_due = True
         if len(self._frames) >= self._max_frames:
             self._last_frame = codes
             self._end_chunk()
@@ -148,15 +161,28 @@ class SpeechSession:
     def finish(self) -> None:
         self.post(self.usage)
 
-    def _flush(self) -> None:
-        if self._pending:
-            bins = self.engine.mimi.cfg.quantizer_bins
-            pcm = self._mimi.decode(np.minimum(np.stack(self._pending, axis=1), bins - 1))
-            self._pending = []
-            self.post((np.clip(pcm * self._gain, -1.0, 1.0) * 32767.0).astype("<i2").tobytes())
+    def close(self, error: Optional[BaseException] = None) -> None:
+        """Leave for good (cancelled, or failed with `error`): whatever is still in flight is ignored."""
+        self.gone = True
+        self.post(error if error is not None else END)
+
+    def take_group(self) -> Optional[np.ndarray]:
+        """The frames to decode now (K, T), clipped to Mimi's codes, when a group is full or the chunk ended
+        with frames pending; else None. The scheduler decodes the groups of a step together (codec.py)."""
+        if not (self._flush_due and self._pending):
+            return None
+        if len(self._pending) >= self._group:
+            self._group = self.engine.settings.group_frames
+        bins = self.engine.mimi.cfg.quantizer_bins
+        codes = np.minimum(np.stack(self._pending, axis=1), bins - 1)
+        self._pending, self._flush_due = [], False
+        return codes
+
+    def post_pcm(self, pcm: np.ndarray) -> None:
+        self.post((np.clip(pcm * self._gain, -1.0, 1.0) * 32767.0).astype("<i2").tobytes())
 
     def _end_chunk(self) -> None:
-        self._flush()
+        self._flush_due = True
         if self._frames:
             codes = np.stack(self._frames, axis=1)
             self._history.append(self.engine.segment_codes(self.request.preset.speaker, self._chunk_text, codes))

@@ -38,6 +38,7 @@ from .scheduler import END, BatchScheduler, GenerationJob
 logger = logging.getLogger("sesame_tts")
 
 EXIT_JOIN_S = 5.0  # at interpreter exit, how long an idle or finishing worker gets to end
+EXIT_SETTLE_S = 0.2  # then how long its OS thread gets to finish (thread-local destructors)
 
 
 @dataclass
@@ -137,6 +138,9 @@ class ModelWorker:
         if self._thread.is_alive():
             self.stop()
             self._thread.join(EXIT_JOIN_S)
+            # join() returns when the thread's Python state is released; its MLX thread-local state is torn
+            # down after that, and racing it with the interpreter's own teardown aborts the process.
+            time.sleep(EXIT_SETTLE_S)
 
     def _dead_error(self) -> ServiceUnavailableError:
         return ServiceUnavailableError(f"The model worker has stopped ({self._ended}); the replica is being "

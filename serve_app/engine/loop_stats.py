@@ -1,0 +1,44 @@
+"""What the frame loop costs on the host: steps, frames read, host synchronisations and the time spent in
+them, and the time the MLX thread spends in Python. The benchmark reports these per frame; they are cheap
+enough (two clock reads per step and per synchronisation) to stay on in serving."""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+
+@dataclass
+class LoopStats:
+    steps: int = 0
+    launches: int = 0  # batch frames launched on the device
+    frames: int = 0  # batch frames read on the host (one per step that produced a frame)
+    syncs: int = 0  # host synchronisations: frame reads, prefill evaluations, Mimi reads
+    sync_s: float = 0.0  # time blocked in them (waiting for the device)
+    step_s: float = 0.0  # time inside steps; step_s - sync_s is the MLX thread's own Python and launch time
+
+    @contextmanager
+    def step(self):
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.steps += 1
+            self.step_s += time.perf_counter() - started
+
+    @contextmanager
+    def sync(self):
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.syncs += 1
+            self.sync_s += time.perf_counter() - started
+
+    def per_frame(self) -> dict:
+        frames = max(1, self.frames)
+        return {"frames": self.frames, "syncs_per_frame": round(self.syncs / frames, 2),
+                "host_ms_per_frame": round(1000 * (self.step_s - self.sync_s) / frames, 3),
+                "sync_wait_ms_per_frame": round(1000 * self.sync_s / frames, 3),
+                "step_ms_per_frame": round(1000 * self.step_s / frames, 3)}
