@@ -16,6 +16,7 @@ class LoopStats:
     frames: int = 0  # batch frames read on the host (one per step that produced a frame)
     syncs: int = 0  # host synchronisations: frame reads, prefill evaluations, Mimi reads
     sync_s: float = 0.0  # time blocked in them (waiting for the device)
+    frame_wait_s: float = 0.0  # of which reading frames
     step_s: float = 0.0  # time inside steps; step_s - sync_s is the MLX thread's own Python and launch time
 
     @contextmanager
@@ -28,17 +29,21 @@ class LoopStats:
             self.step_s += time.perf_counter() - started
 
     @contextmanager
-    def sync(self):
+    def sync(self, frame: bool = False):
         started = time.perf_counter()
         try:
             yield
         finally:
+            waited = time.perf_counter() - started
             self.syncs += 1
-            self.sync_s += time.perf_counter() - started
+            self.sync_s += waited
+            if frame:
+                self.frame_wait_s += waited
 
     def per_frame(self) -> dict:
         frames = max(1, self.frames)
         return {"frames": self.frames, "syncs_per_frame": round(self.syncs / frames, 2),
                 "host_ms_per_frame": round(1000 * (self.step_s - self.sync_s) / frames, 3),
                 "sync_wait_ms_per_frame": round(1000 * self.sync_s / frames, 3),
+                "frame_wait_ms_per_frame": round(1000 * self.frame_wait_s / frames, 3),
                 "step_ms_per_frame": round(1000 * self.step_s / frames, 3)}

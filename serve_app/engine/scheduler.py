@@ -204,7 +204,7 @@ class BatchScheduler:
     def _read(self, frame: LaunchedFrame, speculative: set[int]) -> None:
         """Frame N on the host: each session takes its codes; a row whose chunk ended leaves the batch, its
         speculative frame N+1 (if one was launched) discarded."""
-        with self.stats.sync():
+        with self.stats.sync(frame=True):
             codes = np.array(frame.codes)
         self.stats.frames += 1
         self._capped = []
