@@ -142,6 +142,9 @@ class Settings(BaseModel):
     # Presets and ffmpeg.
     voices_dir: Path = PROJECT_ROOT / "voices"
     ffmpeg_path: str = "ffmpeg"
+    # Idle ffmpeg processes kept started per output format in use (0: start one per response): ffmpeg takes
+    # ~55 ms to start, which a response's first byte would otherwise wait for.
+    ffmpeg_warm: int = Field(1, ge=0, le=4)
 
     @property
     def drain_flag(self) -> Path:

@@ -193,10 +193,12 @@ def test_four_simultaneous_requests(openai_client):
 
 
 def _ffmpeg_pids(server) -> list[int]:
-    """The ffmpeg processes of this test's own server: its encoder's children, in the server's session.
-    (Never every ffmpeg on the machine: a developer's own jobs are not ours to see or kill.)"""
-    return [int(line.split()[1]) for line in session_processes(server.proc.pid)
-            if line.split()[2].rsplit("/", 1)[-1] == "ffmpeg"]
+    """The ffmpeg processes of this test's own server that serve a response: its encoder's children, in the
+    server's session, less the idle ones it keeps started (FFMPEG_WARM; /health lists them). (Never every
+    ffmpeg on the machine: a developer's own jobs are not ours to see or kill.)"""
+    warm = set(httpx.get(f"{server.base_url}/health", timeout=30).json()["encoders_warm"]["pids"])
+    return [pid for line in session_processes(server.proc.pid)
+            if line.split()[2].rsplit("/", 1)[-1] == "ffmpeg" and (pid := int(line.split()[1])) not in warm]
 
 
 def _wait_ffmpeg(server, running: bool, timeout: float = 5.0) -> list[int]:

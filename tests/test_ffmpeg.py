@@ -89,3 +89,55 @@ def test_pcm_passes_every_sample_through(seconds):
     assert subprocess.run(ffmpeg_command(ffmpeg, "pcm"), input=tone, capture_output=True, check=True).stdout == tone
     wav = subprocess.run(ffmpeg_command(ffmpeg, "wav"), input=tone, capture_output=True, check=True).stdout
     assert wav[44:] == tone
+
+
+def test_warm_ffmpeg_serves_the_next_response_and_a_replacement_starts():
+    """FFMPEG_WARM: the encoder's next response gets an ffmpeg already started (the same output as a fresh
+    one), another starts behind it, one killed while idle is never handed out, and a one-off command line
+    (a speed's tempo filter) does not stay warm."""
+    import asyncio
+    import os
+    import signal
+
+    from serve_app.ffmpeg_pool import WarmProcesses
+
+    ffmpeg, _ = find_ffmpeg("ffmpeg")
+    cmd = ffmpeg_command(ffmpeg, "mp3")
+
+    async def idle_pids(pool, not_in=()):
+        for _ in range(500):
+            if pool.idle and not set(pool.pids) & set(not_in):
+                return pool.pids
+            await asyncio.sleep(0.01)
+        raise AssertionError("no warm ffmpeg started")
+
+    async def encode(proc) -> bytes:
+        out, _ = await proc.communicate(_tone(0.5))
+        assert proc.returncode == 0
+        return out
+
+    async def scenario():
+        pool = WarmProcesses(1)
+        pool.fill(tuple(cmd))
+        [warm] = await idle_pids(pool)
+        proc = await pool.take(cmd)
+        assert proc.pid == warm
+        fresh = subprocess.run(cmd, input=_tone(0.5), capture_output=True, check=True).stdout
+        assert await encode(proc) == fresh  # bitexact: an idle process is a fresh one
+        [replacement] = await idle_pids(pool, not_in=[warm])
+        os.kill(replacement, signal.SIGKILL)  # our own child
+        for _ in range(500):
+            if pool._idle[tuple(cmd)][0].returncode is not None:
+                break
+            await asyncio.sleep(0.01)
+        proc = await pool.take(cmd)
+        assert proc.pid != replacement and await encode(proc) == fresh
+        one_off = ffmpeg_command(ffmpeg, "mp3", 1.5)
+        proc = await pool.take(one_off, keep_warm=False)
+        assert duration(decode(await encode(proc))) == pytest.approx(0.5 / 1.5, abs=0.08)
+        assert tuple(one_off) not in pool._idle
+        await idle_pids(pool)
+        await pool.close()
+        assert pool.idle == 0
+
+    asyncio.run(scenario())

@@ -38,13 +38,13 @@ def end_of_speech_at(engine, monkeypatch, call: int, row: int = 0) -> None:
     random weights never end a chunk by themselves."""
     decoder, calls = engine.frame_decoder, [0]
 
-    def wrapped(last, noise, inv_temperature, top_k):
-        codes = decoder(last, noise, inv_temperature, top_k)
+    def wrapped(last, keys, inv_temperature, top_k):
+        codes, keys = decoder(last, keys, inv_temperature, top_k)
         calls[0] += 1
         if calls[0] == call:
             keep = mx.array([[i != row] for i in range(codes.shape[0])])
             codes = mx.where(keep, codes, 0)
-        return codes
+        return codes, keys
 
     monkeypatch.setattr(engine, "frame_decoder", wrapped)
 

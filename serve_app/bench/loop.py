@@ -188,8 +188,19 @@ def main(argv=None) -> None:
     parser.add_argument("--skip-reference", action="store_true")
     parser.add_argument("--skip-engine-part", action="store_true", help="only the loop parts (full size: hours less)")
     parser.add_argument("--out", type=Path, default=PROJECT_ROOT / "results" / "bench")
+    parser.add_argument("--report", type=Path, help="only write the summary and Markdown of a results JSON again")
     args = parser.parse_args(argv)
     batches = [int(b) for b in args.batches.split(",")]
+    if args.report:
+        from .loop_report import summarize, to_markdown
+
+        results = json.loads(args.report.read_text())
+        batches = sorted({int(b) for parts in results["loop"].values() for p in parts for b in p["batches"]})
+        results["summary"] = summarize(results, batches)
+        args.report.write_text(json.dumps(results, indent=1) + "\n")
+        args.report.with_suffix(".md").write_text(to_markdown(results, batches))
+        print(to_markdown(results, batches))
+        return
     if args.part == "loop":
         out = loop_part(args.checkpoint, args.frames, args.repeats, batches, args.compile, args.pipeline == "on")
         sys.stdout.write(json.dumps(out) + "\n")

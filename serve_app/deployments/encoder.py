@@ -1,5 +1,6 @@
 """AudioEncoder: one ffmpeg process per response, fed from the model's PCM stream (raw PCM at normal speed
-passes straight through).
+passes straight through). The process is usually one started ahead of need (ffmpeg_pool.py), so the first
+bytes do not wait for ffmpeg to start.
 
 A DeploymentResponseGenerator cannot be passed to another deployment (ray#57098), so this stage calls the
 model itself: it sends the model its request, then starts ffmpeg (ffmpeg's start-up overlaps generation),
@@ -13,12 +14,13 @@ import asyncio
 import contextlib
 import logging
 from dataclasses import dataclass
-from typing import AsyncIterator, Optional
+from typing import AsyncIterator
 
 import numpy as np
 
 from ..errors import APIError, GenerationError, InvalidRequestError, ServiceUnavailableError
 from ..ffmpeg import atempo_chain, decode_command, ffmpeg_command, find_ffmpeg
+from ..ffmpeg_pool import WarmProcesses, kill, start
 from ..formats import FORMATS
 from ..logs import configure_logging
 from ..protocol import Usage
@@ -49,11 +51,24 @@ class AudioEncoder:
         self._model = model
         self._ffmpeg, self._ffmpeg_info = find_ffmpeg(settings.ffmpeg_path)
         self._running = 0  # ffmpeg processes alive now (a leak would show here and in the soak test)
+        self._warm = WarmProcesses(settings.ffmpeg_warm)
         if self._ffmpeg is None:
             logger.error("%s", self._ffmpeg_info)
 
+    async def check_health(self) -> None:
+        """Serve calls this every few seconds: the time to start the default format's warm ffmpeg."""
+        if self._ffmpeg is not None and self._warm.per_command:
+            self._warm.fill(tuple(ffmpeg_command(self._ffmpeg, "mp3")))
+
     async def health(self) -> dict:
-        return {"ok": self._ffmpeg is not None, "ffmpeg": self._ffmpeg_info, "running": self._running}
+        return {"ok": self._ffmpeg is not None, "ffmpeg": self._ffmpeg_info, "running": self._running,
+                "warm": self._warm.idle, "warm_pids": self._warm.pids}
+
+    def __del__(self):
+        for procs in getattr(self, "_warm", WarmProcesses(0))._idle.values():
+            for proc in procs:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
 
     async def encode(self, request: EncodeRequest) -> AsyncIterator[bytes | Usage]:
         """Encoded audio bytes as ffmpeg produces them, then the model's `Usage`."""
@@ -70,10 +85,8 @@ class AudioEncoder:
                 pcm.cancel()
             return
         try:
-            proc = await asyncio.create_subprocess_exec(
-                *ffmpeg_command(self._ffmpeg, request.response_format, request.speed),
-                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-            )
+            proc = await self._warm.take(ffmpeg_command(self._ffmpeg, request.response_format, request.speed),
+                                         keep_warm=atempo_chain(request.speed) is None)
         except BaseException:
             pcm.cancel()
             raise
@@ -93,7 +106,7 @@ class AudioEncoder:
             feeder.add_done_callback(lambda task: task.cancelled() or task.exception())
             pcm.cancel()
             try:
-                await _kill(proc)
+                await kill(proc)
             finally:
                 self._running -= 1
 
@@ -104,9 +117,7 @@ class AudioEncoder:
         if self._ffmpeg is None:
             return ServiceUnavailableError(f"Audio decoding is unavailable: {self._ffmpeg_info}",
                                            code="ffmpeg_unavailable")
-        proc = await asyncio.create_subprocess_exec(
-            *decode_command(self._ffmpeg, max_s + 0.08), stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        proc = await start(decode_command(self._ffmpeg, max_s + 0.08))
         self._running += 1
         try:
             out, err = await asyncio.wait_for(proc.communicate(data), DECODE_TIMEOUT_S)
@@ -114,7 +125,7 @@ class AudioEncoder:
             return InvalidRequestError(f"The file in '{param}' could not be decoded in {DECODE_TIMEOUT_S} s.",
                                        param=param, code="invalid_audio")
         finally:
-            await _kill(proc)
+            await kill(proc)
             self._running -= 1
         pcm = np.frombuffer(out[: len(out) // 4 * 4], dtype="<f4")
         if proc.returncode != 0 or not len(pcm) or not np.isfinite(pcm).all():
@@ -154,12 +165,3 @@ async def _write(proc: asyncio.subprocess.Process, data: bytes) -> bool:
         return True
     except (BrokenPipeError, ConnectionResetError, RuntimeError):
         return False
-
-
-async def _kill(proc: Optional[asyncio.subprocess.Process]) -> None:
-    if proc is None or proc.returncode is not None:
-        return
-    with contextlib.suppress(ProcessLookupError):
-        proc.kill()
-    with contextlib.suppress(Exception):
-        await asyncio.wait_for(proc.wait(), timeout=5)

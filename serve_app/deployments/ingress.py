@@ -298,6 +298,7 @@ class SpeechIngress:
                 "replicas": every, "ffmpeg": encoder["ffmpeg"], "voices": voices, "device": model["device"],
                 "in_flight": self._admission.active, "capacity": self._admission.capacity,
                 "encoders_running": encoder["running"],
+                "encoders_warm": {"idle": encoder["warm"], "pids": encoder["warm_pids"]},
                 "model_replicas": {"configured": self._model_replicas, "serving": len(serving)}}
         degraded = [f"{r.get('replica', '?')} on {r.get('node', {}).get('ip', '?')}: {r['status']}"
                     f"{' (' + r['error'] + ')' if r.get('error') else ''}" for r in every if r not in serving]

@@ -3,9 +3,10 @@
 Continuous batching needs every request to keep its own position in the backbone's KV cache. mlx-audio's
 attention takes one integer offset for the whole batch, so the backbone step here is our own: the same
 weights and the same math (Llama-3 scaled RoPE, grouped-query attention), with a per-row position, a
-per-row write into the cache and a per-row attention mask. The depth decoder restarts at position 0 on
-every frame, so all rows share its shapes: one frame of it (the 31 decoder steps and all 32 samples) is a
-fixed-shape function that `mx.compile` turns into one fused graph per batch size.
+per-row write into the cache and a per-row attention mask, written as a pure function of the cache so that
+`mx.compile` can fuse it once per (batch size, cache capacity bucket). The depth decoder restarts at
+position 0 on every frame, so all rows share its shapes: one frame of it (the 31 decoder steps and all 32
+samples) is a fixed-shape function that `mx.compile` turns into one fused graph per batch size.
 
 Sampling takes a Gumbel noise tensor per row (drawn from that request's own PRNG key), so a request's
 samples do not depend on which other requests share its batch.
@@ -189,16 +190,28 @@ def frame_codes(model, last: mx.array, noise: mx.array, inv_temperature: mx.arra
     return mx.stack(codes, axis=1)
 
 
+def draw_noise(keys: list, codebooks: int, vocab: int) -> tuple[mx.array, list]:
+    """Each row's Gumbel noise for one frame (B, K, V), drawn from its own PRNG key as
+    `key, sub = split(key)`, and the rows' next keys."""
+    pairs = [mx.random.split(key) for key in keys]
+    noise = mx.stack([mx.random.gumbel(shape=(codebooks, vocab), key=pair[1]) for pair in pairs])
+    return noise, [pair[0] for pair in pairs]
+
+
 class FrameDecoder:
-    """`frame_codes`, compiled once per batch size (shapes are fixed within one) when `compiled` is set."""
+    """One frame for every row: the rows' noise from their keys, then `frame_codes`; compiled once per batch
+    size (shapes are fixed within one) when `compiled` is set, the noise drawn inside the compiled graph."""
 
     def __init__(self, model, compiled: bool):
         self.model = model
         self.compiled = compiled
         self._fn = mx.compile(self._run) if compiled else self._run
 
-    def _run(self, last, noise, inv_temperature, top_k):
-        return frame_codes(self.model, last, noise, inv_temperature, top_k)
+    def _run(self, last, keys, inv_temperature, top_k):
+        args = self.model.args
+        noise, keys = draw_noise(keys, args.audio_num_codebooks, args.audio_vocab_size)
+        return frame_codes(self.model, last, noise, inv_temperature, top_k), keys
 
-    def __call__(self, last, noise, inv_temperature, top_k) -> mx.array:
-        return self._fn(last, noise, inv_temperature, top_k)
+    def __call__(self, last: mx.array, keys: list, inv_temperature: mx.array, top_k: mx.array) -> tuple[mx.array, list]:
+        """last (B, D), each row's key, inv_temperature (B, 1), top_k (B, 1) -> codes (B, K), the next keys."""
+        return self._fn(last, keys, inv_temperature, top_k)

@@ -180,11 +180,13 @@ class BatchScheduler:
         self._joining = []
         if not self.rows:
             return None
-        noise = mx.stack([s.noise() for s in self.rows])
         inv_temperature = mx.array([[s.inv_temperature] for s in self.rows], dtype=mx.float32)
         top_k = mx.array([[s.top_k] for s in self.rows], dtype=mx.int32)
-        self._last = engine.frame_decoder(mx.concatenate(hidden), noise, inv_temperature, top_k)
-        outputs = [self._last, *self._kv.keys, *self._kv.values]
+        self._last, keys = engine.frame_decoder(mx.concatenate(hidden), [s.key for s in self.rows], inv_temperature,
+                                                top_k)
+        for session, key in zip(self.rows, keys):
+            session.advance(key)
+        outputs = [self._last, *keys, *self._kv.keys, *self._kv.values]
         if self.trace is not None:
             self.trace(outputs)
         mx.async_eval(*outputs)

@@ -129,15 +129,17 @@ class SpeechSession:
         """With one frame computed and not yet read, whether that frame is this chunk's last by its cap."""
         return len(self._frames) + 1 >= self._max_frames
 
-    def noise(self) -> mx.array:
-        """Gumbel noise for this request's next frame (K, V), from its own key: a request samples the same
-        values whichever requests share its batch."""
-        self._key_before = self._key
-        self._key, subkey = mx.random.split(self._key)
-        return mx.random.gumbel(shape=(self.engine.num_codebooks, self.engine.vocab_size), key=subkey)
+    @property
+    def key(self) -> mx.array:
+        """This request's PRNG key for its next frame: its noise is its own, whoever shares its batch."""
+        return self._key
+
+    def advance(self, key: mx.array) -> None:
+        """The key after a frame's draw (the frame decoder splits it)."""
+        self._key_before, self._key = self._key, key
 
     def rewind(self) -> None:
-        """Forget the last `noise()`: its frame was speculative and is discarded (the chunk ended before it),
+        """Forget the last draw: its frame was speculative and is discarded (the chunk ended before it),
         so the next chunk's first frame draws what it would have drawn without the speculation."""
         self._key = self._key_before
 
