@@ -82,8 +82,8 @@ def to_markdown(results: dict, batches: list[int]) -> str:
                   f"| Build | Frames/s, 1 request | vs baseline | Frames/s, {top} together | vs baseline |", "|---|---|---|---|---|"]
         for name, row in sorted(s["engine"].items()):
             vs = row.get("vs_baseline", {})
-            lines.append(f"| {name} | {row['frames_per_s']} | {vs.get('frames_per_s', '–')}x | "
-                         f"{row[f'batch{top}_frames_per_s']} | {vs.get(f'batch{top}_frames_per_s', '–')}x |")
+            lines.append(f"| {name} | {row['frames_per_s']} | {_x(vs.get('frames_per_s'))} | "
+                         f"{row[f'batch{top}_frames_per_s']} | {_x(vs.get(f'batch{top}_frames_per_s'))} |")
         lines.append("")
     lines += ["## Our loop, per batch frame", "",
               "| Configuration | Batch | Frames/s per stream | Aggregate | Gain vs batch 1 | vs baseline | Primitives | "

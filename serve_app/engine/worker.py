@@ -28,6 +28,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, AsyncIterator, Callable, Optional
 
 import mlx.core as mx
@@ -38,7 +39,7 @@ from .scheduler import END, BatchScheduler, GenerationJob
 logger = logging.getLogger("sesame_tts")
 
 EXIT_JOIN_S = 5.0  # at interpreter exit, how long an idle or finishing worker gets to end
-EXIT_SETTLE_S = 0.2  # then how long its OS thread gets to finish (thread-local destructors)
+EXIT_SETTLE_S = 1.0  # then at most how long its OS thread gets to finish (thread-local destructors)
 
 
 @dataclass
@@ -139,8 +140,15 @@ class ModelWorker:
             self.stop()
             self._thread.join(EXIT_JOIN_S)
             # join() returns when the thread's Python state is released; its MLX thread-local state is torn
-            # down after that, and racing it with the interpreter's own teardown aborts the process.
-            time.sleep(EXIT_SETTLE_S)
+            # down after that, and racing it with the interpreter's own teardown aborts the process (exit
+            # 134, "terminate called without an active exception"). Wait for the OS thread to be gone
+            # (Linux lists it under /proc; elsewhere a short pause).
+            task = Path(f"/proc/self/task/{self._thread.native_id}")
+            deadline = time.monotonic() + EXIT_SETTLE_S
+            if not task.parent.exists():
+                time.sleep(0.2)
+            while task.exists() and time.monotonic() < deadline:
+                time.sleep(0.005)
 
     def _dead_error(self) -> ServiceUnavailableError:
         return ServiceUnavailableError(f"The model worker has stopped ({self._ended}); the replica is being "
