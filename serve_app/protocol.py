@@ -88,6 +88,17 @@ class VoiceList(BaseModel):
     voices: list[VoiceInfo]
 
 
+class StageTimes(BaseModel):
+    """Where a response's first audio spent its time (ms), each stage measured inside the process that ran
+    it (so no clocks are compared across machines). The encoder sends it just before the first audio."""
+
+    stages: dict[str, float] = {}
+
+    def header(self) -> str:
+        """An HTTP `Server-Timing` value: `model;dur=61.2, encode;dur=1.9, ...`."""
+        return ", ".join(f"{name};dur={ms:.1f}" for name, ms in self.stages.items())
+
+
 class Usage(BaseModel):
     """Token counts of one response: text tokens in, CSM audio frames out."""
 

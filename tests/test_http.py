@@ -114,6 +114,21 @@ def test_speech_streams_real_audio(local):
     assert duration(samples) == pytest.approx(0.5 + 0.02 * len(TEXT), abs=0.1) and rms(samples) > 0.01
 
 
+@pytest.mark.parametrize("fmt", ["wav", "pcm"])
+def test_server_timing_says_where_the_first_byte_went(local, fmt):
+    """Every speech response carries a `Server-Timing` header: admission, planning, the model's time to its
+    first PCM (as the encoder saw it), ffmpeg's time to its first bytes (not for raw pcm), the hops, and the
+    total, which is at least the sum of the stages it contains."""
+    response = local.request("POST", SPEECH, json={"input": TEXT, "response_format": fmt, "seed": 1})
+    assert response.status_code == 200 and len(response.content) > 0
+    stages = {name: float(dur) for name, _, dur in
+              (entry.strip().partition(";dur=") for entry in response.headers["server-timing"].split(","))}
+    expected = {"admit", "plan", "model", "hops", "total"} | ({"encode"} if fmt != "pcm" else set())
+    assert set(stages) == expected, stages
+    assert stages["model"] > 0 and stages["total"] >= stages["model"] + stages["plan"] + stages["admit"]
+    assert all(v >= 0 for k, v in stages.items() if k != "hops")
+
+
 @pytest.mark.parametrize("content,param,code", [
     (raw_json({"input": "\ud800"}), "input", "invalid_input"),  # a JSON escape of a lone surrogate
     ('{"input": "a\ud800b"}'.encode("utf-8", "surrogatepass"), "input", "invalid_input"),  # its raw bytes

@@ -89,6 +89,17 @@ def markdown(result: dict) -> str:
         lines.append(f"| Server over HTTP, streamed {fmt} | {_ms(v['ttfb_ms'])} | {v['total_s']:.2f} s | "
                      f"{result['frames'] / v['total_s']:.2f} | {v['rtf']:.2f} | first byte "
                      f"{cmp['first_byte_overhead_ms'][fmt]:+.0f} ms |")
+    staged = {fmt: v["stages_ms"] for fmt, v in (server or {}).get("formats", {}).items() if v.get("stages_ms")}
+    if staged:
+        lines += ["", "Where the server's first byte went (medians of its `Server-Timing` header, ms; `model`: from the "
+                      "encoder's call to the model's first PCM in the encoder, `encode`: from there to ffmpeg's first "
+                      "bytes, `hops`: the rest between the ingress and the encoder):", ""]
+        order = ["admit", "plan", "model", "encode", "hops", "total"]
+        names = [n for n in order if any(n in v for v in staged.values())]
+        names += sorted({n for v in staged.values() for n in v} - set(names))
+        lines += ["| Format | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+        for fmt, stages in staged.items():
+            lines.append(f"| {fmt} | " + " | ".join(str(stages.get(k, "–")) for k in names) + " |")
     lines += ["", "| Concurrent requests | Engine audio s/s | Engine gain vs 1 | Server audio s/s | Server / engine | "
                   "Server gain vs 1 | Server p50 / p95 first byte |", "|---|---|---|---|---|---|---|"]
     levels = (engine or {}).get("concurrency", {}) or (server or {}).get("concurrency", {})

@@ -57,11 +57,22 @@ def speech(client: httpx.Client, url: str, response_format: str, seed: int, voic
     with client.stream("POST", f"{url}/v1/audio/speech", json=body) as response:
         if response.status_code != 200:
             raise RuntimeError(f"{response.status_code}: {response.read()[:300]!r}")
+        timing = server_timing(response.headers.get("server-timing", ""))
         for chunk in response.iter_raw():
             if chunk and first is None:
                 first = time.perf_counter() - t0
             size += len(chunk)
-    return {"ttfb_s": first, "total_s": time.perf_counter() - t0, "bytes": size}
+    return {"ttfb_s": first, "total_s": time.perf_counter() - t0, "bytes": size, "stages_ms": timing}
+
+
+def server_timing(header: str) -> dict:
+    """`Server-Timing: model;dur=61.2, encode;dur=1.9` -> {"model": 61.2, "encode": 1.9}."""
+    out = {}
+    for entry in filter(None, (e.strip() for e in header.split(","))):
+        name, _, dur = entry.partition(";dur=")
+        if dur:
+            out[name] = float(dur)
+    return out
 
 
 def server_part(checkpoint: str, frames: int, repeats: int, levels: list[int], formats: list[str],
@@ -83,9 +94,13 @@ def server_part(checkpoint: str, frames: int, repeats: int, levels: list[int], f
                 if bad:
                     raise RuntimeError(f"pcm streams of {bad} bytes, expected {expected}")
             total = statistics.median(r["total_s"] for r in runs)
+            stages = sorted({name for r in runs for name in r["stages_ms"]})
             result["formats"][fmt] = {
                 "runs": runs, "ttfb_ms": round(1000 * statistics.median(r["ttfb_s"] for r in runs), 1),
-                "total_s": round(total, 3), "rtf": round(total / audio_s, 3)}
+                "total_s": round(total, 3), "rtf": round(total / audio_s, 3),
+                # Where the first byte's time went, as the server measured it (its Server-Timing header).
+                "stages_ms": {name: round(statistics.median(r["stages_ms"].get(name, 0.0) for r in runs), 1)
+                              for name in stages}}
         for n in levels:
             runs: list[dict] = [{} for _ in range(n)]
             clients = [httpx.Client(timeout=3600) for _ in range(n)]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from dataclasses import dataclass
 from typing import AsyncIterator
 
@@ -23,7 +24,7 @@ from ..ffmpeg import atempo_chain, decode_command, ffmpeg_command, find_ffmpeg
 from ..ffmpeg_pool import WarmProcesses, kill, start
 from ..formats import FORMATS
 from ..logs import configure_logging
-from ..protocol import Usage
+from ..protocol import StageTimes, Usage
 from ..settings import Settings
 from ..engine.request import SynthesisRequest
 
@@ -74,12 +75,17 @@ class AudioEncoder:
         """Encoded audio bytes as ffmpeg produces them, then the model's `Usage`."""
         if self._ffmpeg is None:
             raise ServiceUnavailableError(f"Audio encoding is unavailable: {self._ffmpeg_info}", code="ffmpeg_unavailable")
-        # The model first: its request is on its way while ffmpeg starts (~10 ms here).
+        # The model first: its request is on its way while ffmpeg starts (or is taken warm).
+        started = time.perf_counter()
         pcm = self._model.options(stream=True).generate.remote(request.synthesis)
         if FORMATS[request.response_format].raw_pcm and atempo_chain(request.speed) is None:
             # Raw PCM at normal speed is exactly what the model produces: no ffmpeg, no pipe, no extra CPU.
             try:
+                first = True
                 async for item in pcm:
+                    if first:
+                        yield StageTimes(stages={"model": _ms(started)})
+                        first = False
                     yield item
             finally:
                 pcm.cancel()
@@ -91,9 +97,15 @@ class AudioEncoder:
             pcm.cancel()
             raise
         self._running += 1
-        feeder = asyncio.create_task(self._feed(pcm, proc))
+        first_pcm: list[float] = []  # when the model's first PCM reached this process
+        feeder = asyncio.create_task(self._feed(pcm, proc, first_pcm))
         try:
+            reported = False
             while data := await proc.stdout.read(READ_SIZE):
+                if first_pcm and not reported:  # the first encoded bytes: the model's time, then ffmpeg's
+                    model_ms = 1000 * (first_pcm[0] - started)
+                    yield StageTimes(stages={"model": round(model_ms, 1), "encode": round(_ms(started) - model_ms, 1)})
+                    reported = True
                 yield data
             usage = await feeder  # the model's error, if it failed, surfaces here
             if await proc.wait() != 0:
@@ -137,12 +149,14 @@ class AudioEncoder:
         return pcm.copy()
 
     @staticmethod
-    async def _feed(pcm, proc: asyncio.subprocess.Process) -> Usage:
+    async def _feed(pcm, proc: asyncio.subprocess.Process, first_pcm: list) -> Usage:
         """Copy the model's PCM into ffmpeg and return the model's `Usage`; on a model error kill ffmpeg so
-        the reader stops at once."""
+        the reader stops at once. `first_pcm` gets the time the first PCM arrived."""
         usage = Usage()
         try:
             async for item in pcm:
+                if not first_pcm:
+                    first_pcm.append(time.perf_counter())
                 if isinstance(item, Usage):
                     usage = item
                 elif not await _write(proc, item):
@@ -165,3 +179,7 @@ async def _write(proc: asyncio.subprocess.Process, data: bytes) -> bool:
         return True
     except (BrokenPipeError, ConnectionResetError, RuntimeError):
         return False
+
+
+def _ms(since: float) -> float:
+    return round(1000 * (time.perf_counter() - since), 1)

@@ -28,7 +28,8 @@ from ..errors import (
 from ..formats import OPENAI_FORMATS
 from ..logs import configure_logging
 from ..observability import RequestRecord
-from ..protocol import AudioModel, AudioModelList, ErrorResponse, ModelCard, ModelList, SpeechRequest, VoiceList
+from ..protocol import (AudioModel, AudioModelList, ErrorResponse, ModelCard, ModelList, SpeechRequest, StageTimes,
+                        VoiceList)
 from ..settings import Settings
 from ..engine.request import SynthesisRequest
 from . import elevenlabs, replicas
@@ -216,6 +217,7 @@ class SpeechIngress:
         here (for the caller's error shape); after it, the stream holds the lease and the request's record.
         Every dialect's speech route comes through here (the same admission, log line and metrics)."""
         record = RequestRecord(new_request_id(), characters=len(body.input), speed=float(body.speed))
+        started = time.perf_counter()
         await self.model_replicas()  # keeps the admission's slots in step with the replicas that serve
         try:
             if self._settings.drain_flag.exists():
@@ -225,15 +227,20 @@ class SpeechIngress:
             record.finish(str(exc.status_code))
             raise
         try:
+            admitted = time.perf_counter()
             plan = await self._frontend.prepare.remote(body)
             if isinstance(plan, APIError):
                 raise plan
+            planned = time.perf_counter()
             record.voice, record.fmt = plan.preset.name, fmt
             synthesis = SynthesisRequest(plan.chunks, plan.preset, seed=body.seed, request_id=record.request_id,
                                          voice_prompt=plan.voice_prompt)
             stream = self._encoder.options(stream=True).encode.remote(EncodeRequest(synthesis, fmt, record.speed))
             try:
                 first = await stream.__anext__()
+                times = StageTimes()
+                if isinstance(first, StageTimes):  # where the first audio's time went, then the audio
+                    times, first = first, await stream.__anext__()
             except BaseException:
                 stream.cancel()
                 raise
@@ -242,7 +249,12 @@ class SpeechIngress:
             record.finish("cancelled" if isinstance(exc, CLIENT_GONE) else str(status_of(exc)))
             raise
         record.mark_first_byte()
-        return SpeechStream(first, stream, record, lease)
+        now = time.perf_counter()
+        encoder_ms = sum(times.stages.values())  # the encoder's own view: the model's time and ffmpeg's
+        times.stages = {"admit": 1000 * (admitted - started), "plan": 1000 * (planned - admitted), **times.stages,
+                        **({"hops": 1000 * (now - planned) - encoder_ms} if encoder_ms else {}),
+                        "total": 1000 * (now - started)}
+        return SpeechStream(first, stream, record, lease, times)
 
     async def list_models(self) -> ModelList:
         return ModelList(data=[ModelCard()])

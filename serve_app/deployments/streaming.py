@@ -12,7 +12,7 @@ import asyncio
 import base64
 import json
 import logging
-from typing import AsyncIterator
+from typing import AsyncIterator, Optional
 
 from fastapi.responses import StreamingResponse
 from ray.exceptions import TaskCancelledError
@@ -20,7 +20,7 @@ from ray.exceptions import TaskCancelledError
 from ..errors import as_api_error
 from ..formats import FORMATS
 from ..observability import RequestRecord
-from ..protocol import Usage
+from ..protocol import StageTimes, Usage
 from .limits import Lease
 
 logger = logging.getLogger("sesame_tts")
@@ -59,13 +59,16 @@ class SpeechStream:
     """One response's audio: the encoder's stream (its first item already received), the record, and the
     admission lease the response holds until it ends."""
 
-    def __init__(self, first, stream, record: RequestRecord, lease: Lease):
+    def __init__(self, first, stream, record: RequestRecord, lease: Lease, times: Optional[StageTimes] = None):
         self._first = first
         self._stream = stream
         self._record = record
         self._lease = lease
+        self._times = times
 
     def response(self, sse: bool, headers: dict) -> StreamingResponse:
+        if self._times is not None and self._times.stages:
+            headers = {**headers, "Server-Timing": self._times.header()}
         if sse:
             return _ClosingResponse(self._sse_events(), on_close=self.close, media_type="text/event-stream",
                                     headers=headers)
@@ -88,7 +91,7 @@ class SpeechStream:
         while True:
             if isinstance(item, Usage):
                 self._record.usage = item
-            else:
+            elif not isinstance(item, StageTimes):
                 yield item
             try:
                 item = await self._stream.__anext__()

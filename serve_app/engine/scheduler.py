@@ -13,7 +13,8 @@ The loop is pipelined, as mlx-lm's generator is: a step first builds and launche
 (`mx.async_eval`) on the codes of the frame still in flight, which stay on the device, and only then reads
 that earlier frame on the host (the step's one synchronisation) and does its host work: end-of-speech and
 frame-cap checks, bookkeeping, Mimi for a finished group. The device computes frame N+1 while Python
-handles frame N. The frame launched for a row whose chunk then turns out to have ended at frame N is
+handles frame N. The exception is a frame that completes some request's first group: it is read before the
+next launch, so first audio never waits for one. The frame launched for a row whose chunk then turns out to have ended at frame N is
 speculative and discarded: its PRNG split is taken back and its cache row is handed over without the
 position it wrote, so the output is byte-identical to the unpipelined loop (PIPELINE=false), which reads
 every frame in the step that launched it. A row whose frame in flight is its last by the frame cap is
@@ -122,6 +123,9 @@ class BatchScheduler:
 
     def _step(self) -> None:
         ahead, self._in_flight = self._in_flight, None
+        if ahead is not None and any(s.first_audio_in_flight for s in ahead.sessions if not s.gone):
+            self._read(ahead, set())  # a request's first audio goes out before the next launch
+            ahead = None
         if ahead is not None:
             self._release_capped(ahead)
         speculative = set(map(id, self.rows)) if ahead is not None else set()

@@ -138,6 +138,14 @@ class SpeechSession:
         """The key after a frame's draw (the frame decoder splits it)."""
         self._key_before, self._key = self._key, key
 
+    @property
+    def first_audio_in_flight(self) -> bool:
+        """With one frame computed and not yet read, whether that frame completes this request's first group
+        (its first audio): the scheduler reads it before launching another, so first audio does not wait
+        for a launch (on MLX's CPU backend a launch computes the frame)."""
+        done, first = self.usage.output_tokens, self.engine.settings.first_group_frames
+        return done < first and (done + 1 >= first or self.last_frame_in_flight)
+
     def rewind(self) -> None:
         """Forget the last draw: its frame was speculative and is discarded (the chunk ended before it),
         so the next chunk's first frame draws what it would have drawn without the speculation."""
