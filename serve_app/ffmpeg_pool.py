@@ -4,7 +4,8 @@ Starting ffmpeg and its encoder takes ~55 ms here before it can emit a byte, whi
 server added to the first byte of an mp3 or opus response over raw PCM (measured: 56-85 ms from spawn to the
 first mp3/opus bytes of two frames, 1.5-2.2 ms when the process was already running). So the encoder keeps
 FFMPEG_WARM idle processes per command line it has used (responses at normal speed: a finite set, one per
-format), started and waiting on stdin; a response takes one and a replacement starts in the background.
+format), started and waiting on stdin; a response takes one, and a replacement starts once the response's
+first audio is out.
 At most MAX_COMMANDS command lines are kept warm, the least recently used dropped first. An idle process
 holds no audio and no state: taking it is the same as starting it, minus the wait.
 """
@@ -56,9 +57,12 @@ class WarmProcesses:
         """The idle processes' pids (health reports them: ffmpeg processes of ours that serve nobody yet)."""
         return sorted(proc.pid for procs in self._idle.values() for proc in procs)
 
-    async def take(self, cmd: list[str], keep_warm: bool = True) -> Process:
-        """A running ffmpeg for `cmd`: an idle one if there is one (then another starts behind it), else a new
-        one. `keep_warm=False` (a one-off command line) neither uses nor fills the pool."""
+    async def take(self, cmd: list[str], keep_warm: bool = True, refill: bool = True) -> Process:
+        """A running ffmpeg for `cmd`: an idle one if there is one, else a new one; with `refill`, another
+        starts behind it now (the encoder refills once its response's first audio is out instead: starting
+        ffmpeg costs ~50 ms of CPU and a fork of the replica's process, which the model's first frames and the
+        first bytes would otherwise wait for on a small machine). `keep_warm=False` (a
+        one-off command line) neither uses nor fills the pool."""
         key = tuple(cmd)
         if not (keep_warm and self.per_command):
             return await start(cmd)
@@ -71,7 +75,8 @@ class WarmProcesses:
                 proc = candidate
             else:  # it died while idle (killed from outside): start afresh
                 await kill(candidate)
-        self.fill(key)
+        if refill:
+            self.fill(key)
         return proc if proc is not None else await start(cmd)
 
     def fill(self, key: tuple[str, ...]) -> None:

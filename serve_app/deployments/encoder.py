@@ -90,9 +90,10 @@ class AudioEncoder:
             finally:
                 pcm.cancel()
             return
+        cmd = ffmpeg_command(self._ffmpeg, request.response_format, request.speed)
+        keep_warm = atempo_chain(request.speed) is None and self._warm.per_command > 0
         try:
-            proc = await self._warm.take(ffmpeg_command(self._ffmpeg, request.response_format, request.speed),
-                                         keep_warm=atempo_chain(request.speed) is None)
+            proc = await self._warm.take(cmd, keep_warm=keep_warm, refill=False)
         except BaseException:
             pcm.cancel()
             raise
@@ -100,13 +101,17 @@ class AudioEncoder:
         first_pcm: list[float] = []  # when the model's first PCM reached this process
         feeder = asyncio.create_task(self._feed(pcm, proc, first_pcm))
         try:
-            reported = False
+            reported, chunks = False, 0
             while data := await proc.stdout.read(READ_SIZE):
                 if first_pcm and not reported:  # the first encoded bytes: the model's time, then ffmpeg's
                     model_ms = 1000 * (first_pcm[0] - started)
                     yield StageTimes(stages={"model": round(model_ms, 1), "encode": round(_ms(started) - model_ms, 1)})
                     reported = True
                 yield data
+                chunks += 1
+                if chunks == 2 and keep_warm:  # the first audio is out: the next response's ffmpeg starts
+                    self._warm.fill(tuple(cmd))
+                    keep_warm = False
             usage = await feeder  # the model's error, if it failed, surfaces here
             if await proc.wait() != 0:
                 stderr = (await proc.stderr.read()).decode(errors="replace").strip()
@@ -121,6 +126,8 @@ class AudioEncoder:
                 await kill(proc)
             finally:
                 self._running -= 1
+                if keep_warm:  # (a response shorter than two chunks)
+                    self._warm.fill(tuple(cmd))
 
     async def decode(self, data: bytes, max_s: float, param: str) -> np.ndarray | APIError:
         """An uploaded recording as float32 24 kHz mono, at most `max_s` seconds (+1 frame, so a longer clip
