@@ -13,12 +13,12 @@ The loop is pipelined, as mlx-lm's generator is: a step first builds and launche
 (`mx.async_eval`) on the codes of the frame still in flight, which stay on the device, and only then reads
 that earlier frame on the host (the step's one synchronisation) and does its host work: end-of-speech and
 frame-cap checks, bookkeeping, Mimi for a finished group. The device computes frame N+1 while Python
-handles frame N. The exception is a frame that completes some request's first group: it is read before the
-next launch, so first audio never waits for one. The frame launched for a row whose chunk then turns out to have ended at frame N is
+handles frame N. The frame launched for a row whose chunk then turns out to have ended at frame N is
 speculative and discarded: its PRNG split is taken back and its cache row is handed over without the
 position it wrote, so the output is byte-identical to the unpipelined loop (PIPELINE=false), which reads
 every frame in the step that launched it. A row whose frame in flight is its last by the frame cap is
-known in advance and gets no speculative frame.
+known in advance and gets no speculative frame. A frame that completes some request's first group is read
+before the next launch, so first audio never waits for one (on MLX's CPU backend a launch is the work).
 """
 
 from __future__ import annotations
@@ -44,7 +44,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger("sesame_tts")
 
 
-
 @dataclass
 class PendingPrefill:
     """A prompt being prefilled across steps: (1, n, K+1) tokens and mask, the cache so far, positions done."""
@@ -61,8 +60,8 @@ class PendingPrefill:
 
 @dataclass
 class LaunchedFrame:
-    """A frame launched on the device and not read on the host yet: its codes (rows, K), the sessions of
-    those rows in order, and which of them have a speculative frame launched after it."""
+    """A frame launched on the device and not read on the host yet: its codes (rows, K) and the sessions of
+    those rows, in order."""
 
     codes: mx.array
     sessions: list[SpeechSession]
