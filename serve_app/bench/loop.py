@@ -47,7 +47,7 @@ def count_primitives(outputs: list) -> int:
         return len(re.findall(r"shape=rectangle", Path(dot.name).read_text()))
 
 
-def _load(checkpoint: str, compile_mode: str, pipeline: bool, max_batch: int, voice_prompts: bool = False):
+def _load(checkpoint: str, compile_mode: str, pipeline: bool, max_batch: int):
     """The engine, with the settings this tree knows (the part also runs on a baseline commit's tree)."""
     import mlx.core as mx
 
@@ -59,7 +59,7 @@ def _load(checkpoint: str, compile_mode: str, pipeline: bool, max_batch: int, vo
     mx.set_default_device(select_device(settings.mlx_device))
     voices = VoiceLibrary.load(settings.voices_dir)
     # The loop is measured with a voice without a reference clip: no prompt needs encoding at load.
-    return CSMEngine.load(settings, voices if voice_prompts else None), voices
+    return CSMEngine.load(settings, None), voices
 
 
 def _run(engine, preset, batch: int, frames: int, seed: int, trace=None):
