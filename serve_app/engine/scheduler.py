@@ -18,7 +18,8 @@ speculative and discarded: its PRNG split is taken back and its cache row is han
 position it wrote, so the output is byte-identical to the unpipelined loop (PIPELINE=false), which reads
 every frame in the step that launched it. A row whose frame in flight is its last by the frame cap is
 known in advance and gets no speculative frame. A frame that completes some request's first group is read
-before the next launch, so first audio never waits for one (on MLX's CPU backend a launch is the work).
+in a step of its own, before the next launch, so first audio never waits for one (on MLX's CPU backend a
+launch is the work, and an in-process caller sees the audio only when the step returns).
 """
 
 from __future__ import annotations
@@ -123,8 +124,8 @@ class BatchScheduler:
     def _step(self) -> None:
         ahead, self._in_flight = self._in_flight, None
         if ahead is not None and any(s.first_audio_in_flight for s in ahead.sessions if not s.gone):
-            self._read(ahead, set())  # a request's first audio goes out before the next launch
-            ahead = None
+            self._read(ahead, set())  # a request's first audio goes out; the next step launches
+            return
         if ahead is not None:
             self._release_capped(ahead)
         speculative = set(map(id, self.rows)) if ahead is not None else set()
