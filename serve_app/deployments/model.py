@@ -12,7 +12,6 @@ This module is imported by the app builder, which runs no MLX: the engine is imp
 from __future__ import annotations
 
 import asyncio
-import atexit
 import concurrent.futures
 import logging
 import sys
@@ -98,20 +97,9 @@ class CSMModel:
         self._health_key, self._replica_id, self._node = health_key, _replica_id(self), _node()
         self._served = 0
         self._start_load()
-        # The helper threads end before the interpreter does: a daemon thread caught inside an MLX call
-        # while Python finalizes is unwound through C++ and aborts the process (exit 134).
-        self._closing = threading.Event()
-        self._helpers = [threading.Thread(target=self._publish_health, name="health-publisher", daemon=True)]
+        threading.Thread(target=self._publish_health, name="health-publisher", daemon=True).start()
         if settings.idle_unload_s:
-            self._helpers.append(threading.Thread(target=self._watch_idle, name="idle-unload", daemon=True))
-        for thread in self._helpers:
-            thread.start()
-        atexit.register(self._close_helpers)
-
-    def _close_helpers(self) -> None:
-        self._closing.set()
-        for thread in self._helpers:
-            thread.join(5.0)
+            threading.Thread(target=self._watch_idle, name="idle-unload", daemon=True).start()
 
     def __del__(self):
         """Serve calls this when the replica shuts down: the MLX thread ends with it."""
@@ -121,9 +109,9 @@ class CSMModel:
             replicas.withdraw(self._health_key, self._replica_id)
 
     def _publish_health(self) -> None:
-        while self._worker.liveness().alive and not self._closing.is_set():
+        while self._worker.liveness().alive:
             self._publish_now()
-            self._closing.wait(replicas.PUBLISH_EVERY_S)
+            time.sleep(replicas.PUBLISH_EVERY_S)
 
     def _publish_now(self) -> None:
         """Also called on every change of state (loaded, failed, unloaded), so /health never lags it."""
@@ -212,7 +200,8 @@ class CSMModel:
     def _watch_idle(self) -> None:
         limit = self._settings.idle_unload_s
         pending: Optional[concurrent.futures.Future] = None
-        while self._worker.liveness().alive and not self._closing.wait(min(1.0, limit / 4)):
+        while self._worker.liveness().alive:
+            time.sleep(min(1.0, limit / 4))
             if self._engine is not None and self._idle_for() >= limit and (pending is None or pending.done()):
                 pending = self._worker.submit(self._unload, label="unload")
 
