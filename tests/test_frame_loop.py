@@ -102,9 +102,9 @@ def test_one_host_sync_per_frame_taken_after_the_next_launch(engine, voices, mon
     reads: list[tuple[int, int]] = []
     read = BatchScheduler._read
 
-    def record(self, frame, speculative):
+    def record(self, frame, after_launch=False):
         reads.append((self.stats.launches, self.stats.frames))
-        return read(self, frame, speculative)
+        return read(self, frame, after_launch)
 
     monkeypatch.setattr(BatchScheduler, "_read", record)
     frames = 12

@@ -124,23 +124,23 @@ class BatchScheduler:
     def _step(self) -> None:
         ahead, self._in_flight = self._in_flight, None
         if ahead is not None and any(s.first_audio_in_flight for s in ahead.sessions if not s.gone):
-            self._read(ahead, set())  # a request's first audio goes out; the next step launches
+            self._read(ahead)  # a request's first audio goes out; the next step launches
             return
         if ahead is not None:
             self._release_capped(ahead)
-        speculative = set(map(id, self.rows)) if ahead is not None else set()
         launched = self._launch()
         if ahead is not None:
-            self._read(ahead, speculative)
-        if launched is not None:
+            self._read(ahead, after_launch=True)
+        if launched:
+            frame = LaunchedFrame(self._last, list(self.rows))  # the rows still in it after that read
             if self.pipelined:
-                self._in_flight = LaunchedFrame(self._last, list(self.rows))
+                self._in_flight = frame
             else:
-                self._read(launched, set())
+                self._read(frame)
 
-    def _launch(self) -> Optional[LaunchedFrame]:
+    def _launch(self) -> bool:
         """Build the next frame for every row (and for prompts that finish prefilling now) and start it on
-        the device without waiting for it."""
+        the device without waiting for it; False when there is no row to launch for."""
         model, engine = self.engine.model, self.engine
         hidden = []
         if self.rows:
@@ -183,7 +183,7 @@ class BatchScheduler:
         self.rows.extend(self._joining)
         self._joining = []
         if not self.rows:
-            return None
+            return False
         inv_temperature = mx.array([[s.inv_temperature] for s in self.rows], dtype=mx.float32)
         top_k = mx.array([[s.top_k] for s in self.rows], dtype=mx.int32)
         self._last, keys = engine.frame_decoder(mx.concatenate(hidden), [s.key for s in self.rows], inv_temperature,
@@ -195,7 +195,7 @@ class BatchScheduler:
             self.trace(outputs)
         mx.async_eval(*outputs)
         self.stats.launches += 1
-        return LaunchedFrame(self._last, list(self.rows))
+        return True
 
     def _release_capped(self, ahead: LaunchedFrame) -> None:
         """Rows whose frame in flight is their chunk's last by the frame cap leave before the next frame,
@@ -207,9 +207,10 @@ class BatchScheduler:
         if capped:
             self._keep([i for i in range(len(self.rows)) if i not in capped])
 
-    def _read(self, frame: LaunchedFrame, speculative: set[int]) -> None:
-        """Frame N on the host: each session takes its codes; a row whose chunk ended leaves the batch, its
-        speculative frame N+1 (if one was launched) discarded."""
+    def _read(self, frame: LaunchedFrame, after_launch: bool = False) -> None:
+        """Frame N on the host: each session takes its codes; a row whose chunk ended leaves the batch. Read
+        `after_launch`, every row still in the batch that ended at N has a speculative frame N+1 in flight
+        (rows capped at N left before that launch): it is discarded."""
         with self.stats.sync(frame=True):
             codes = np.array(frame.codes)
         self.stats.frames += 1
@@ -222,9 +223,9 @@ class BatchScheduler:
         leaving = {id(s) for s in ended}
         for i, session in enumerate(self.rows):
             if id(session) in leaving:  # its next chunk may continue from its row
-                if id(session) in speculative:
+                if after_launch:
                     session.rewind()
-                session.keep_row(self._kv.row_state(i, drop_last=id(session) in speculative))
+                session.keep_row(self._kv.row_state(i, drop_last=after_launch))
         self.starting.extend(ended)
         self._keep([i for i, s in enumerate(self.rows) if id(s) not in leaving])
 
