@@ -57,12 +57,12 @@ class WarmProcesses:
         """The idle processes' pids (health reports them: ffmpeg processes of ours that serve nobody yet)."""
         return sorted(proc.pid for procs in self._idle.values() for proc in procs)
 
-    async def take(self, cmd: list[str], keep_warm: bool = True, refill: bool = True) -> Process:
-        """A running ffmpeg for `cmd`: an idle one if there is one, else a new one; with `refill`, another
-        starts behind it now (the encoder refills once its response's first audio is out instead: starting
-        ffmpeg costs ~50 ms of CPU and a fork of the replica's process, which the model's first frames and the
-        first bytes would otherwise wait for on a small machine). `keep_warm=False` (a
-        one-off command line) neither uses nor fills the pool."""
+    async def take(self, cmd: list[str], keep_warm: bool = True) -> Process:
+        """A running ffmpeg for `cmd`: an idle one if there is one, else a new one. No replacement starts
+        here: the caller calls `fill` once its response's first audio is out (starting ffmpeg costs ~50 ms of
+        CPU and a fork of the replica's process, which the model's first frames and the first bytes would
+        otherwise wait for on a small machine). `keep_warm=False` (a one-off command line) takes nothing
+        from the pool."""
         key = tuple(cmd)
         if not (keep_warm and self.per_command):
             return await start(cmd)
@@ -75,8 +75,6 @@ class WarmProcesses:
                 proc = candidate
             else:  # it died while idle (killed from outside): start afresh
                 await kill(candidate)
-        if refill:
-            self.fill(key)
         return proc if proc is not None else await start(cmd)
 
     def fill(self, key: tuple[str, ...]) -> None:
@@ -86,15 +84,17 @@ class WarmProcesses:
         missing = self.per_command - len(self._idle[key]) - self._starting.get(key, 0)
         for _ in range(max(0, missing)):
             self._starting[key] = self._starting.get(key, 0) + 1
-            task = asyncio.get_running_loop().create_task(self._start_idle(key))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._background(self._start_idle(key))
         while len(self._idle) > MAX_COMMANDS:
             _, dropped = self._idle.popitem(last=False)
             for proc in dropped:
-                task = asyncio.get_running_loop().create_task(kill(proc))
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
+                self._background(kill(proc))
+
+    def _background(self, coro) -> None:
+        """Run `coro` on the loop, holding its task until it ends (the loop keeps only weak references)."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _start_idle(self, key: tuple[str, ...]) -> None:
         try:
@@ -108,6 +108,13 @@ class WarmProcesses:
             self._idle[key].append(proc)
         else:
             await kill(proc)
+
+    def kill_now(self) -> None:
+        """Kill every idle process without waiting (for a replica going away outside its loop)."""
+        for procs in self._idle.values():
+            for proc in procs:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
 
     async def close(self) -> None:
         procs = [proc for group in self._idle.values() for proc in group]

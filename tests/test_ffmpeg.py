@@ -121,7 +121,8 @@ def test_warm_ffmpeg_serves_the_next_response_and_a_replacement_starts():
         pool.fill(tuple(cmd))
         [warm] = await idle_pids(pool)
         proc = await pool.take(cmd)
-        assert proc.pid == warm
+        assert proc.pid == warm and pool.idle == 0
+        pool.fill(tuple(cmd))  # as the encoder does once the response's first audio is out
         fresh = subprocess.run(cmd, input=_tone(0.5), capture_output=True, check=True).stdout
         assert await encode(proc) == fresh  # bitexact: an idle process is a fresh one
         [replacement] = await idle_pids(pool, not_in=[warm])
@@ -132,6 +133,7 @@ def test_warm_ffmpeg_serves_the_next_response_and_a_replacement_starts():
             await asyncio.sleep(0.01)
         proc = await pool.take(cmd)
         assert proc.pid != replacement and await encode(proc) == fresh
+        pool.fill(tuple(cmd))
         one_off = ffmpeg_command(ffmpeg, "mp3", 1.5)
         proc = await pool.take(one_off, keep_warm=False)
         assert duration(decode(await encode(proc))) == pytest.approx(0.5 / 1.5, abs=0.08)

@@ -66,10 +66,8 @@ class AudioEncoder:
                 "warm": self._warm.idle, "warm_pids": self._warm.pids}
 
     def __del__(self):
-        for procs in getattr(self, "_warm", WarmProcesses(0))._idle.values():
-            for proc in procs:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.kill()
+        if hasattr(self, "_warm"):
+            self._warm.kill_now()
 
     async def encode(self, request: EncodeRequest) -> AsyncIterator[bytes | Usage]:
         """Encoded audio bytes as ffmpeg produces them, then the model's `Usage`."""
@@ -93,7 +91,7 @@ class AudioEncoder:
         cmd = ffmpeg_command(self._ffmpeg, request.response_format, request.speed)
         keep_warm = atempo_chain(request.speed) is None and self._warm.per_command > 0
         try:
-            proc = await self._warm.take(cmd, keep_warm=keep_warm, refill=False)
+            proc = await self._warm.take(cmd, keep_warm=keep_warm)
         except BaseException:
             pcm.cancel()
             raise
