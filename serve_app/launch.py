@@ -36,6 +36,9 @@ import yaml
 
 from dotenv import dotenv_values
 
+from . import service
+from .processes import child_names, kill_session
+from .service import PidLock, running_pid
 from .settings import PROJECT_ROOT, STOP_GRACE_S, STOP_KILL_AFTER_S, Settings, find_env_file
 from .voices import VoiceLibrary
 
@@ -90,39 +93,24 @@ _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _DASHBOARD = re.compile(r"View the dashboard at (https?://\S+)")
 
 
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def claim_pid_file(path: Path) -> None:
-    """Write our PID; refuse if a live server owns the file, replace a stale one."""
-    if path.is_file():
-        try:
-            pid = int(path.read_text().strip() or 0)
-        except ValueError:
-            pid = 0
-        if pid and pid != os.getpid() and pid_alive(pid):
-            sys.exit(f"sesame-tts: already running (pid {pid}, {path})")
-        path.unlink(missing_ok=True)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(f"{os.getpid()}\n")
+def base_url(settings: Settings) -> str:
+    """Where this machine reaches the server (the wildcard addresses mean loopback)."""
+    host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
+    return f"http://[{host}]:{settings.port}" if ":" in host else f"http://{host}:{settings.port}"
 
 
 def health_url(settings: Settings) -> str:
-    host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
-    return f"http://{host}:{settings.port}/health"
+    return f"{base_url(settings)}/health"
+
+
+# Probes of our own server never go through a proxy (macOS hands urllib the system's proxy settings).
+_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
 def server_answers(settings: Settings, timeout: float = WATCH_TIMEOUT_S) -> bool:
     """Whether anything answers HTTP on the server's port (a 503 is an answer; a closed port is not)."""
     try:
-        with urllib.request.urlopen(health_url(settings), timeout=timeout):
+        with _DIRECT.open(health_url(settings), timeout=timeout):
             return True
     except urllib.error.HTTPError:
         return True
@@ -131,26 +119,14 @@ def server_answers(settings: Settings, timeout: float = WATCH_TIMEOUT_S) -> bool
 
 
 def cluster_processes(parent: int) -> set[str]:
-    """Which of Ray's core processes run as direct children of `parent` (`serve run`). A killed one stays a
-    zombie (nobody reaps it), so zombies do not count."""
-    try:
-        out = subprocess.run(["ps", "-A", "-o", "ppid=,stat=,comm="], capture_output=True, text=True, timeout=10).stdout
-    except (OSError, subprocess.SubprocessError):
-        return set()
-    found = set()
-    for line in out.splitlines():
-        parts = line.split(None, 2)
-        if len(parts) == 3 and parts[0] == str(parent) and not parts[1].startswith("Z"):
-            name = os.path.basename(parts[2].strip())
-            if name in CLUSTER_PROCESSES:
-                found.add(name)
-    return found
+    """Which of Ray's core processes run as live direct children of `parent` (`serve run`)."""
+    return child_names(parent) & set(CLUSTER_PROCESSES)
 
 
 def in_flight(settings: Settings) -> Optional[int]:
     """Speech requests the running server is still serving (None when it does not answer)."""
     try:
-        with urllib.request.urlopen(health_url(settings), timeout=2) as response:
+        with _DIRECT.open(health_url(settings), timeout=2) as response:
             return json.load(response).get("in_flight")
     except urllib.error.HTTPError as exc:  # 503 while draining still carries the body
         return json.load(exc).get("in_flight")
@@ -173,8 +149,9 @@ def drain(settings: Settings, log: logging.Logger, grace: float) -> None:
 
 def supervise(command: list[str], settings: Settings) -> int:
     """Run `command` in its own process group, logging its output to a rotated server.log."""
-    pid_file = settings.cache_dir / "server.pid"
-    claim_pid_file(pid_file)
+    lock = PidLock(settings.cache_dir / "server.pid")
+    if not lock.acquire():
+        sys.exit(f"sesame-tts: already running (pid {running_pid(lock.path)}, {lock.path})")
     dashboard_file = settings.cache_dir / "dashboard.url"  # for `ops/sesame-tts status`
     dashboard_file.unlink(missing_ok=True)
     settings.drain_flag.unlink(missing_ok=True)
@@ -215,14 +192,14 @@ def supervise(command: list[str], settings: Settings) -> int:
             gone.set()
             log.info("sesame-tts: %s: the Ray cluster is gone. Exiting so the service manager restarts the server.",
                      why)
-            _kill_session(child.pid)
+            kill_session(child.pid)
             return
 
     def shut_down() -> None:
         drain(settings, log, STOP_GRACE_S)
         child.send_signal(signal.SIGINT)  # serve run's own shutdown (serve.shutdown())
         time.sleep(STOP_KILL_AFTER_S)
-        _kill_session(child.pid)
+        kill_session(child.pid)
 
     def stop(signum, frame):
         if stopping.is_set():
@@ -242,7 +219,7 @@ def supervise(command: list[str], settings: Settings) -> int:
             if match := _DASHBOARD.search(line):  # ours: other clusters on this machine may hold the default port
                 dashboard_file.write_text(match.group(1) + "\n")
         code = child.wait()
-        _kill_session(child.pid)  # anything the cluster left behind
+        kill_session(child.pid)  # anything the cluster left behind
         log.info("sesame-tts: stopped (exit %s)", code)
         if gone.is_set():
             return CLUSTER_GONE_EXIT
@@ -250,28 +227,71 @@ def supervise(command: list[str], settings: Settings) -> int:
     finally:
         settings.drain_flag.unlink(missing_ok=True)
         dashboard_file.unlink(missing_ok=True)
-        if pid_file.is_file() and pid_file.read_text().strip() == str(os.getpid()):
-            pid_file.unlink()
+        lock.release()
 
 
-def _kill_session(sid: int) -> None:
-    """SIGKILL every process of the session `serve run` leads (it was started with start_new_session). Ray's
-    workers run in process groups of their own there, so killing the group alone would leave them behind
-    when the raylet that normally ends them is already dead."""
-    try:
-        os.killpg(sid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-    try:
-        out = subprocess.run(["ps", "-A", "-o", "pid="], capture_output=True, text=True, timeout=10).stdout
-    except (OSError, subprocess.SubprocessError):
+def prepare_ray_environment(environ=os.environ) -> None:
+    """What Ray needs to join a cluster of several machines, set before `serve run` starts. Ray refuses
+    `ray start --address` on macOS unless RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=1, and without it a Mac's Ray
+    process advertises 127.0.0.1, which no other machine can reach; on Linux the variable is Ray's default.
+    A cluster without token authentication runs anyone's code on every node: refused here."""
+    address = environ.get("RAY_ADDRESS", "").strip()
+    if address in ("", "local"):
         return
-    for pid in (int(p) for p in out.split()):
-        try:
-            if os.getsid(pid) == sid:
-                os.kill(pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
+    if environ.get("RAY_AUTH_MODE", "").strip().lower() == "disabled":
+        raise SystemExit("sesame-tts: cannot start: RAY_ADDRESS names a cluster and RAY_AUTH_MODE=disabled; a Ray "
+                         "cluster on a network needs token authentication (see the README, \"Several machines\")")
+    environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "1")
+
+
+def print_env(settings: Settings) -> None:
+    """KEY=VALUE lines for ops/sesame-tts, which reads them with `read` (never `eval`): no value may hold a
+    line break (HOST and PORT are validated by Settings)."""
+    values = {"HOST": settings.host, "PORT": str(settings.port), "CACHE_DIR": str(settings.cache_dir),
+              "URL": base_url(settings)}
+    for key, value in values.items():
+        if "\n" in value or "\r" in value:
+            raise SystemExit(f"sesame-tts: cannot start: {key} must not contain a line break")
+        print(f"{key}={value}")
+
+
+def control(args, settings: Settings) -> int:
+    """The control script's questions about the service: --pid, --stop, --wait-stopped, --render,
+    --check-paths."""
+    pid_file = settings.cache_dir / "server.pid"
+    if args.pid:
+        pid = running_pid(pid_file)
+        if pid is not None:
+            print(pid)
+        return 0 if pid is not None else 1
+    if args.stop is not None:
+        print(f"sesame-tts: {service.stop(pid_file, args.stop)}")
+        return 0
+    if args.wait_stopped is not None:
+        return 0 if service.wait_stopped(pid_file, args.wait_stopped) else 1
+    if args.render == "unit":
+        sys.stdout.write(service.render_unit(PROJECT_ROOT, settings.cache_dir))
+        return 0
+    if args.render:
+        import getpass
+        import pwd
+
+        user = os.environ.get("SUDO_USER") or getpass.getuser()  # the daemon runs as the user who installs it
+        home = Path(pwd.getpwnam(user).pw_dir)
+        plist = service.render_plist(PROJECT_ROOT, settings.cache_dir, args.render == "plist-boot", user, home)
+        sys.stdout.buffer.write(plist)
+        return 0
+    home = Path.home()
+    paths = {"the checkout": PROJECT_ROOT, "CACHE_DIR": settings.cache_dir, "VOICES_DIR": settings.voices_dir}
+    if Path(settings.model_id).expanduser().exists():
+        paths["MODEL_ID"] = Path(settings.model_id)
+    for name, path in paths.items():
+        if (folder := service.protected_folder(path, home)) is not None:
+            print(f"sesame-tts: {name} ({path}) is inside {folder}, which macOS keeps from background services "
+                  "(the server would fail at start with \"Operation not permitted\"). Move it elsewhere (for "
+                  "example ~/sesame-tts), or give the Python in .venv Full Disk Access first.", file=sys.stderr)
+            return 1
+    return 0
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -279,17 +299,36 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("config", nargs="?", type=Path, default=PROJECT_ROOT / "serve_config.yaml")
     parser.add_argument("--service", action="store_true",
                         help="supervise: PID file and rotated log in CACHE_DIR, graceful stop on SIGTERM")
-    parser.add_argument("--print-env", action="store_true", help="print HOST, PORT and CACHE_DIR for scripts")
+    parser.add_argument("--detach", action="store_true",
+                        help="with --service: start the supervisor in a session of its own and return its pid")
+    parser.add_argument("--print-env", action="store_true", help="print HOST, PORT, CACHE_DIR and URL for scripts")
+    parser.add_argument("--pid", action="store_true", help="print the running supervisor's pid (exit 1: none)")
+    parser.add_argument("--stop", type=float, metavar="TIMEOUT", help="stop the running supervisor")
+    parser.add_argument("--wait-stopped", type=float, metavar="TIMEOUT", help="wait until no supervisor runs")
+    parser.add_argument("--render", choices=("plist", "plist-boot", "unit"),
+                        help="print the launchd job (login agent or boot daemon) or the systemd unit, paths filled in")
+    parser.add_argument("--check-paths", action="store_true",
+                        help="refuse folders macOS keeps from background services (before a launchd install)")
     args = parser.parse_args(argv)
     try:
         settings = Settings.load()
         export_ray_variables()
         if args.print_env:
-            print(f"HOST={settings.host}\nPORT={settings.port}\nCACHE_DIR={settings.cache_dir}")
+            print_env(settings)
             return
+        if args.pid or args.stop is not None or args.wait_stopped is not None or args.render or args.check_paths:
+            sys.exit(control(args, settings))
+        prepare_ray_environment()
         VoiceLibrary.load(settings.voices_dir).resolve(settings.default_voice)
+    except SystemExit:
+        raise
     except Exception as exc:
         sys.exit(f"sesame-tts: cannot start: {getattr(exc, 'message', exc)}")
+    if args.detach:
+        if (pid := running_pid(settings.cache_dir / "server.pid")) is not None:
+            sys.exit(f"sesame-tts: already running (pid {pid})")
+        print(service.detach(args.config, settings.cache_dir))
+        return
     if shutil.which(settings.ffmpeg_path) is None:
         print(f"sesame-tts: warning: {settings.ffmpeg_path} not found; /health will report 503 until it is installed",
               file=sys.stderr)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -20,6 +19,7 @@ import time
 from pathlib import Path
 
 from .local_server import free_port
+from .processes import kill_session
 
 RAY = str(Path(sys.executable).with_name("ray"))
 
@@ -30,7 +30,9 @@ class LocalCluster:
         self.work = work
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
-        self.env = {**os.environ, "RAY_AUTH_MODE": "token"}
+        # RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER: Ray refuses `ray start --address` on macOS without it (Linux's
+        # default), as the README's "Several machines" recipe says.
+        self.env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1"}
         self.env.pop("RAY_ADDRESS", None)
         self.procs: list[subprocess.Popen] = []
         common = ["--block", "--node-ip-address", "127.0.0.1", "--num-cpus", str(cpus_per_node),
@@ -85,15 +87,7 @@ class LocalCluster:
     def stop(self) -> None:
         """SIGKILL every process of every node's session (GCS, raylets, workers, replicas)."""
         for proc in self.procs:
-            for pid in _session_pids(proc.pid):
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+            kill_session(proc.pid)
             proc.wait(timeout=30)
         shutil.rmtree(self.temp_dir, ignore_errors=True)
 
-
-def _session_pids(sid: int) -> list[int]:
-    out = subprocess.run(["ps", "-eo", "pid=,sid="], capture_output=True, text=True).stdout
-    return [int(pid) for pid, session in (line.split() for line in out.splitlines()) if session == str(sid)]

@@ -8,7 +8,9 @@ because the builder runs in its own process and its environment does not reach t
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import re
 from pathlib import Path
 from typing import Literal, Mapping, Optional
 
@@ -29,6 +31,10 @@ MODEL_NAME = "csm-1b"
 # Stopping, in one place: the service's drain, Serve's own shutdown, and the model replica's grace period.
 STOP_GRACE_S = 40  # in-flight responses get this long to finish after a stop
 STOP_KILL_AFTER_S = 15  # then `serve run`'s own shutdown gets this long before everything is killed
+
+
+# RFC 1123 host names: dot-separated labels of letters, digits and inner hyphens.
+_HOST_NAME = re.compile(r"(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?")
 
 
 class ConfigError(ValueError):
@@ -150,6 +156,20 @@ class Settings(BaseModel):
     def drain_flag(self) -> Path:
         """Present while the service is stopping: new speech requests get 503, in-flight ones finish."""
         return self.cache_dir / "draining"
+
+    @field_validator("host")
+    @classmethod
+    def _host(cls, value: str) -> str:
+        """An IP address or a host name: the control script and the service files use it verbatim."""
+        value = value.strip()
+        try:
+            ipaddress.ip_address(value)
+            return value
+        except ValueError:
+            pass
+        if not _HOST_NAME.fullmatch(value):
+            raise ValueError("must be an IP address (0.0.0.0, 127.0.0.1, ::) or a host name")
+        return value
 
     @field_validator("cache_dir", "voices_dir")
     @classmethod

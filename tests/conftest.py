@@ -15,8 +15,10 @@ from pathlib import Path
 from typing import Callable
 
 import httpx
+import psutil
 import pytest
 
+from serve_app import processes
 from serve_app.local_server import LocalServer, ServerFailed
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -100,6 +102,14 @@ def server(tiny_checkpoint, tmp_path_factory) -> Server:
         server.stop()
 
 
+@pytest.fixture(scope="session")
+def macos_path(tmp_path_factory) -> str:
+    """A PATH value that behaves like macOS's userland (tests/macos_userland.py)."""
+    from tests.macos_userland import build
+
+    return build(tmp_path_factory.mktemp("macos-bin"))
+
+
 def run_loadtest(base_url: str, clients: int, requests: int, tmp_path: Path) -> dict:
     """`python -m serve_app.loadtest` against a server (bounded); its JSON report, once it exited cleanly."""
     import sys
@@ -115,12 +125,15 @@ def run_loadtest(base_url: str, clients: int, requests: int, tmp_path: Path) -> 
 
 
 def session_processes(sid: int) -> list[str]:
-    """`ps` lines ("sid pid args", never cut short) of every live process in session `sid` (a server started
-    with start_new_session: its pid)."""
-    out = subprocess.run(["ps", "-ww", "-eo", "sid=,pid=,stat=,args="], capture_output=True, text=True).stdout
-    rows = [line.split(None, 3) for line in out.splitlines()]
-    # Zombies are dead already (a killed parent's children wait there for init to reap them).
-    return [f"{r[0]} {r[1]} {r[3]}" for r in rows if len(r) == 4 and r[0] == str(sid) and not r[2].startswith("Z")]
+    """Lines "sid pid args" of every live process in session `sid` (a server started with start_new_session:
+    its pid), through psutil (Linux and macOS alike)."""
+    lines = []
+    for proc in processes.session_processes(sid):
+        try:
+            lines.append(f"{sid} {proc.pid} {' '.join(proc.cmdline()) or proc.name()}")
+        except (psutil.NoSuchProcess, psutil.AccessDenied):  # it ended meanwhile
+            pass
+    return lines
 
 
 def settled(model, timeout: float = 120) -> dict:
@@ -135,10 +148,7 @@ def settled(model, timeout: float = 120) -> dict:
     return health
 
 
-def children(pid: int) -> list[int]:
-    """The direct children of process `pid` (one we started)."""
-    out = subprocess.run(["ps", "-eo", "pid=,ppid="], capture_output=True, text=True).stdout
-    return [int(p) for p, parent in (line.split() for line in out.splitlines()) if parent == str(pid)]
+children = processes.children  # the direct children of a process we started
 
 
 @pytest.fixture(scope="session")

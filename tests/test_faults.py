@@ -11,7 +11,6 @@ import asyncio
 import gc
 import shutil
 import time
-from pathlib import Path
 
 import httpx
 import mlx.core as mx
@@ -19,6 +18,7 @@ import pytest
 
 from serve_app.deployments.model import CSMModel
 from serve_app.engine.request import SynthesisRequest
+from serve_app.processes import cpu_seconds
 from serve_app.errors import OutOfMemoryError
 from serve_app.settings import Settings
 from serve_app.text import chunk_text
@@ -70,11 +70,6 @@ def test_missing_ffmpeg_is_named_by_health_and_requests_get_503(fault_servers):
     assert httpx.get(f"{server.api}/models", timeout=10).status_code == 200  # the rest of the API still works
 
 
-def _cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / 100.0  # utime + stime, in clock ticks of 1/100 s
-
-
 def test_model_load_failure_names_the_file_and_does_not_spin(fault_servers):
     server = fault_servers["bad_model"]
     health = server.health()
@@ -86,12 +81,10 @@ def test_model_load_failure_names_the_file_and_does_not_spin(fault_servers):
     assert "model.safetensors" in error["message"]
     # The failed replica stays up, idle, reporting why: no restart loop, no busy thread.
     pid = body["model"]["memory"]["pid"]
-    proc_fs = Path(f"/proc/{pid}/stat").exists()  # Linux; elsewhere only the pid is compared
-    cpu_before = _cpu_seconds(pid) if proc_fs else 0.0
+    cpu_before = cpu_seconds(pid)
     time.sleep(3)
     assert server.health().json()["model"]["memory"]["pid"] == pid
-    if proc_fs:
-        assert _cpu_seconds(pid) - cpu_before < 0.5
+    assert cpu_seconds(pid) - cpu_before < 0.5
 
 
 @pytest.fixture

@@ -73,23 +73,72 @@ def test_processes_that_run_no_mlx_never_import_it():
     assert out.stdout.strip() == "[]"
 
 
-def test_pid_file_refuses_a_live_server_and_replaces_a_stale_one(tmp_path):
+def test_pid_file_is_held_under_a_lock_not_trusted_by_its_pid(tmp_path):
+    """A stale PID file naming a live, unrelated process (a pid reused after a reboot) does not wedge the
+    service, and a live supervisor's lock refuses a second one whatever its file says."""
     import os
+    import subprocess
+    import sys
 
-    import pytest
-
-    from serve_app.launch import claim_pid_file
+    from serve_app.service import PidLock, running_pid
 
     pid_file = tmp_path / "server.pid"
-    pid_file.write_text(f"{os.getppid()}\n")  # a live process
-    with pytest.raises(SystemExit, match="already running"):
-        claim_pid_file(pid_file)
-    pid_file.write_text("4194303\n")  # above pid_max: certainly not running
-    claim_pid_file(pid_file)
-    assert pid_file.read_text().strip() == str(os.getpid())
+    pid_file.write_text(f"{os.getppid()}\n")  # a live process, but nobody holds the lock: stale
+    assert running_pid(pid_file) is None
+    lock = PidLock(pid_file)
+    assert lock.acquire()
+    assert running_pid(pid_file) == os.getpid() and pid_file.read_text().strip() == str(os.getpid())
+    # Another process cannot take it while we hold it.
+    other = subprocess.run([sys.executable, "-c", "import sys; from pathlib import Path; "
+                            "from serve_app.service import PidLock, running_pid; "
+                            f"p = Path({str(pid_file)!r}); print(running_pid(p)); sys.exit(PidLock(p).acquire())"],
+                           capture_output=True, text=True, timeout=60)
+    assert other.returncode == 0 and other.stdout.strip() == str(os.getpid()), other.stderr
+    lock.release()
+    assert not pid_file.exists() and running_pid(pid_file) is None
+    # A holder that dies (SIGKILL, no clean-up) leaves its file behind, and its lock goes with it.
+    holder = subprocess.Popen([sys.executable, "-c", "import time; from pathlib import Path; "
+                               "from serve_app.service import PidLock; "
+                               f"assert PidLock(Path({str(pid_file)!r})).acquire(); print('held', flush=True); "
+                               "time.sleep(600)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert running_pid(pid_file) == holder.pid
+    finally:
+        holder.kill()
+        holder.wait()
+    assert pid_file.exists() and running_pid(pid_file) is None
+    garbage = PidLock(pid_file)
     pid_file.write_text("garbage")
-    claim_pid_file(pid_file)
-    assert pid_file.read_text().strip() == str(os.getpid())
+    assert garbage.acquire() and pid_file.read_text().strip() == str(os.getpid())
+    garbage.release()
+
+
+def test_a_cluster_address_gets_what_ray_needs_on_a_mac_and_never_runs_without_auth():
+    import pytest
+
+    from serve_app.launch import prepare_ray_environment
+
+    for local in ({}, {"RAY_ADDRESS": "local"}):
+        prepare_ray_environment(local)
+        assert "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER" not in local  # a local cluster stays on loopback
+    cluster = {"RAY_ADDRESS": "192.168.1.20:6379", "RAY_AUTH_MODE": "token"}
+    prepare_ray_environment(cluster)
+    assert cluster["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] == "1"
+    with pytest.raises(SystemExit, match="RAY_AUTH_MODE=disabled"):
+        prepare_ray_environment({"RAY_ADDRESS": "192.168.1.20:6379", "RAY_AUTH_MODE": "disabled"})
+
+
+def test_host_is_an_address_or_a_host_name():
+    import pytest
+
+    from serve_app.settings import ConfigError
+
+    for good in ("0.0.0.0", "::", "127.0.0.1", "fe80::1", "studio.local", "mac-studio"):
+        assert Settings.load({"HOST": good}, env_file=None).host == good
+    for bad in ("$(id)", "a b", "x;rm -rf ~", "`id`", "host\nPORT=1", ""):
+        with pytest.raises(ConfigError, match="HOST"):
+            Settings.load({"HOST": bad})
 
 
 def test_ray_variables_from_env_file_reach_serve_run(tmp_path, monkeypatch):

@@ -1,5 +1,9 @@
 """Operations: the service files, and the control script's start/status/stop cycle on the tiny checkpoint
-(with API_KEY, the per-request log line, Ray Serve metrics and a graceful stop with a stream in flight)."""
+(with API_KEY, the per-request log line, Ray Serve metrics and a graceful stop with a stream in flight).
+
+The control script runs under a macOS-like userland (tests/macos_userland.py: no setsid, a BSD-strict ps,
+sed and readlink), with a HOME of its own and SESAME_TTS_SERVICE=none: it never sees, starts or stops a
+launchd job or systemd unit that the developer installed."""
 
 from __future__ import annotations
 
@@ -31,6 +35,7 @@ def ctl(*args, env=None, timeout=300) -> subprocess.CompletedProcess:
 
 def test_launchd_plist_parses_and_points_at_real_paths():
     plist = plistlib.loads(ctl("print-plist").stdout.encode())
+    assert "UserName" not in plist  # the login agent runs as whoever is logged in
     assert plist["Label"] == "com.sesame-tts"
     assert plist["ProgramArguments"] == [str(CTL), "run"]
     assert os.access(plist["ProgramArguments"][0], os.X_OK)
@@ -41,6 +46,43 @@ def test_launchd_plist_parses_and_points_at_real_paths():
     assert plist["RunAtLoad"] is True and plist["KeepAlive"] == {"SuccessfulExit": False}
     assert plist["ExitTimeOut"] >= 55  # longer than the drain (40 s) plus Serve's shutdown
     assert plist["StandardOutPath"].endswith("launchd.log")
+    assert plist["SoftResourceLimits"]["NumberOfFiles"] >= 4096  # launchd's default 256 is too few for Ray
+
+
+def test_boot_daemon_runs_as_the_installing_user_with_its_home():
+    """`install --boot`: a LaunchDaemon (starts at boot, no login needed, so a headless Mac serves after a
+    reboot) that runs as the user who installs it, not as root."""
+    import getpass
+    import pwd
+
+    daemon = plistlib.loads(ctl("print-plist", "--boot").stdout.encode())
+    agent = plistlib.loads(ctl("print-plist").stdout.encode())
+    user = getpass.getuser()
+    assert daemon["UserName"] == user
+    assert daemon["EnvironmentVariables"]["HOME"] == pwd.getpwnam(user).pw_dir
+    assert {k: v for k, v in daemon.items() if k != "UserName"} == {
+        **agent, "EnvironmentVariables": {**agent["EnvironmentVariables"], "HOME": pwd.getpwnam(user).pw_dir}}
+
+
+def test_install_refuses_folders_macos_keeps_from_services(tmp_path):
+    """A launchd job cannot read ~/Documents, ~/Desktop, ~/Downloads or iCloud Drive without a privacy grant:
+    the install check names the folder instead of installing a server that fails at every start."""
+    from serve_app.service import protected_folder
+
+    home = tmp_path / "home"
+    for name in ("Documents", "Desktop", "Downloads", "Library/Mobile Documents/com~apple~CloudDocs"):
+        (home / name / "sesame-tts").mkdir(parents=True)
+        assert protected_folder(home / name / "sesame-tts", home) is not None, name
+    (home / "code" / "sesame-tts").mkdir(parents=True)
+    assert protected_folder(home / "code" / "sesame-tts", home) is None
+    (home / "code" / "link").symlink_to(home / "Documents" / "sesame-tts")  # a link into one counts too
+    assert protected_folder(home / "code" / "link", home) == home / "Documents"
+    env = {**os.environ, "HOME": str(home), "CACHE_DIR": str(home / "Documents" / "cache"),
+           "ENV_FILE": str(tmp_path / "none.env")}
+    (tmp_path / "none.env").write_text("")
+    check = subprocess.run([sys.executable, "-m", "serve_app.launch", "--check-paths"], cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=60)
+    assert check.returncode == 1 and "CACHE_DIR" in check.stderr and "Documents" in check.stderr
 
 
 def test_systemd_unit_points_at_real_paths():
@@ -75,12 +117,14 @@ def ray_dir():
     shutil.rmtree(path, ignore_errors=True)
 
 
-def test_control_script_cycle(tiny_checkpoint, tmp_path, ray_dir):
+def test_control_script_cycle(tiny_checkpoint, tmp_path, ray_dir, macos_path):
     cache = tmp_path / "cache"
     port = free_port()
+    (tmp_path / "home").mkdir()
     env = {**os.environ, **TEST_ENV, "MODEL_ID": str(tiny_checkpoint), "CACHE_DIR": str(cache), "HOST": "127.0.0.1",
            "PORT": str(port), "API_KEY": "sk-local-secret", "ENV_FILE": str(tmp_path / "none.env"),
-           "RAY_ADDRESS": "local", "RAY_TMPDIR": str(ray_dir)}
+           "RAY_ADDRESS": "local", "RAY_TMPDIR": str(ray_dir), "PATH": macos_path, "HOME": str(tmp_path / "home"),
+           "SESAME_TTS_SERVICE": "none"}
     (tmp_path / "none.env").write_text("")
     api = f"http://127.0.0.1:{port}/v1"
     started = ctl("start", env=env)
@@ -88,8 +132,10 @@ def test_control_script_cycle(tiny_checkpoint, tmp_path, ray_dir):
     try:
         pid = int((cache / "server.pid").read_text())
         (serve_pid,) = children(pid)  # the supervisor's `serve run`, in a session of its own
+        assert os.getsid(pid) == pid  # detached by the launcher itself (no setsid(1) on a Mac)
         again = ctl("start", env=env)
         assert again.returncode != 0 and "already running" in again.stderr
+        assert "service: not installed" in ctl("status", env=env).stdout
 
         status = ctl("status", env=env)
         assert status.returncode == 0, status.stdout + status.stderr

@@ -18,25 +18,14 @@ from typing import Optional
 import httpx
 
 from ..local_server import LocalServer
+from ..processes import tree_rss_bytes
 from ..settings import FRAME_RATE, SAMPLE_RATE
 from .engine import TEXT, VOICE, percentile
 
 def process_tree_rss_mb(root_pid: int) -> tuple[float, int]:
-    """Resident memory of a process and all its descendants (ps works on Linux and macOS)."""
-    out = subprocess.run(["ps", "-eo", "pid=,ppid=,rss="], capture_output=True, text=True).stdout
-    children: dict[int, list[int]] = {}
-    rss: dict[int, int] = {}
-    for line in out.splitlines():
-        pid, ppid, kb = (int(x) for x in line.split())
-        children.setdefault(ppid, []).append(pid)
-        rss[pid] = kb
-    seen, todo = set(), [root_pid]
-    while todo:
-        pid = todo.pop()
-        if pid not in seen:
-            seen.add(pid)
-            todo.extend(children.get(pid, []))
-    return round(sum(rss.get(p, 0) for p in seen) / 1024, 1), len(seen)
+    """Resident memory of a process and all its descendants, and how many processes that is."""
+    rss, count = tree_rss_bytes(root_pid)
+    return round(rss / 2**20, 1), count
 
 
 def start_server(checkpoint: str, frames: int, max_batch: int, env: Optional[dict] = None) -> LocalServer:

@@ -1,40 +1,28 @@
 """Memory of the model replica: what /health reports, and the MLX_MEMORY_LIMIT_MB guard.
 
-On Metal, `mx.set_memory_limit` makes MLX's allocations fail beyond the limit. MLX's CPU backend treats
-the limit as a hint only (and a failed allocation there can take the process down), so the guard also
-checks MLX's peak after every frame: a request that pushed the replica past the limit fails with
-`OutOfMemoryError` (503), the generation loop releases MLX's cache, and the next request starts clean.
+`mx.set_memory_limit` is a guideline on every backend, not a cap (MLX 0.32's own words: allocations fail
+only once the limit is exceeded *and* no RAM is left, swap included). On Metal the allocator, when over the
+limit, first waits for scheduled work and returns its buffer cache, then allocates anyway; on the CPU backend
+the limit is a hint, and a failed allocation there can take the process down. So what enforces the limit is
+ours and the same everywhere: MLX's peak is checked after every frame, a request that pushed the replica past
+the limit fails with `OutOfMemoryError` (503), the generation loop releases MLX's cache, and the next request
+starts clean. What no backend guarantees is that the peak never passes the limit within one frame.
 """
 
 from __future__ import annotations
 
 import os
-import subprocess
-from typing import Optional
 
 import mlx.core as mx
 
 from ..errors import OutOfMemoryError
+from ..processes import resident_bytes
 
 MB = 1 << 20
 
 # How MLX and Metal word an allocation failure.
 _ALLOCATION_FAILURES = ("unable to allocate", "out of memory", "insufficient memory", "maximum allowed buffer size",
                         "resource limit")
-
-
-def resident_bytes() -> Optional[int]:
-    """This process's resident set size now (Linux: /proc; macOS: ps)."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except OSError:
-        pass
-    try:
-        out = subprocess.run(["ps", "-o", "rss=", "-p", str(os.getpid())], capture_output=True, text=True, timeout=5)
-        return int(out.stdout.strip()) * 1024
-    except (OSError, ValueError, subprocess.SubprocessError):
-        return None
 
 
 def memory_report() -> dict:
@@ -52,7 +40,7 @@ class MemoryGuard:
         self.limit_mb = limit_mb
 
     def install(self) -> None:
-        """Tell MLX the limit (binding on Metal, a hint on the CPU backend)."""
+        """Tell MLX the limit (a guideline for its allocator on every backend; `check` enforces it)."""
         if self.limit_mb:
             mx.set_memory_limit(self.limit_mb * MB)
 

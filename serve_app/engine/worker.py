@@ -28,7 +28,6 @@ import queue
 import threading
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, AsyncIterator, Callable, Optional
 
 import mlx.core as mx
@@ -39,7 +38,21 @@ from .scheduler import END, BatchScheduler, GenerationJob
 logger = logging.getLogger("sesame_tts")
 
 EXIT_JOIN_S = 5.0  # at interpreter exit, how long an idle or finishing worker gets to end
-EXIT_SETTLE_S = 1.0  # then at most how long its OS thread gets to finish (thread-local destructors)
+
+
+def _release_thread_mlx_state() -> None:
+    """Finish this thread's MLX work and destroy the streams it created, on this thread, before it ends.
+
+    MLX keeps each thread's streams (and on the CPU backend a C++ thread per stream) in thread-local
+    storage. Left to the thread-local destructors, they ran after `join()` had returned and raced the
+    interpreter's own teardown, which aborted the process (exit 134, "terminate called without an active
+    exception"). Released here, nothing of MLX is left for those destructors, so `join()` is the whole wait
+    on every system (no /proc, which macOS lacks)."""
+    try:
+        mx.synchronize()
+        mx.clear_streams()
+    except Exception as exc:  # a broken device must not hide why the thread ended
+        logger.warning("releasing the model thread's MLX streams failed: %s", exc)
 
 
 @dataclass
@@ -139,16 +152,6 @@ class ModelWorker:
         if self._thread.is_alive():
             self.stop()
             self._thread.join(EXIT_JOIN_S)
-            # join() returns when the thread's Python state is released; its MLX thread-local state is torn
-            # down after that, and racing it with the interpreter's own teardown aborts the process (exit
-            # 134, "terminate called without an active exception"). Wait for the OS thread to be gone
-            # (Linux lists it under /proc; elsewhere a short pause).
-            task = Path(f"/proc/self/task/{self._thread.native_id}")
-            deadline = time.monotonic() + EXIT_SETTLE_S
-            if not task.parent.exists():
-                time.sleep(0.2)
-            while task.exists() and time.monotonic() < deadline:
-                time.sleep(0.005)
 
     def _dead_error(self) -> ServiceUnavailableError:
         return ServiceUnavailableError(f"The model worker has stopped ({self._ended}); the replica is being "
@@ -174,6 +177,7 @@ class ModelWorker:
         finally:
             self._ended = reason
             self._fail_everything(self._dead_error())
+            _release_thread_mlx_state()
 
     def _loop_once(self) -> bool:
         """Take every job that is there (waiting for one when idle), then run one batch step; False on
