@@ -3,8 +3,8 @@
 One implementation for Linux and macOS: no `/proc` (macOS has none), no `ps` parsing (BSD `ps` has no `sid`
 keyword, and its `sess` column is a kernel pointer, not a session id), no `setsid(1)` (macOS ships none).
 Sessions are how we track what we started: a server or a Ray node is started with `start_new_session`, and
-everything it starts stays in that session unless it calls setsid itself (Ray's workers only take process
-groups of their own), even once its parent is gone and it has been re-parented. Nothing here looks a
+everything it starts stays in that session unless it starts a session of its own (Ray's workers only take
+process groups of their own), even once its parent is gone and it has been re-parented. Nothing here looks a
 process up by name: callers pass the pid of a process they started.
 """
 

@@ -66,6 +66,7 @@ def test_errors_in_elevenlabs_shape(client):
         b"".join(client.text_to_speech.convert("conversational", text="Hi.", output_format="wav_99"))
 
 
+@pytest.mark.network  # npm installs OpenClaw on a first run
 def test_openclaw_elevenlabs_provider_with_base_url(server, openclaw, tmp_path):
     """OpenClaw's own ElevenLabs provider (its voice-id check, its request, its reading of the audio) with
     `baseUrl` pointed here; OpenClaw's default voice id is an alias of the default preset."""

@@ -102,28 +102,52 @@ def _run(model: CSMModel, request: SynthesisRequest) -> list:
     return asyncio.run(collect())
 
 
+def _peak_above_start_mb(engine, request: SynthesisRequest) -> float:
+    """How far MLX's memory peaked above what it held when `request` began, in MiB."""
+    from serve_app.engine.runners import synthesize
+
+    mx.clear_cache()
+    start = mx.get_active_memory()
+    mx.reset_peak_memory()
+    for _ in synthesize(engine, request):
+        pass
+    return (mx.get_peak_memory() - start) / 2**20
+
+
 def test_memory_limit_fails_that_request_releases_the_cache_and_the_next_succeeds(tiny_checkpoint,
                                                                                   restore_mlx_memory_limit):
-    """The model deployment's class, run in-process with a memory limit 30 MiB above what this process's MLX
-    already holds (other tests' models): on its own, the tiny checkpoint (18 MiB loaded) peaks at about 19 MiB
-    for a short request and about 40 MiB for a 1,000-character one without KV reuse (measured)."""
+    """The model deployment's class, run in-process with MLX_MEMORY_LIMIT_MB set between what a short and a
+    long request need. Those needs are measured first, on this backend, by the same engine without a limit:
+    allocators differ (Metal rounds buffers to pages and keeps its own cache; the CPU backend does not), so no
+    number from one backend is assumed on another. Without KV reuse every chunk re-prefills the voice clip
+    and the growing history, so the long request needs far more than the short one (tiny checkpoint, Linux
+    CPU: 1.4 MiB vs 22.4 MiB above the 17.8 MiB of weights, measured)."""
+    from serve_app.engine.generation import CSMEngine
+
+    settings = Settings(model_id=str(tiny_checkpoint), max_audio_base_s=0.16, max_audio_s_per_char=0.0,
+                        prefix_cache=False)
+    voices = VoiceLibrary.load(settings.voices_dir)
+    big = SynthesisRequest(chunk_text("word " * 200, 220, 100), voices.resolve("conversational"), seed=1)
+    small = SynthesisRequest(["Hi there."], voices.resolve("fast"), seed=1)
     gc.collect()  # earlier tests' engines are garbage now: the baseline must not fall during this test
     mx.clear_cache()
-    limit = int(mx.get_active_memory() / 2**20) + 30
-    # Without KV reuse every chunk re-prefills the voice clip and the growing history: the long request peaks
-    # ~40 MiB above the baseline (with reuse only ~22 MiB, under the limit; the short one ~19 MiB either way).
-    settings = Settings(model_id=str(tiny_checkpoint), mlx_memory_limit_mb=limit, max_audio_base_s=0.16,
-                        max_audio_s_per_char=0.0, prefix_cache=False)
-    voices = VoiceLibrary.load(settings.voices_dir)
-    model = CSMModel(settings, voices)
+    before = mx.get_active_memory()
+    probe = CSMEngine.load(settings, voices)
+    weights_mb = (mx.get_active_memory() - before) / 2**20
+    small_mb, big_mb = _peak_above_start_mb(probe, small), _peak_above_start_mb(probe, big)
+    assert big_mb > small_mb + 8, (small_mb, big_mb)  # room for a limit between them
+    del probe
+    gc.collect()
+    mx.clear_cache()
+    limit = int((mx.get_active_memory() + 2**20 * (weights_mb + (small_mb + big_mb) / 2)) / 2**20)
+
+    model = CSMModel(settings.model_copy(update={"mlx_memory_limit_mb": limit}), voices)
     assert settled(model)["status"] == "ready"
-    big = SynthesisRequest(chunk_text("word " * 200, 220, 100), voices.resolve("conversational"), seed=1)
     with pytest.raises(OutOfMemoryError) as info:
         _run(model, big)
     assert info.value.status_code == 503 and info.value.code == "out_of_memory"
     assert f"MLX_MEMORY_LIMIT_MB={limit}" in info.value.message
     assert asyncio.run(model.health())["memory"]["mlx_cache_mb"] == 0  # MLX's cache was released
-    small = SynthesisRequest(["Hi there."], voices.resolve("fast"), seed=1)
     items = _run(model, small)
     assert sum(len(item) for item in items if isinstance(item, bytes)) > 0
     assert items[-1].output_tokens > 0

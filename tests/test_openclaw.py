@@ -10,7 +10,7 @@ import pytest
 
 from tests.audio import decode, probe, rms
 
-pytestmark = pytest.mark.server
+pytestmark = [pytest.mark.server, pytest.mark.network]  # npm installs OpenClaw on a first run
 
 @pytest.mark.parametrize("fmt,format_name,codec", [("opus", "ogg", "opus"), ("mp3", "mp3", "mp3")])
 def test_openclaw_tts_convert(server, openclaw, tmp_path, fmt, format_name, codec):
