@@ -7,11 +7,13 @@ reaches the network.
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Callable
 
@@ -23,6 +25,18 @@ from serve_app import processes
 from serve_app.local_server import LocalServer, ServerFailed
 
 ROOT = Path(__file__).resolve().parent.parent
+
+# The suite never touches the developer's HOME: Ray writes its token to ~/.ray/auth_token, and CACHE_DIR's
+# default lives under it. One HOME of its own for the whole session, set before anything starts (every
+# server and tool the tests start inherits it). npm keeps its download cache in the project's .cache.
+_HOME = tempfile.mkdtemp(prefix="sesame-tts-home-")
+atexit.register(shutil.rmtree, _HOME, ignore_errors=True)
+os.environ["HOME"] = _HOME
+os.environ.setdefault("npm_config_cache", str(ROOT / ".cache" / "npm"))
+# Requests to our own servers never go through a proxy (macOS hands Python its system proxy settings, which
+# apply only while no proxy variable is set).
+os.environ.setdefault("NO_PROXY", "127.0.0.1,localhost,::1")
+os.environ.setdefault("no_proxy", os.environ["NO_PROXY"])
 
 # Anything in this process that starts Ray (serve.shutdown() after Serve's local testing mode does) starts a
 # local instance of its own, never attaching to a cluster that some test (or a developer) left on this machine.
