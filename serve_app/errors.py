@@ -66,6 +66,22 @@ class NotFoundError(APIError):
     default_code = "not_found"
 
 
+class RequestTimeoutError(APIError):
+    """The request's body did not arrive within its deadline (a slow or stalled client)."""
+
+    status_code = 408
+    error_type = "invalid_request_error"
+    default_code = "request_timeout"
+
+
+class InsufficientStorageError(APIError):
+    """The disk is full: nothing was stored."""
+
+    status_code = 507
+    error_type = "server_error"
+    default_code = "insufficient_storage"
+
+
 class PayloadTooLargeError(APIError):
     status_code = 413
     error_type = "invalid_request_error"

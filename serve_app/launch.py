@@ -37,6 +37,7 @@ import yaml
 from dotenv import dotenv_values
 
 from . import service
+from .logs import escape_controls
 from .processes import child_names, kill_session
 from .service import PidLock, running_pid
 from .settings import PROJECT_ROOT, STOP_GRACE_S, STOP_KILL_AFTER_S, Settings, find_env_file
@@ -214,7 +215,7 @@ def supervise(command: list[str], settings: Settings) -> int:
     threading.Thread(target=watch, name="watchdog", daemon=True).start()
     try:
         for raw in iter(child.stdout.readline, b""):
-            line = _ANSI.sub("", raw.decode(errors="replace").rstrip())
+            line = escape_controls(_ANSI.sub("", raw.decode(errors="replace").rstrip("\r\n")))
             log.info("%s", line)
             if match := _DASHBOARD.search(line):  # ours: other clusters on this machine may hold the default port
                 dashboard_file.write_text(match.group(1) + "\n")

@@ -63,6 +63,15 @@ class Settings(BaseModel):
     # Open WebUI and similar clients fetch them without a key and silently fall back to OpenAI's names,
     # and they reveal only the model and preset names.
     lists_need_api_key: bool = False
+    # Host names this server answers to besides its own names and addresses (DNS rebinding guard), comma-
+    # separated: a reverse proxy's public name, say; "*" turns the check off.
+    allowed_hosts: tuple[str, ...] = ()
+    # Browser origins (scheme://host[:port]) allowed to make state-changing requests and read responses
+    # (CORS), comma-separated; "*": any. Requests without an Origin (SDKs, curl) are not affected.
+    cors_origins: tuple[str, ...] = ()
+    # A request's body must arrive within BODY_TIMEOUT_S plus its length at BODY_MIN_RATE bytes/s (408).
+    body_timeout_s: float = Field(10.0, ge=1.0, le=600.0)
+    body_min_rate: int = Field(64 * 1024, ge=1024)
 
     # The model.
     dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
@@ -156,6 +165,21 @@ class Settings(BaseModel):
     def drain_flag(self) -> Path:
         """Present while the service is stopping: new speech requests get 503, in-flight ones finish."""
         return self.cache_dir / "draining"
+
+    @field_validator("allowed_hosts", "cors_origins", mode="before")
+    @classmethod
+    def _comma_list(cls, value):
+        if isinstance(value, str):
+            return tuple(part.strip() for part in value.split(",") if part.strip())
+        return value
+
+    @field_validator("api_key", "hf_token", mode="before")
+    @classmethod
+    def _not_blank(cls, value):
+        """`API_KEY=` in .env would otherwise read as "no key" on one side and "a blank key" on another."""
+        if isinstance(value, str) and not value.strip():
+            raise ValueError("is set but empty: give a value, or unset it")
+        return value
 
     @field_validator("host")
     @classmethod

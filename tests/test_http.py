@@ -45,9 +45,11 @@ class LocalApp:
     def call(coroutine):
         return asyncio.run(coroutine)
 
-    def client(self, **kw) -> httpx.AsyncClient:
-        return httpx.AsyncClient(transport=httpx.ASGITransport(app=self.asgi), base_url="http://sesame.test",
-                                 timeout=120, **kw)
+    def client(self, client_address: str = "127.0.0.1", base_url: str = "http://localhost:8880",
+               **kw) -> httpx.AsyncClient:
+        """A client of the ingress's ASGI app, as if connecting from `client_address` to `base_url`."""
+        transport = httpx.ASGITransport(app=self.asgi, client=(client_address, 52000))
+        return httpx.AsyncClient(transport=transport, base_url=base_url, timeout=120, **kw)
 
     async def _wait_ready(self) -> None:
         async with self.client() as c:
@@ -58,9 +60,10 @@ class LocalApp:
                 await asyncio.sleep(0.05)
         raise AssertionError("the model did not load")
 
-    def request(self, method: str, path: str, **kw) -> httpx.Response:
+    def request(self, method: str, path: str, client_address: str = "127.0.0.1",
+                base_url: str = "http://localhost:8880", **kw) -> httpx.Response:
         async def go():
-            async with self.client() as c:
+            async with self.client(client_address, base_url) as c:
                 return await c.request(method, path, **kw)
 
         return self.call(go())

@@ -8,7 +8,6 @@ streamed requests per format, concurrency, and the memory of the model replica a
 from __future__ import annotations
 
 import statistics
-import subprocess
 import tempfile
 import threading
 import time

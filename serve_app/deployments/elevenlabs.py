@@ -11,19 +11,16 @@ per frame, log line and metrics as OpenAI's route; only the request and the outp
 
 from __future__ import annotations
 
-import hmac
 import logging
 from typing import Any, Optional
 
-from fastapi import Depends, FastAPI, Query, Request
+from fastapi import FastAPI, Query, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictStr
 from ray.exceptions import RayActorError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..errors import (
-    APIError, AuthenticationError, NotFoundError, PayloadTooLargeError, RateLimitError, as_api_error,
-)
+from ..errors import APIError, NotFoundError, PayloadTooLargeError, RateLimitError, RequestTimeoutError, as_api_error
 from ..formats import ElevenLabsFormat
 from ..protocol import SpeechRequest
 from ..settings import MODEL_NAME, Settings
@@ -94,30 +91,21 @@ class ElevenLabsRoutes:
         async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
             if exc.status_code == 413:
                 return error_response(PayloadTooLargeError(str(exc.detail)))
+            if exc.status_code == 408:
+                return error_response(RequestTimeoutError(str(exc.detail)))
             return JSONResponse({"detail": exc.detail}, status_code=exc.status_code)
 
-        auth = [Depends(self.check_api_key)]
-        lists = auth if self._settings.lists_need_api_key else []
-        for path, endpoint, method, dependencies in [
-            ("/v1/text-to-speech/{voice_id}", self.convert, "POST", auth),
-            ("/v1/text-to-speech/{voice_id}/stream", self.convert, "POST", auth),
-            ("/v1/voices", self.list_voices, "GET", lists),
-            ("/v2/voices", self.search_voices, "GET", lists),
-            ("/v1/voices/{voice_id}", self.get_voice, "GET", lists),
-            ("/v1/models", self.list_models, "GET", lists),
+        # The API key (xi-api-key or a bearer token) is checked on the headers by the ingress's RequestGuard.
+        for path, endpoint, method in [
+            ("/v1/text-to-speech/{voice_id}", self.convert, "POST"),
+            ("/v1/text-to-speech/{voice_id}/stream", self.convert, "POST"),
+            ("/v1/voices", self.list_voices, "GET"),
+            ("/v2/voices", self.search_voices, "GET"),
+            ("/v1/voices/{voice_id}", self.get_voice, "GET"),
+            ("/v1/models", self.list_models, "GET"),
         ]:
-            app.add_api_route(path, endpoint, methods=[method], dependencies=dependencies)
+            app.add_api_route(path, endpoint, methods=[method])
         return app
-
-    async def check_api_key(self, request: Request) -> None:
-        """With API_KEY set: ElevenLabs' `xi-api-key` header, or `Authorization: Bearer`."""
-        if self._settings.api_key is None:
-            return
-        scheme, _, bearer = request.headers.get("authorization", "").partition(" ")
-        given = request.headers.get("xi-api-key") or (bearer.strip() if scheme.lower() == "bearer" else "")
-        if not hmac.compare_digest(given.encode(), self._settings.api_key.get_secret_value().encode()):
-            logger.info("unauthorized %s %s", request.method, request.url.path)
-            raise AuthenticationError("Invalid API key: send it in the 'xi-api-key' header.", code="invalid_api_key")
 
     async def convert(self, voice_id: str, body: TextToSpeechRequest,
                       output_format: ElevenLabsFormat = Query(DEFAULT_OUTPUT_FORMAT),  # type: ignore[valid-type]
@@ -137,9 +125,10 @@ class ElevenLabsRoutes:
             raise
         return stream.response(False, {"Cache-Control": "no-cache"})
 
-    async def _voices(self) -> list[dict]:
+    async def _voices(self, request: Request) -> list[dict]:
+        """Presets and aliases for anyone; custom voices only with the key (as on the OpenAI side)."""
         voices = []
-        for info in await self._frontend.voices.remote():
+        for info in await self._frontend.voices.remote(include_custom=request.state.api_key_ok):
             custom = info.id.startswith("voice_")
             voices.append({"voice_id": elevenlabs_id(info.id), "name": info.name,
                            "category": "cloned" if custom else "premade", "description": info.description,
@@ -147,16 +136,17 @@ class ElevenLabsRoutes:
                            "high_quality_base_model_ids": [MODEL_NAME]})
         return voices
 
-    async def list_voices(self) -> dict:
-        return {"voices": await self._voices()}
+    async def list_voices(self, request: Request) -> dict:
+        return {"voices": await self._voices(request)}
 
-    async def search_voices(self, page_size: int = Query(10, ge=1, le=100), search: Optional[str] = None) -> dict:
-        voices = [v for v in await self._voices() if not search or search.lower() in v["name"].lower()]
+    async def search_voices(self, request: Request, page_size: int = Query(10, ge=1, le=100),
+                            search: Optional[str] = None) -> dict:
+        voices = [v for v in await self._voices(request) if not search or search.lower() in v["name"].lower()]
         return {"voices": voices[:page_size], "has_more": len(voices) > page_size, "total_count": len(voices),
                 "next_page_token": None}
 
-    async def get_voice(self, voice_id: str) -> dict:
-        for voice in await self._voices():
+    async def get_voice(self, request: Request, voice_id: str) -> dict:
+        for voice in await self._voices(request):
             if voice["voice_id"] == voice_id:
                 return voice
         return JSONResponse({"detail": {"status": "voice_not_found",

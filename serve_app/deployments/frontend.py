@@ -67,6 +67,8 @@ class TextFrontend:
                 f"Input is too long: {len(text)} characters; the maximum is {limit}.",
                 param="input", code="string_above_max_length",
             )
+        # The voice first: a request for a voice that does not exist costs a lookup, not a pass over its text.
+        preset = self.resolve(request.voice_name or self._settings.default_voice)
         if not normalize(text):
             raise InvalidRequestError("Input is empty: give some text to speak.", param="input", code="empty_input")
         problem = unspeakable(text)
@@ -77,7 +79,6 @@ class TextFrontend:
             if unspeakable(text):
                 raise InvalidRequestError("Input has nothing to speak once markdown, code blocks and emoji are left "
                                           "out (NORMALIZE_TEXT).", param="input", code="empty_input")
-        preset = self.resolve(request.voice_name or self._settings.default_voice)
         if request.instructions:
             logger.info("instructions are not supported by CSM-1B and were ignored")
         chunks = chunk_text(text, self._settings.chunk_max_chars, self._settings.first_chunk_max_chars)
@@ -111,8 +112,11 @@ class TextFrontend:
                 raise exc from None
         return VoicePreset(name=record.id, description=record.description(), custom=True)
 
-    def voices(self) -> list[VoiceInfo]:
+    def voices(self, include_custom: bool = True) -> list[VoiceInfo]:
+        """The presets, and (`include_custom`) the custom voices, whose names are often a person's."""
         presets = [VoiceInfo(id=p.name, name=p.name, description=p.description) for p in self._voices.presets.values()]
+        if not include_custom:
+            return presets
         return presets + [VoiceInfo(id=v.id, name=v.name, description=v.description())
                           for v in self._store.voices().values()]
 

@@ -9,12 +9,14 @@ broken chunked body, not a complete file) or ends an SSE stream with an error ev
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
+import re
 import time
 import uuid
+from typing import Optional
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -22,7 +24,7 @@ from ray.exceptions import RayActorError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import (
-    APIError, AuthenticationError, InvalidRequestError, NotFoundError, PayloadTooLargeError, ServiceUnavailableError,
+    APIError, InvalidRequestError, NotFoundError, PayloadTooLargeError, RequestTimeoutError, ServiceUnavailableError,
     error_body, status_of, to_error_response,
 )
 from ..formats import OPENAI_FORMATS
@@ -34,6 +36,7 @@ from ..settings import Settings
 from ..engine.request import SynthesisRequest
 from . import elevenlabs, replicas
 from .encoder import EncodeRequest
+from .guard import RequestGuard
 from .limits import Admission, BodySizeLimit
 from .streaming import CLIENT_GONE, SpeechStream
 from .voice_routes import UPLOAD_BODY_BYTES, UPLOAD_PATHS, VoiceRoutes
@@ -56,6 +59,8 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         if exc.status_code == 413:
             return to_error_response(PayloadTooLargeError(str(exc.detail)))
+        if exc.status_code == 408:
+            return to_error_response(RequestTimeoutError(str(exc.detail)))
         if exc.status_code == 400:  # FastAPI could not read the body at all (e.g. it is not UTF-8)
             RequestRecord(new_request_id()).finish("400")
             return to_error_response(InvalidRequestError(
@@ -96,7 +101,7 @@ def validation_error(exc: RequestValidationError) -> InvalidRequestError:
 _ERROR_DESCRIPTIONS = {
     400: "Invalid request (OpenAI error body).",
     401: "Missing or wrong API key, when API_KEY is set.",
-    403: "Turned off on this server (CUSTOM_VOICES=false).",
+    403: "Turned off on this server (CUSTOM_VOICES=false), or a Host or browser Origin this server does not serve.",
     404: "No such model, voice or voice consent.",
     413: "Request body over MAX_REQUEST_BYTES (uploads: a file over 10 MiB).",
     429: "MAX_QUEUED_REQUESTS are already waiting; see the Retry-After header.",
@@ -136,6 +141,25 @@ def _openapi_without_422(app: FastAPI) -> dict:
 
 SPEECH_PATH = "/v1/audio/speech"
 
+# Who may call what, decided on the headers by RequestGuard: (method, path pattern, access). "lists": open
+# unless LISTS_NEED_API_KEY (Open WebUI fetches them without a key; custom voices are listed only with the
+# key); "trusted": the key or a loopback client (details of this machine); anything else under /v1/ and
+# /elevenlabs/ needs the key; other paths are open (they are 404s).
+ROUTE_ACCESS = [
+    ("GET", re.compile(r"/health"), None),
+    ("GET", re.compile(r"/(docs|docs/oauth2-redirect|redoc|openapi\.json)"), "trusted"),
+    ("GET", re.compile(r"/v1/models(/[^/]+)?|/v1/audio/models|/v1/audio/voices"), "lists"),
+    ("GET", re.compile(r"/elevenlabs/v1/voices(/[^/]+)?|/elevenlabs/v2/voices|/elevenlabs/v1/models"), "lists"),
+]
+GUARDED_PREFIXES = ("/v1/", elevenlabs.PREFIX + "/")
+
+
+def route_access(settings: Settings, method: str, path: str) -> Optional[str]:
+    for route_method, pattern, access in ROUTE_ACCESS:
+        if (method == route_method or method == "HEAD" and route_method == "GET") and pattern.fullmatch(path):
+            return ("key" if settings.lists_need_api_key else None) if access == "lists" else access
+    return "key" if path.startswith(GUARDED_PREFIXES) else None
+
 
 def new_request_id() -> str:
     return uuid.uuid4().hex[:12]
@@ -166,26 +190,30 @@ class SpeechIngress:
         install_error_handlers(app)
         app.add_middleware(BodySizeLimit, max_bytes=self._settings.max_request_bytes,
                            larger={path: UPLOAD_BODY_BYTES for path in UPLOAD_PATHS},
-                           respond=lambda path, error: (elevenlabs.error_response(error)
-                                                        if path.startswith(elevenlabs.PREFIX) else None))
-        auth = [Depends(self.check_api_key)]
-        # The lists need the key only with LISTS_NEED_API_KEY (see Settings).
-        lists = auth if self._settings.lists_need_api_key else []
+                           respond=self._dialect_error)
+        if self._settings.cors_origins:  # browser pages allowed to call (and read) the API
+            app.add_middleware(CORSMiddleware, allow_origins=list(self._settings.cors_origins), allow_methods=["*"],
+                               allow_headers=["*"], expose_headers=["x-request-id", "request-id", "server-timing"])
+        # Outermost: Host, Origin, API key and the body's deadline, on the headers, before any body is read.
+        app.add_middleware(RequestGuard, settings=self._settings,
+                           access=lambda method, path: route_access(self._settings, method, path),
+                           respond=self._dialect_error, on_unauthorized=self._unauthorized,
+                           alternative_key_header=lambda path: "xi-api-key" if path.startswith(elevenlabs.PREFIX) else None)
         app.add_api_route(SPEECH_PATH, self.create_speech, methods=["POST"], response_class=StreamingResponse,
-                          dependencies=auth, responses=SPEECH_RESPONSES)
-        app.add_api_route("/v1/models", self.list_models, methods=["GET"], response_model=ModelList, dependencies=lists,
+                          responses=SPEECH_RESPONSES)
+        app.add_api_route("/v1/models", self.list_models, methods=["GET"], response_model=ModelList,
                           responses=_errors(401))
         app.add_api_route("/v1/models/{model_id}", self.get_model, methods=["GET"], response_model=ModelCard,
-                          dependencies=lists, responses=_errors(401, 404))
+                          responses=_errors(401, 404))
         # Open WebUI's model list for a custom TTS base URL: {"models": [{"id": ...}]}.
         app.add_api_route("/v1/audio/models", self.list_audio_models, methods=["GET"], response_model=AudioModelList,
-                          dependencies=lists, responses=_errors(401))
+                          responses=_errors(401))
         app.add_api_route("/v1/audio/voices", self.list_voices, methods=["GET"], response_model=VoiceList,
-                          dependencies=lists, responses=_errors(401))
+                          responses=_errors(401))
         # Custom voices: every route needs the key when one is set (they create, reveal or delete voices).
         for path, endpoint, method, model, statuses, extra in VoiceRoutes(
                 self._settings, self._frontend, self._encoder, self._model).routes():
-            app.add_api_route(path, endpoint, methods=[method], response_model=model, dependencies=auth,
+            app.add_api_route(path, endpoint, methods=[method], response_model=model,
                               responses=_errors(*statuses), openapi_extra=extra)
         # ElevenLabs' API under its own prefix (its routes clash with OpenAI's; its errors have another shape).
         app.mount(elevenlabs.PREFIX, elevenlabs.ElevenLabsRoutes(self._settings, self._frontend, self.start_speech).app())
@@ -194,18 +222,16 @@ class SpeechIngress:
         app.openapi = lambda: _openapi_without_422(app)
         return app
 
-    async def check_api_key(self, request: Request) -> None:
-        """With API_KEY set, require `Authorization: Bearer <API_KEY>`; without it, accept any or none."""
-        if self._settings.api_key is None:
-            return
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        expected = self._settings.api_key.get_secret_value()
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), expected.encode()):
-            if request.url.path == SPEECH_PATH:  # a speech request turned away: logged and counted as one
-                RequestRecord(new_request_id()).finish("401")
-            else:
-                logger.info("unauthorized %s %s", request.method, request.url.path)
-            raise AuthenticationError("Incorrect or missing API key. Send 'Authorization: Bearer <API_KEY>'.")
+    @staticmethod
+    def _dialect_error(path: str, error: APIError):
+        return elevenlabs.error_response(error) if path.startswith(elevenlabs.PREFIX) else None
+
+    @staticmethod
+    def _unauthorized(method: str, path: str) -> None:
+        if path == SPEECH_PATH:  # a speech request turned away: logged and counted as one
+            RequestRecord(new_request_id()).finish("401")
+        else:
+            logger.info("unauthorized %s %s", method, path)  # escaped by the log filter
 
     async def create_speech(self, body: SpeechRequest):
         """OpenAI createSpeech: streamed audio (chunked) or server-sent events."""
@@ -267,8 +293,9 @@ class SpeechIngress:
     async def list_audio_models(self) -> AudioModelList:
         return AudioModelList(models=[AudioModel()])
 
-    async def list_voices(self) -> VoiceList:
-        return VoiceList(voices=await self._frontend.voices.remote())
+    async def list_voices(self, request: Request) -> VoiceList:
+        """Presets and aliases for anyone; custom voices (a person's name, often) only with the key."""
+        return VoiceList(voices=await self._frontend.voices.remote(include_custom=request.state.api_key_ok))
 
     async def model_replicas(self, max_age_s: float = 2.0) -> list[dict]:
         """Every model replica's published health (replicas.py), read at most every `max_age_s`; the
@@ -285,9 +312,11 @@ class SpeechIngress:
             serving = sum(r["status"] in SERVING for r in entries)
             self._admission.slots = max(1, serving) * self._settings.max_batch_size
 
-    async def health(self) -> JSONResponse:
+    async def health(self, request: Request) -> JSONResponse:
         """200 when a model replica can serve and ffmpeg runs; 503 with the reason otherwise. `model` is the
-        replica this call reached; `replicas` lists every one, and `degraded` names those that cannot serve."""
+        replica this call reached; `replicas` lists every one, and `degraded` names those that cannot serve.
+        Only to a trusted caller (the API key, or this machine itself): to anyone else, only the status and a
+        short why, never pids, paths, addresses, versions or custom voice ids."""
         model = await self._model.health.remote()
         encoder = await self._encoder.health.remote()
         voices = [v.id for v in await self._frontend.voices.remote()]
@@ -300,13 +329,17 @@ class SpeechIngress:
         self._follow_replicas(every)
         draining = self._settings.drain_flag.exists()
         ok = bool(serving) and encoder["ok"] and not draining
-        errors = [model.get("error")] if not serving else []
-        reasons = [r for r in (*errors, None if encoder["ok"] else encoder["ffmpeg"]) if r]
-        if not serving and model["status"] == "loading":
-            reasons.append("model is loading")
-        if draining:
-            reasons.append("shutting down")
-        body = {"status": "ok" if ok else ("draining" if draining else "unavailable"), "model": model,
+        # (why, in detail; why, for anyone)
+        reasons = [(model.get("error"), f"model {model['status']}") if not serving and model.get("error") else None,
+                   None if encoder["ok"] else (encoder["ffmpeg"], "ffmpeg is not available"),
+                   ("model is loading",) * 2 if not serving and model["status"] == "loading" else None,
+                   ("shutting down",) * 2 if draining else None]
+        reasons = [r for r in reasons if r]
+        status = "ok" if ok else ("draining" if draining else "unavailable")
+        if not request.state.trusted:
+            public = {"status": status, **({"reason": "; ".join(r[1] for r in reasons)} if reasons else {})}
+            return JSONResponse(public, status_code=200 if ok else 503)
+        body = {"status": status, "model": model,
                 "replicas": every, "ffmpeg": encoder["ffmpeg"], "voices": voices, "device": model["device"],
                 "in_flight": self._admission.active, "capacity": self._admission.capacity,
                 "encoders_running": encoder["running"],
@@ -317,5 +350,5 @@ class SpeechIngress:
         if degraded and serving:
             body["degraded"] = degraded
         if reasons:
-            body["reason"] = "; ".join(reasons)
+            body["reason"] = "; ".join(r[0] for r in reasons)
         return JSONResponse(body, status_code=200 if ok else 503)
