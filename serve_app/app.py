@@ -120,6 +120,7 @@ def build_app(args: Optional[dict] = None) -> Application:
     settings = Settings.load({**os.environ, **overrides})
     configure_logging(settings.log_level)
     try:
-        return build_application(settings)
+        # Ray stores and ships what is bound: the replicas read the secrets themselves (Settings.with_secrets).
+        return build_application(settings.without_secrets())
     except Exception as exc:  # the voice library's InvalidRequestError too: this is start-up
         raise ConfigError(str(getattr(exc, "message", exc))) from None

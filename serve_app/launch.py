@@ -40,7 +40,7 @@ from . import service
 from .logs import escape_controls
 from .processes import child_names, kill_session
 from .service import PidLock, running_pid
-from .settings import PROJECT_ROOT, STOP_GRACE_S, STOP_KILL_AFTER_S, Settings, find_env_file
+from .settings import PROJECT_ROOT, SECRET_SETTINGS, STOP_GRACE_S, STOP_KILL_AFTER_S, Settings, find_env_file
 from .voices import VoiceLibrary
 
 
@@ -54,30 +54,55 @@ def export_ray_variables() -> None:
             os.environ.setdefault(key, value)
 
 
-SECRET_SETTINGS = ("API_KEY", "HF_TOKEN")
-
-
 def render_config(settings: Settings, source: Path) -> Path:
     """The config `serve run` gets: HOST and PORT applied, and every setting given in the environment or
     .env written into the app's `args`. On a Ray cluster of several machines (RAY_ADDRESS) Serve builds
     the app in a worker process of the cluster, which does not see this shell's environment; the builder
-    reads `args` first (app.build_app). The file is private to the user (it may hold API_KEY)."""
+    reads `args` first (app.build_app).
+
+    The secrets (API_KEY, HF_TOKEN) go into neither: Serve logs `args`, and Ray's runtime-env agent writes
+    a runtime_env's variables in plain text to a world-readable log. They go into CACHE_DIR/secrets.env
+    (0600), whose path the app's args carry; each replica reads it there (Settings.with_secrets)."""
     config = yaml.safe_load(source.read_text())
     config.setdefault("http_options", {}).update(host=settings.host, port=settings.port)
     given = Settings.given()
-    # Secrets go in the builder's environment, not in `args`, which Serve writes to its log.
     secrets = {k: given.pop(k) for k in SECRET_SETTINGS if k in given}
+    settings.cache_dir.mkdir(parents=True, exist_ok=True)
+    secrets_file = settings.cache_dir / "secrets.env"
+    if secrets:
+        _write_private(secrets_file, "".join(f"{k}={json.dumps(v)}\n" for k, v in secrets.items()))
+        given["SECRETS_FILE"] = str(secrets_file)
+    else:  # a key removed since the last start must not live on
+        secrets_file.unlink(missing_ok=True)
     for app in config.get("applications", []):
         app["args"] = {**given, **(app.get("args") or {})}
-        if secrets:
-            env = app.setdefault("runtime_env", {}).setdefault("env_vars", {})
-            env.update(secrets)
-    settings.cache_dir.mkdir(parents=True, exist_ok=True)
     target = settings.cache_dir / "serve_config.yaml"
-    target.touch(mode=0o600)
-    target.chmod(0o600)
-    target.write_text(yaml.safe_dump(config, sort_keys=False))
+    _write_private(target, yaml.safe_dump(config, sort_keys=False))
     return target
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Write `text` to `path`, readable by this user only from its first byte on."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(text)
+
+
+def private_ray_dir(environ=os.environ) -> None:
+    """Ray's temp folder (sockets, session logs, the runtime-env agent's log) private to this user: Ray's
+    default /tmp/ray is shared by every user of the machine. Kept short: Ray's socket paths must fit in 107
+    characters. An existing folder that another user owns, or that others may enter, is refused."""
+    if environ.get("RAY_TMPDIR"):
+        return
+    folder = Path(f"/tmp/sesame-tts-{os.getuid()}")
+    folder.mkdir(mode=0o700, exist_ok=True)
+    info = folder.lstat()
+    if folder.is_symlink() or info.st_uid != os.getuid():
+        raise SystemExit(f"sesame-tts: cannot start: {folder} is not this user's own folder; remove it")
+    if info.st_mode & 0o077:
+        folder.chmod(0o700)
+    environ["RAY_TMPDIR"] = str(folder)
 
 
 LOG_MAX_BYTES = 10 * 1024 * 1024
@@ -232,12 +257,22 @@ def supervise(command: list[str], settings: Settings) -> int:
 
 
 def prepare_ray_environment(environ=os.environ) -> None:
-    """What Ray needs to join a cluster of several machines, set before `serve run` starts. Ray refuses
-    `ray start --address` on macOS unless RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=1, and without it a Mac's Ray
-    process advertises 127.0.0.1, which no other machine can reach; on Linux the variable is Ray's default.
-    A cluster without token authentication runs anyone's code on every node: refused here."""
+    """What Ray needs, set before `serve run` starts it.
+
+    Alone (no RAY_ADDRESS, or "local"): Ray on loopback, in a temp folder private to this user. With
+    RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 (macOS's default, set here on Linux too) a local cluster keeps the
+    node address 127.0.0.1, so its GCS, raylet, agents, dashboard and metrics listen on loopback only (Ray
+    rewrites a given 127.0.0.1 to the machine's address otherwise); what stays on every interface is each
+    Serve replica's own gRPC server (token-protected) and, by HOST, the HTTP port.
+
+    In a cluster: Ray refuses `ray start --address` on macOS unless RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=1, and
+    without it a Mac's Ray process advertises 127.0.0.1, which no other machine can reach; on Linux the
+    variable is Ray's default. A cluster without token authentication runs anyone's code on every node:
+    refused here."""
     address = environ.get("RAY_ADDRESS", "").strip()
     if address in ("", "local"):
+        environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        private_ray_dir(environ)
         return
     if environ.get("RAY_AUTH_MODE", "").strip().lower() == "disabled":
         raise SystemExit("sesame-tts: cannot start: RAY_ADDRESS names a cluster and RAY_AUTH_MODE=disabled; a Ray "

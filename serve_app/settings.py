@@ -37,6 +37,10 @@ STOP_KILL_AFTER_S = 15  # then `serve run`'s own shutdown gets this long before 
 _HOST_NAME = re.compile(r"(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?")
 
 
+# The settings that are secrets: never logged, never handed to Ray (see `without_secrets`).
+SECRET_SETTINGS = ("API_KEY", "HF_TOKEN")
+
+
 class ConfigError(ValueError):
     """A setting is missing or invalid; the message names the variable and the problem."""
 
@@ -94,6 +98,9 @@ class Settings(BaseModel):
     # Requests generating together in one batched forward pass; more wait (up to MAX_QUEUED_REQUESTS).
     max_batch_size: int = Field(8, ge=1, le=64)
     hf_token: Optional[SecretStr] = None
+    # Where the replicas read API_KEY and HF_TOKEN (a 0600 file the launcher writes into CACHE_DIR), so the
+    # secrets never travel in the app's arguments or runtime_env, which Ray stores and logs. Set by the launcher.
+    secrets_file: Optional[Path] = None
     # The hub's address (a mirror, say); None: huggingface_hub's default.
     hf_endpoint: Optional[str] = None
     # Where a hub checkpoint's missing pieces are fetched from (a local MODEL_ID never fetches).
@@ -254,6 +261,22 @@ class Settings(BaseModel):
         values.update(environ)
         names = {name.upper() for name in cls.model_fields}
         return {key: value for key, value in values.items() if key in names}
+
+    def without_secrets(self) -> "Settings":
+        """A copy to hand to Ray (the replicas' `.bind()` arguments are stored and shipped by Ray): no secret,
+        only where to read them (`with_secrets`)."""
+        return self.model_copy(update={name.lower(): None for name in SECRET_SETTINGS})
+
+    def with_secrets(self) -> "Settings":
+        """In a replica: the secrets from SECRETS_FILE, if there is one on this machine, else from this
+        process's environment and .env (a node of a cluster that has its own)."""
+        if any(getattr(self, name.lower()) is not None for name in SECRET_SETTINGS):
+            return self
+        values = self.given()
+        if self.secrets_file is not None and self.secrets_file.is_file():
+            values.update({k: v for k, v in dotenv_values(self.secrets_file).items() if v is not None})
+        found = {name.lower(): values[name] for name in SECRET_SETTINGS if values.get(name)}
+        return self.model_copy(update={k: SecretStr(v) for k, v in found.items()}) if found else self
 
     def public_dict(self) -> dict:
         """The settings safe to log: secrets are masked."""

@@ -119,14 +119,62 @@ def test_a_cluster_address_gets_what_ray_needs_on_a_mac_and_never_runs_without_a
 
     from serve_app.launch import prepare_ray_environment
 
-    for local in ({}, {"RAY_ADDRESS": "local"}):
+    for local in ({"RAY_TMPDIR": "/tmp/x"}, {"RAY_ADDRESS": "local", "RAY_TMPDIR": "/tmp/x"}):
         prepare_ray_environment(local)
-        assert "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER" not in local  # a local cluster stays on loopback
+        assert local["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] == "0"  # a local cluster stays on loopback
     cluster = {"RAY_ADDRESS": "192.168.1.20:6379", "RAY_AUTH_MODE": "token"}
     prepare_ray_environment(cluster)
     assert cluster["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] == "1"
     with pytest.raises(SystemExit, match="RAY_AUTH_MODE=disabled"):
         prepare_ray_environment({"RAY_ADDRESS": "192.168.1.20:6379", "RAY_AUTH_MODE": "disabled"})
+
+
+def test_ray_gets_a_temp_folder_of_this_users_own(tmp_path, monkeypatch):
+    import os
+    import stat
+
+    from serve_app.launch import private_ray_dir
+
+    environ: dict[str, str] = {}
+    private_ray_dir(environ)
+    folder = environ["RAY_TMPDIR"]
+    info = os.stat(folder)
+    assert info.st_uid == os.getuid() and stat.S_IMODE(info.st_mode) == 0o700
+    assert len(folder) < 30  # Ray's socket paths below it must fit in 107 characters
+    given = {"RAY_TMPDIR": str(tmp_path)}
+    private_ray_dir(given)
+    assert given == {"RAY_TMPDIR": str(tmp_path)}  # a folder the user chose is theirs to choose
+
+
+def test_secrets_never_reach_the_apps_args_or_runtime_env(tmp_path, monkeypatch):
+    """Serve logs the app's args, and Ray's runtime-env agent logs a runtime_env's variables: the secrets
+    go to a 0600 file in CACHE_DIR instead, and the replicas read them there."""
+    import os
+    import stat
+
+    monkeypatch.setenv("API_KEY", "sk-very-secret")
+    monkeypatch.setenv("HF_TOKEN", "hf_very_secret")
+    monkeypatch.setenv("ENV_FILE", str(tmp_path / "none.env"))
+    (tmp_path / "none.env").write_text("")
+    settings = Settings.load().model_copy(update={"cache_dir": tmp_path})
+    config = render_config(settings, PROJECT_ROOT / "serve_config.yaml")
+    text = config.read_text()
+    assert "very-secret" not in text and "very_secret" not in text and "runtime_env" not in text
+    (app,) = yaml.safe_load(text)["applications"]
+    secrets_file = tmp_path / "secrets.env"
+    assert app["args"]["SECRETS_FILE"] == str(secrets_file)
+    assert stat.S_IMODE(os.stat(secrets_file).st_mode) == 0o600 and stat.S_IMODE(os.stat(config).st_mode) == 0o600
+    # What Ray is handed (the bound settings) holds no secret, and a replica finds them again.
+    monkeypatch.delenv("API_KEY")
+    monkeypatch.delenv("HF_TOKEN")
+    bound = Settings.load({k: str(v) for k, v in app["args"].items()}).without_secrets()
+    assert bound.api_key is None and bound.hf_token is None
+    import pickle
+
+    assert b"very" not in pickle.dumps(bound)
+    replica = bound.with_secrets()
+    assert replica.api_key.get_secret_value() == "sk-very-secret"
+    assert replica.hf_token.get_secret_value() == "hf_very_secret"
 
 
 def test_host_is_an_address_or_a_host_name():

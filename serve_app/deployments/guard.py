@@ -16,8 +16,9 @@ middleware runs first and decides, in this order:
 3. **API key**: with API_KEY set, the routes that need it (`ROUTES` in the ingress decides which) get 401
    on the headers alone. What the request may see is left in `scope["state"]` for the handlers: whether it
    carried the key (`api_key_ok`), and whether it may see details (`trusted`: the key, or loopback).
-4. **Body deadline**: the body must arrive within BODY_TIMEOUT_S plus its length at BODY_MIN_RATE bytes
-   per second; a slower one gets 408 `request_timeout`, and its slot is free again.
+4. **Body deadline**: the body's bytes are due within BODY_TIMEOUT_S of the start plus what has arrived at
+   BODY_MIN_RATE bytes per second; a client that falls behind gets 408 `request_timeout`, and its slot is
+   free again.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ class BodyTimeout(HTTPException):
 
 
 def timeout_message(seconds: float) -> str:
-    return f"The request body did not arrive in time ({seconds:.0f} s); send it at once."
+    return f"The request body did not arrive in time (too slow after {seconds:.0f} s); send it at once."
 
 
 def host_of(header: str) -> str:
@@ -176,21 +177,23 @@ class RequestGuard:
         return bool(authority) and authority.lower() == headers.get("host", "").lower()
 
     def _timed(self, receive, headers: Headers):
-        """`receive` with the body's deadline; once the body is in, the wait for a disconnect has none."""
-        declared = headers.get("content-length", "")
-        size = int(declared) if declared.strip().isdigit() else self.settings.max_request_bytes
-        allowed = self.settings.body_timeout_s + size / self.settings.body_min_rate
-        deadline = time.monotonic() + allowed
-        done = False
+        """`receive` with the body's deadline: the next bytes are due by BODY_TIMEOUT_S after the start plus
+        what has arrived so far at BODY_MIN_RATE, so a client that trickles falls behind within seconds, and
+        one that sends at the minimum rate or faster is never cut. Once the body is in, the wait for a
+        disconnect has no deadline."""
+        started, received, done = time.monotonic(), 0, False
+        timeout, rate = self.settings.body_timeout_s, self.settings.body_min_rate
 
         async def timed_receive():
-            nonlocal done
+            nonlocal received, done
             if done:
                 return await receive()
+            due = started + timeout + received / rate
             try:
-                message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
+                message = await asyncio.wait_for(receive(), max(0.0, due - time.monotonic()))
             except asyncio.TimeoutError:
-                raise BodyTimeout(allowed) from None
+                raise BodyTimeout(time.monotonic() - started) from None
+            received += len(message.get("body", b""))
             if message["type"] != "http.request" or not message.get("more_body", False):
                 done = True
             return message

@@ -169,6 +169,7 @@ class SpeechIngress:
     def __init__(self, settings: Settings, frontend, encoder, model, model_replicas: int = 1,
                  health_key: str = "local"):
         configure_logging(settings.log_level)
+        settings = settings.with_secrets()  # API_KEY from SECRETS_FILE: never in what Ray shipped
         self._settings = settings
         self._frontend = frontend
         self._encoder = encoder

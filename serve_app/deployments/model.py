@@ -76,6 +76,7 @@ class CSMModel:
         # default; the first byte waited ~5 ms there). With 0.5 ms the tiny-checkpoint throughput stayed
         # within this machine's run-to-run noise (python -m serve_app.bench, three runs).
         sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
+        settings = settings.with_secrets()  # HF_TOKEN from SECRETS_FILE: never in what Ray shipped
         self._settings = settings
         self._engine: Optional["CSMEngine"] = None
         self._error: Optional[str] = None
