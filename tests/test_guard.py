@@ -157,3 +157,38 @@ def test_host_header_parsing():
     assert host_of("[::1]:8880") == "::1" and host_of("[fe80::1]") == "fe80::1"
     assert host_of("192.168.1.5") == "192.168.1.5" and host_of("studio.local.") == "studio.local"
     assert httpx.URL("http://[::1]:1/").host == "::1"  # what a client sends is what we parse
+
+
+def test_uploads_are_admitted_a_few_at_a_time(guarded):
+    """Two uploads at once and four waiting; the next gets 429 with Retry-After before its body is read.
+    Held open here by bodies that never finish (the gate is entered before the form is parsed)."""
+    from serve_app.deployments.voice_routes import UPLOADS_AT_ONCE, UPLOADS_WAITING
+
+    async def go():
+        release = asyncio.Event()
+
+        async def held_body():  # a file part, fast enough for BODY_MIN_RATE (1 KiB/s), done once released
+            yield (b'--x\r\nContent-Disposition: form-data; name="recording"; filename="c.wav"\r\n'
+                   b"Content-Type: audio/wav\r\n\r\n")
+            while not release.is_set():
+                await asyncio.sleep(0.25)
+                yield b" " * 2048
+            yield b"\r\n--x--\r\n"
+
+        headers = {**KEY, "content-type": "multipart/form-data; boundary=x"}
+        async with guarded.client() as client:
+            held = [asyncio.create_task(client.post("/v1/audio/voice_consents", content=held_body(), headers=headers))
+                    for _ in range(UPLOADS_AT_ONCE + UPLOADS_WAITING)]
+            await asyncio.sleep(1.5)  # all of them are in (two in progress, four in line), longer than BODY_TIMEOUT_S
+            refused = await client.post("/v1/audio/voice_consents", files={"recording": ("c.wav", b"x", "audio/wav")},
+                                        data={"name": "n", "language": "en"}, headers=KEY)
+            release.set()
+            answers = await asyncio.gather(*held)
+            return refused, answers
+
+    refused, answers = guarded.call(go())
+    assert_error(refused, 429, None, "rate_limit_exceeded")
+    assert int(refused.headers["retry-after"]) >= 1
+    # Each was read and judged in its turn (waiting in line did not count against its body's deadline): a
+    # form with no fields is a 400, never a 408 or a 429.
+    assert all(a.status_code == 400 for a in answers), [a.text for a in answers]

@@ -177,17 +177,19 @@ class RequestGuard:
         return bool(authority) and authority.lower() == headers.get("host", "").lower()
 
     def _timed(self, receive, headers: Headers):
-        """`receive` with the body's deadline: the next bytes are due by BODY_TIMEOUT_S after the start plus
+        """`receive` with the body's deadline: the next bytes are due by BODY_TIMEOUT_S after the first read plus
         what has arrived so far at BODY_MIN_RATE, so a client that trickles falls behind within seconds, and
         one that sends at the minimum rate or faster is never cut. Once the body is in, the wait for a
         disconnect has no deadline."""
-        started, received, done = time.monotonic(), 0, False
+        started, received, done = None, 0, False
         timeout, rate = self.settings.body_timeout_s, self.settings.body_min_rate
 
         async def timed_receive():
-            nonlocal received, done
+            nonlocal started, received, done
             if done:
                 return await receive()
+            # From the first read on: a request that waits its turn (an upload behind others) is not late.
+            started = time.monotonic() if started is None else started
             due = started + timeout + received / rate
             try:
                 message = await asyncio.wait_for(receive(), max(0.0, due - time.monotonic()))

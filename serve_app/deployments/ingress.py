@@ -104,7 +104,7 @@ _ERROR_DESCRIPTIONS = {
     403: "Turned off on this server (CUSTOM_VOICES=false), or a Host or browser Origin this server does not serve.",
     404: "No such model, voice or voice consent.",
     413: "Request body over MAX_REQUEST_BYTES (uploads: a file over 10 MiB).",
-    429: "MAX_QUEUED_REQUESTS are already waiting; see the Retry-After header.",
+    429: "MAX_QUEUED_REQUESTS are already waiting, or too many uploads at once; see the Retry-After header.",
     500: "Generation failed.",
     503: "Model loading or failed, ffmpeg missing, out of memory, or shutting down; see Retry-After.",
 }

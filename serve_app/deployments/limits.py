@@ -5,12 +5,17 @@ plus the ones queued for it): a request beyond the bound gets 429 at once, befor
 estimates when a place frees up. An admitted request holds a `Lease` that its response releases when it ends,
 however it ends. The ingress runs as one replica, so its count is the server's count.
 
+`Gate` bounds a costly kind of request (custom-voice uploads: an ffmpeg decode each, and Mimi on the model's
+only thread): a few at once, a few more waiting, 429 with Retry-After beyond.
+
 `BodySizeLimit` is ASGI middleware: a declared Content-Length over the limit gets 413 without reading the
 body; a chunked body is counted as it arrives and stopped at the limit.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import math
 import time
 from typing import Callable, Optional
@@ -69,6 +74,36 @@ class Admission:
         """Seconds until a place is likely free. With the pipeline full and served in order, a request's
         duration is about `capacity` service times, so one completion comes every mean/capacity."""
         return max(1, min(30, math.ceil(self._mean_s / self.capacity)))
+
+
+class Gate:
+    """At most `at_once` holders, at most `waiting` more in line; anyone beyond gets `RateLimitError`."""
+
+    def __init__(self, at_once: int, waiting: int, what: str, retry_after: int = 5):
+        self.at_once, self.waiting, self.what, self.retry_after = at_once, waiting, what, retry_after
+        self.active = 0
+        self._in_line = 0
+        self._semaphore: Optional[asyncio.Semaphore] = None  # made on the serving event loop
+
+    @contextlib.asynccontextmanager
+    async def enter(self):
+        if self._semaphore is None:
+            self._semaphore = asyncio.Semaphore(self.at_once)
+        if self.active >= self.at_once and self._in_line >= self.waiting:
+            raise RateLimitError(f"Too many {self.what}s at once ({self.at_once} in progress, {self.waiting} "
+                                 "waiting); retry after the time in the Retry-After header.",
+                                 retry_after=self.retry_after)
+        self._in_line += 1
+        try:
+            await self._semaphore.acquire()
+        finally:
+            self._in_line -= 1
+        self.active += 1
+        try:
+            yield
+        finally:
+            self.active -= 1
+            self._semaphore.release()
 
 
 class BodyTooLarge(HTTPException):

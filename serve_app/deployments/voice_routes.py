@@ -24,6 +24,7 @@ from ..custom_voices import (
 )
 from ..errors import APIError, InvalidRequestError, PayloadTooLargeError, PermissionDeniedError
 from ..settings import Settings
+from .limits import Gate
 from ..text import unspeakable
 
 logger = logging.getLogger("sesame_tts")
@@ -32,6 +33,11 @@ CONSENTS_PATH = "/v1/audio/voice_consents"
 VOICES_PATH = "/v1/audio/voices"
 UPLOAD_PATHS = (CONSENTS_PATH, VOICES_PATH)  # their bodies may hold a 10 MiB recording
 UPLOAD_BODY_BYTES = MAX_UPLOAD_BYTES + 64 * 1024  # the recording and the form around it
+# Uploads are admitted before their body is read: each buffers up to 10 MiB here and runs an ffmpeg decode,
+# and a voice sample then runs Mimi on the model's only thread, which every stream shares. So: two uploads
+# at once, four more waiting, 429 beyond; and one sample encode at a time.
+UPLOADS_AT_ONCE = 2
+UPLOADS_WAITING = 4
 
 
 class ConsentList(BaseModel):
@@ -94,17 +100,19 @@ class VoiceRoutes:
         self._frontend = frontend
         self._encoder = encoder
         self._model = model
+        self._uploads = Gate(UPLOADS_AT_ONCE, UPLOADS_WAITING, "upload")
+        self._sample_encodes = Gate(1, UPLOADS_AT_ONCE, "voice sample encode")
 
     def routes(self) -> list[tuple[str, Any, str, Any, tuple[int, ...], Optional[dict]]]:
         """(path, endpoint, method, response model, error statuses, openapi_extra) for every route."""
         consent = f"{CONSENTS_PATH}/{{consent_id}}"
         return [
-            (CONSENTS_PATH, self.create_consent, "POST", ConsentRecord, (400, 401, 403, 413, 503), CONSENT_FORM),
+            (CONSENTS_PATH, self.create_consent, "POST", ConsentRecord, (400, 401, 403, 413, 429, 503), CONSENT_FORM),
             (CONSENTS_PATH, self.list_consents, "GET", ConsentList, (400, 401), None),
             (consent, self.get_consent, "GET", ConsentRecord, (401, 404), None),
             (consent, self.update_consent, "POST", ConsentRecord, (400, 401, 404), None),
             (consent, self.delete_consent, "DELETE", ConsentDeleted, (401, 404), None),
-            (VOICES_PATH, self.create_voice, "POST", VoiceRecord, (400, 401, 403, 413, 503), VOICE_FORM),
+            (VOICES_PATH, self.create_voice, "POST", VoiceRecord, (400, 401, 403, 413, 429, 503), VOICE_FORM),
             (f"{VOICES_PATH}/{{voice_id}}", self.get_voice, "GET", VoiceRecord, (401, 404), None),
             (f"{VOICES_PATH}/{{voice_id}}", self.delete_voice, "DELETE", VoiceDeleted, (401, 404), None),
         ]
@@ -113,6 +121,10 @@ class VoiceRoutes:
 
     async def create_consent(self, request: Request) -> ConsentRecord:
         self._creation_allowed()
+        async with self._uploads.enter():
+            return await self._create_consent(request)
+
+    async def _create_consent(self, request: Request) -> ConsentRecord:
         form = await _form(request)
         name = display_name(_text(form, "name"), "name")
         language = language_tag(_text(form, "language"))
@@ -143,6 +155,10 @@ class VoiceRoutes:
 
     async def create_voice(self, request: Request) -> VoiceRecord:
         self._creation_allowed()
+        async with self._uploads.enter():
+            return await self._create_voice(request)
+
+    async def _create_voice(self, request: Request) -> VoiceRecord:
         form = await _form(request)
         kind = _text(form, "type")
         if kind not in (None, "audio_sample"):
@@ -159,7 +175,8 @@ class VoiceRoutes:
         max_s = self._settings.custom_voice_max_s
         pcm = await _value(self._encoder.decode.remote(data, max_s, "audio_sample"))
         duration = check_clip(pcm, "audio_sample", MIN_SAMPLE_S, max_s)
-        codes, codes_tag = await _value(self._model.encode_custom_voice.remote(pcm, transcript))
+        async with self._sample_encodes.enter():  # Mimi on the model's thread: one sample at a time
+            codes, codes_tag = await _value(self._model.encode_custom_voice.remote(pcm, transcript))
         record = VoiceRecord(id=new_id("voice"), name=name, created_at=int(time.time()), consent=consent,
                              transcript=transcript, duration_s=duration,
                              conditioning="audio_and_transcript" if transcript else "audio_only")
