@@ -18,6 +18,7 @@ from typing import Optional
 
 from ray import serve
 from ray.serve import Application
+from ray.serve.config import BackpressureConfig
 
 from .deployments.encoder import AudioEncoder
 from .deployments.frontend import TextFrontend
@@ -31,8 +32,14 @@ logger = logging.getLogger("sesame_tts")
 
 # Requests a replica takes besides speech streams: /health fans out to every deployment, and the lists.
 CONTROL_HEADROOM = 16
-# The ingress also answers the requests it turns away (429) and the lists; those end at once.
-INGRESS_HEADROOM = 64
+# The ingress also answers the requests it turns away (429) and the lists, which end at once, and holds a
+# slot for every request whose body is still arriving (RequestGuard's deadline bounds how long): an async
+# replica, so many are cheap, and /health must never wait behind a crowd of slow clients.
+INGRESS_HEADROOM = 512
+# Beyond its slots, Serve's proxy queues this many requests for the ingress and answers the rest at once with
+# a 503 and Retry-After (plain text: Serve's own answer), instead of letting them wait without bound.
+INGRESS_QUEUE = 256
+INGRESS_RETRY_AFTER_S = 5
 
 
 MLX_RESOURCE = "mlx"  # the custom resource a machine that runs the model declares (ray start --resources)
@@ -80,6 +87,9 @@ def deployment_options(settings: Settings, replicas: int = 1, needs_mlx: bool = 
     model_actor = {"num_cpus": 0.5, **({"resources": {MLX_RESOURCE: 1}} if needs_mlx else {})}
     return {
         "SpeechIngress": dict(num_replicas=1, max_ongoing_requests=streams + INGRESS_HEADROOM,
+                              max_queued_requests=INGRESS_QUEUE,
+                              backpressure_config=BackpressureConfig(status_code=503,
+                                                                     retry_after_s=INGRESS_RETRY_AFTER_S),
                               ray_actor_options={"num_cpus": 0.1}),
         # One text frontend, on the head: it owns the custom-voice store (custom_voices.py), and its work per
         # request (checks and chunking) takes well under a millisecond.

@@ -4,7 +4,10 @@ A custom voice is a reference clip (any accepted upload, decoded by ffmpeg to 24
 its transcript: CSM takes both as context, as it does a preset's prompt. The clip's Mimi codes are stored
 beside it the first time a model replica encodes it, so a restart or another replica never encodes again.
 
-Layout (everything written to a temporary name and renamed into place, so a reader never sees half a voice):
+Layout (everything written to a temporary name, flushed to disk, renamed into place and the folder flushed
+too, so a reader never sees half a voice and a crash or a power cut never leaves one; leftovers of a write
+that was cut short are swept when the store opens; folders 0700 and files 0600: voice recordings are
+personal; a full disk is a 507 with nothing stored):
 
     CACHE_DIR/custom_voices/
         .lock                      mutations hold it (several frontend replicas may write)
@@ -18,6 +21,7 @@ ingress, the frontend and the model replica all read the same store.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 import re
@@ -32,7 +36,7 @@ from typing import Iterator, Optional
 import numpy as np
 from pydantic import BaseModel
 
-from .errors import InvalidRequestError, NotFoundError
+from .errors import InsufficientStorageError, InvalidRequestError, NotFoundError
 from .settings import SAMPLE_RATE, Settings
 
 # OpenAI's limit per uploaded recording, and the MIME types its spec accepts (plus the generic ones clients
@@ -130,6 +134,25 @@ def read_wav(path: Path) -> np.ndarray:
         return np.frombuffer(src.readframes(src.getnframes()), dtype="<i2").astype(np.float32) / 32767.0
 
 
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+def _flush(path: Path) -> None:
+    """fsync a file or a folder (a folder's entry list: the names renamed into it)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _private(path: Path) -> None:
+    """A file written to a temporary name: this user's only, and on disk, before it is renamed into place."""
+    for item in [path, *path.rglob("*")] if path.is_dir() else [path]:
+        item.chmod(0o700 if item.is_dir() else 0o600)
+        _flush(item)
+
+
 class CustomVoiceStore:
     """The consents and custom voices of one CACHE_DIR. Reads are lock-free (renames are atomic); every
     change holds the store's lock, so the MAX_CUSTOM_VOICES bound holds with several writers."""
@@ -143,20 +166,54 @@ class CustomVoiceStore:
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
-        for folder in (self._consents, self._voices):
-            folder.mkdir(parents=True, exist_ok=True)
+        for folder in (self.root, self._consents, self._voices):
+            folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+            if folder.stat().st_mode & 0o077:  # made by an earlier version, or under a loose umask
+                folder.chmod(0o700)
         with open(self.root / ".lock", "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             try:
                 yield
+            except OSError as exc:
+                if exc.errno in _NO_SPACE:
+                    raise InsufficientStorageError("The disk is full: nothing was stored. Free some space on the "
+                                                   "server and try again.") from None
+                raise
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
-    @staticmethod
-    def _write_json(path: Path, data: BaseModel) -> None:
+    def _place(self, tmp: Path, target: Path) -> None:
+        """Rename a finished temporary file or folder into place, durably."""
+        _private(tmp)
+        os.replace(tmp, target)
+        _flush(target.parent)
+
+    def _write_json(self, path: Path, data: BaseModel) -> None:
         tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}")
-        tmp.write_text(data.model_dump_json())
-        os.replace(tmp, path)
+        try:
+            tmp.write_text(data.model_dump_json())
+            self._place(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def sweep(self) -> list[str]:
+        """Remove what a write cut short left behind (temporary names, a consent's recording without its
+        record, a deletion's trash); returns what was removed. Run once when the store's owner starts."""
+        removed = []
+        if not self.root.is_dir():
+            return removed
+        with self._locked():
+            for folder in (self._consents, self._voices):
+                for item in folder.iterdir():
+                    orphan = item.suffix == ".wav" and not item.with_suffix(".json").exists()
+                    if item.name.startswith(".") or folder is self._consents and orphan:
+                        shutil.rmtree(item) if item.is_dir() else item.unlink()
+                        removed.append(f"{folder.name}/{item.name}")
+            for voice in self._voices.glob("voice_*"):
+                for item in voice.glob(".*"):
+                    item.unlink()
+                    removed.append(f"voices/{voice.name}/{item.name}")
+        return removed
 
     # --- consents -------------------------------------------------------------------------------------
 
@@ -194,9 +251,14 @@ class CustomVoiceStore:
                                           "delete one first.", param=None, code="consent_limit_reached")
             record = ConsentRecord(id=new_id("cons"), name=name, language=language, created_at=int(time.time()))
             tmp = self._consents / f".{record.id}.wav"
-            write_wav(tmp, recording)
-            os.replace(tmp, self._consents / f"{record.id}.wav")
-            self._write_json(self._consents / f"{record.id}.json", record)
+            try:
+                write_wav(tmp, recording)
+                self._place(tmp, self._consents / f"{record.id}.wav")
+                self._write_json(self._consents / f"{record.id}.json", record)
+            except BaseException:  # nothing half-made stays: the recording goes with its record
+                tmp.unlink(missing_ok=True)
+                (self._consents / f"{record.id}.wav").unlink(missing_ok=True)
+                raise
         return record
 
     def rename_consent(self, consent_id: str, name: str) -> ConsentRecord:
@@ -263,11 +325,14 @@ class CustomVoiceStore:
         with self._locked():
             self.check_new_voice(record.name, record.consent, taken_names)  # again, now that nobody else writes
             tmp = self._voices / f".new-{record.id}"
-            tmp.mkdir()
-            write_wav(tmp / "sample.wav", sample)
-            np.save(tmp / f"codes-{codes_tag}.npy", codes)
-            (tmp / "voice.json").write_text(record.model_dump_json())
-            os.replace(tmp, self.folder(record.id))
+            try:
+                tmp.mkdir(mode=0o700)
+                write_wav(tmp / "sample.wav", sample)
+                np.save(tmp / f"codes-{codes_tag}.npy", codes)
+                (tmp / "voice.json").write_text(record.model_dump_json())
+                self._place(tmp, self.folder(record.id))
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
         return record
 
     def delete_voice(self, voice_id: str) -> None:
@@ -305,7 +370,9 @@ class CustomVoiceStore:
         """Codes for another Mimi than the one the voice was made with (a changed checkpoint)."""
         folder = self.folder(voice_id)
         tmp = folder / f".codes-{secrets.token_hex(4)}.npy"
-        with contextlib.suppress(OSError):
+        try:  # a cache: a failure (a full disk) only means encoding again next time
             np.save(tmp, codes)
-            os.replace(tmp, folder / f"codes-{codes_tag}.npy")
+            self._place(tmp, folder / f"codes-{codes_tag}.npy")
+        except OSError:
+            tmp.unlink(missing_ok=True)
 

@@ -48,6 +48,11 @@ def test_builder_derives_serve_options_from_settings(tmp_path):
     for name, deployment in found.items():
         assert deployment._deployment_config.max_ongoing_requests > 10, name
     assert model._deployment_config.graceful_shutdown_timeout_s == STOP_GRACE_S
+    # Slow clients hold ingress slots while their bodies arrive: room for hundreds, then Serve's queue, then
+    # an immediate 503 with Retry-After rather than an unbounded wait.
+    ingress = found["SpeechIngress"]._deployment_config
+    assert ingress.max_ongoing_requests >= 500 and ingress.max_queued_requests > 0
+    assert ingress.backpressure_config.status_code == 503 and ingress.backpressure_config.retry_after_s >= 1
     assert model._deployment_config.health_check_period_s <= 10
     assert sum(d.ray_actor_options["num_cpus"] for d in found.values()) < 1.5
     bigger = _deployments(build_application(Settings(cache_dir=tmp_path, max_batch_size=8, max_queued_requests=100)))

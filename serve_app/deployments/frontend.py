@@ -41,6 +41,10 @@ class TextFrontend:
         self._settings = settings
         self._voices = voices
         self._store = CustomVoiceStore(settings)
+        # The one frontend owns the store: what a crash or a full disk cut short is swept now.
+        if removed := self._store.sweep():
+            logger.info("custom voice store: removed %d leftover(s) of interrupted writes: %s", len(removed),
+                        ", ".join(removed))
         self._prompts: dict[str, ContextSegment] = {}
 
     @staticmethod

@@ -107,6 +107,7 @@ _ERROR_DESCRIPTIONS = {
     429: "MAX_QUEUED_REQUESTS are already waiting, or too many uploads at once; see the Retry-After header.",
     500: "Generation failed.",
     503: "Model loading or failed, ffmpeg missing, out of memory, or shutting down; see Retry-After.",
+    507: "The server's disk is full: nothing was stored.",
 }
 
 

@@ -107,12 +107,12 @@ class VoiceRoutes:
         """(path, endpoint, method, response model, error statuses, openapi_extra) for every route."""
         consent = f"{CONSENTS_PATH}/{{consent_id}}"
         return [
-            (CONSENTS_PATH, self.create_consent, "POST", ConsentRecord, (400, 401, 403, 413, 429, 503), CONSENT_FORM),
+            (CONSENTS_PATH, self.create_consent, "POST", ConsentRecord, (400, 401, 403, 413, 429, 503, 507), CONSENT_FORM),
             (CONSENTS_PATH, self.list_consents, "GET", ConsentList, (400, 401), None),
             (consent, self.get_consent, "GET", ConsentRecord, (401, 404), None),
             (consent, self.update_consent, "POST", ConsentRecord, (400, 401, 404), None),
             (consent, self.delete_consent, "DELETE", ConsentDeleted, (401, 404), None),
-            (VOICES_PATH, self.create_voice, "POST", VoiceRecord, (400, 401, 403, 413, 429, 503), VOICE_FORM),
+            (VOICES_PATH, self.create_voice, "POST", VoiceRecord, (400, 401, 403, 413, 429, 503, 507), VOICE_FORM),
             (f"{VOICES_PATH}/{{voice_id}}", self.get_voice, "GET", VoiceRecord, (401, 404), None),
             (f"{VOICES_PATH}/{{voice_id}}", self.delete_voice, "DELETE", VoiceDeleted, (401, 404), None),
         ]
