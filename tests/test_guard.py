@@ -11,17 +11,10 @@ import logging
 import httpx
 import pytest
 
-from tests.test_http import SPEECH, LocalApp, assert_error, make_settings
+from tests.test_http import SPEECH, LocalApp, assert_error, local_serve, make_settings  # noqa: F401
 
+# local_serve (autouse, from test_http): every local app of this module is shut down with it.
 LAN = "192.168.1.50"  # a client on the home network (the transport only pretends; nothing leaves this process)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def local_serve():
-    yield
-    from ray import serve
-
-    serve.shutdown()
 
 
 @pytest.fixture(scope="module")
