@@ -70,7 +70,7 @@ def render_config(settings: Settings, source: Path) -> Path:
     settings.cache_dir.mkdir(parents=True, exist_ok=True)
     secrets_file = settings.cache_dir / "secrets.env"
     if secrets:
-        _write_private(secrets_file, "".join(f"{k}={json.dumps(v)}\n" for k, v in secrets.items()))
+        _write_private(secrets_file, "".join(f"{k}={json.dumps(v, ensure_ascii=False)}\n" for k, v in secrets.items()))
         given["SECRETS_FILE"] = str(secrets_file)
     else:  # a key removed since the last start must not live on
         secrets_file.unlink(missing_ok=True)
@@ -372,7 +372,8 @@ def main(argv: list[str] | None = None) -> None:
     serve = shutil.which("serve", path=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
     if serve is None:
         sys.exit("sesame-tts: cannot start: the `serve` command (ray[serve]) is not installed")
-    print(f"sesame-tts: serving {settings.model_id} on http://{settings.host}:{settings.port}/v1", file=sys.stderr)
+    lan = " (and this machine's network addresses)" if settings.host in ("0.0.0.0", "::") else ""
+    print(f"sesame-tts: serving {settings.model_id} on {base_url(settings)}/v1{lan}", file=sys.stderr)
     os.chdir(PROJECT_ROOT)
     command = [serve, "run", str(config)]
     if args.service:

@@ -274,7 +274,8 @@ class Settings(BaseModel):
             return self
         values = self.given()
         if self.secrets_file is not None and self.secrets_file.is_file():
-            values.update({k: v for k, v in dotenv_values(self.secrets_file).items() if v is not None})
+            stored = dotenv_values(self.secrets_file, interpolate=False)  # a key may hold "$" or "${...}"
+            values.update({k: v for k, v in stored.items() if v is not None})
         found = {name.lower(): values[name] for name in SECRET_SETTINGS if values.get(name)}
         return self.model_copy(update={k: SecretStr(v) for k, v in found.items()}) if found else self
 

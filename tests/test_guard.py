@@ -28,7 +28,7 @@ KEY = {"Authorization": "Bearer sk-guard"}
 
 def test_host_names_that_are_not_this_machine_are_refused(guarded):
     """DNS rebinding: a page on evil.example resolved to 127.0.0.1 still sends Host: evil.example."""
-    for base in ("http://evil.example:8880", "http://attacker.test"):
+    for base in ("http://evil.example:8880", "http://attacker.test", "http://0.0.0.0:8880"):
         error = assert_error(guarded.request("GET", "/v1/models", base_url=base), 403, None, "host_not_allowed")
         assert "ALLOWED_HOSTS" in error["message"]
     for base in ("http://localhost:8880", "http://127.0.0.1:8880", "http://[::1]:8880", "http://tts.example"):
@@ -54,6 +54,12 @@ def test_browser_origins_may_not_change_state_unless_allowed(guarded):
     same = guarded.request("POST", SPEECH, json={"input": "Hi.", "response_format": "pcm"},
                            headers={**KEY, "Origin": "http://localhost:8880"})
     assert same.status_code == 200
+    # An allowed page's preflight (it carries no key) is answered with the CORS headers it needs.
+    preflight = guarded.request("OPTIONS", SPEECH, headers={"Origin": "http://allowed.example:3000",
+                                                          "Access-Control-Request-Method": "POST",
+                                                          "Access-Control-Request-Headers": "authorization"})
+    assert preflight.status_code == 200
+    assert preflight.headers["access-control-allow-origin"] == "http://allowed.example:3000"
     # Reading is not changing state: a GET with a foreign Origin is answered (without CORS headers the browser
     # does not let the page read it).
     read = guarded.request("GET", "/v1/models", headers={"Origin": "http://evil.example"})

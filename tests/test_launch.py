@@ -157,7 +157,8 @@ def test_secrets_never_reach_the_apps_args_or_runtime_env(tmp_path, monkeypatch)
     import os
     import stat
 
-    monkeypatch.setenv("API_KEY", "sk-very-secret")
+    tricky = 'sk-very-secret "quoted" \\back $HOME ${X} é'
+    monkeypatch.setenv("API_KEY", tricky)
     monkeypatch.setenv("HF_TOKEN", "hf_very_secret")
     monkeypatch.setenv("ENV_FILE", str(tmp_path / "none.env"))
     (tmp_path / "none.env").write_text("")
@@ -178,7 +179,7 @@ def test_secrets_never_reach_the_apps_args_or_runtime_env(tmp_path, monkeypatch)
 
     assert b"very" not in pickle.dumps(bound)
     replica = bound.with_secrets()
-    assert replica.api_key.get_secret_value() == "sk-very-secret"
+    assert replica.api_key.get_secret_value() == tricky  # as given: quotes, backslash, "$" and all
     assert replica.hf_token.get_secret_value() == "hf_very_secret"
 
 

@@ -175,3 +175,53 @@ def test_the_process_exits_cleanly_with_a_model_left_running(tiny_checkpoint):
     for run in runs:
         _, stderr = run.communicate(timeout=180)
         assert run.returncode == 0, stderr[-2000:]
+
+
+def test_a_voice_sample_is_encoded_a_layer_at_a_time_as_mimi_encode_does_it(engine):
+    """The staged encode (engine/codec.py) gives exactly Mimi.encode's codes: the same operations on the same
+    shapes, only evaluated at layer boundaries."""
+    import mlx.core as mx
+
+    from serve_app.engine.codec import StagedEncode
+
+    rng = np.random.default_rng(7)
+    audio = (0.3 * np.sin(np.arange(24000 * 3) * 0.05) + 0.05 * rng.normal(size=24000 * 3)).astype(np.float32)
+    staged = StagedEncode(engine.mimi, audio)
+    steps = 0
+    while not staged.done:
+        staged.step()
+        steps += 1
+    assert steps >= 12  # the pieces are layers, not the whole encode
+    one_shot = engine.mimi.encode(mx.array(audio)[None, None, :])[0]
+    assert np.array_equal(np.array(staged.codes()), np.array(one_shot))
+
+
+def test_streams_keep_going_while_a_voice_sample_is_encoded(model, voices, monkeypatch):
+    """Each layer of a new voice's encode is a task of its own, and the batch takes a step after each: a
+    request generating meanwhile has its batch stepped between any two layers."""
+    from serve_app.engine.codec import StagedEncode
+
+    steps_at_each_layer: list[int] = []
+    step = StagedEncode.step
+
+    def recorded(self):
+        steps_at_each_layer.append(model._worker.scheduler.stats.steps)
+        step(self)
+
+    monkeypatch.setattr(StagedEncode, "step", recorded)
+    audio = (0.3 * np.sin(np.arange(24000 * 3) * 0.05)).astype(np.float32)
+
+    async def both():
+        speaking = asyncio.create_task(collect(model, request(voices, ["A long answer. " * 20], max_frames_per_chunk=400)))
+        while model._worker.generating == 0:  # the request is in the batch before the encode starts
+            await asyncio.sleep(0.01)
+        encoded = await model.encode_custom_voice(audio, None)
+        generating = model._worker.generating
+        speaking.cancel()
+        return encoded, generating
+
+    (codes, tag), generating = asyncio.run(both())
+    assert codes.shape[0] == 32 and tag
+    assert generating == 1  # the request was still speaking when the encode ended
+    gaps = np.diff(steps_at_each_layer)
+    assert len(gaps) >= 10 and (gaps >= 1).all(), steps_at_each_layer

@@ -81,7 +81,11 @@ class HostNames:
         self._read()
 
     def _read(self) -> None:
-        names = {self.bind, socket.gethostname(), socket.gethostname().split(".")[0] + ".local"}
+        # HOST if it names this machine; never a wildcard: "0.0.0.0" in a browser's address bar reaches
+        # this machine's servers, and pages have used exactly that to reach local services.
+        names = {socket.gethostname(), socket.gethostname().split(".")[0] + ".local"}
+        if self.bind not in ("0.0.0.0", "::"):
+            names.add(self.bind)
         try:
             names.add(socket.getfqdn())
         except OSError:
@@ -137,7 +141,7 @@ class RequestGuard:
         if error is not None:
             response = self.respond(path, error) or to_error_response(error)
             return await response(scope, receive, send)
-        await self.app(scope, self._timed(receive, headers), send)
+        await self.app(scope, self._timed(receive), send)
 
     def _key(self, headers: Headers, path: str) -> tuple[bool, bool]:
         """(may use what the key guards: a valid key, or no API_KEY set; carried a valid key)."""
@@ -176,7 +180,7 @@ class RequestGuard:
         authority = origin.split("://", 1)[1] if "://" in origin else ""
         return bool(authority) and authority.lower() == headers.get("host", "").lower()
 
-    def _timed(self, receive, headers: Headers):
+    def _timed(self, receive):
         """`receive` with the body's deadline: the next bytes are due by BODY_TIMEOUT_S after the first read plus
         what has arrived so far at BODY_MIN_RATE, so a client that trickles falls behind within seconds, and
         one that sends at the minimum rate or faster is never cut. Once the body is in, the wait for a

@@ -156,6 +156,8 @@ GUARDED_PREFIXES = ("/v1/", elevenlabs.PREFIX + "/")
 
 
 def route_access(settings: Settings, method: str, path: str) -> Optional[str]:
+    if method == "OPTIONS":  # a browser's CORS preflight never carries the key (CORSMiddleware answers it)
+        return None
     for route_method, pattern, access in ROUTE_ACCESS:
         if (method == route_method or method == "HEAD" and route_method == "GET") and pattern.fullmatch(path):
             return ("key" if settings.lists_need_api_key else None) if access == "lists" else access

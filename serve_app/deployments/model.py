@@ -226,11 +226,17 @@ class CSMModel:
         return True
 
     async def encode_custom_voice(self, audio, transcript: Optional[str]) -> tuple | APIError:
-        """(Mimi codes, codes tag) of a new custom voice's checked clip, or the 400 why it cannot be one."""
+        """(Mimi codes, codes tag) of a new custom voice's checked clip, or the 400 why it cannot be one. The
+        encode runs a layer at a time, each a task of its own on the MLX thread, so the batch takes a step
+        between any two of them and streams are held up for one layer's time at most, not the whole encode."""
         engine = await self._acquire()
         try:
+            encode = await asyncio.wrap_future(self._worker.submit(
+                lambda: engine.start_custom_voice_encode(audio), label="encode voice"))
+            while not encode.done:
+                await asyncio.wrap_future(self._worker.submit(encode.step, label="encode voice", step_after=True))
             codes = await asyncio.wrap_future(self._worker.submit(
-                lambda: engine.encode_custom_voice(audio, transcript), label="encode voice"))
+                lambda: engine.finish_custom_voice(encode, transcript), label="encode voice"))
         except APIError as exc:
             return exc
         finally:

@@ -24,7 +24,7 @@ import numpy as np
 from ..settings import FRAME_RATE, SAMPLE_RATE, Settings
 from ..voices import VoiceLibrary, VoicePreset
 from .batch import BackboneStep, FrameDecoder
-from .codec import stateful_modules
+from .codec import StagedEncode, stateful_modules
 from .memory import MemoryGuard
 from .request import ContextSegment
 from ..custom_voices import CustomVoiceStore
@@ -171,9 +171,13 @@ class CSMEngine:
             self._codes_tag = digest.hexdigest()[:16]
         return self._codes_tag
 
-    def encode_custom_voice(self, audio: np.ndarray, transcript: Optional[str]) -> np.ndarray:
-        """A new custom voice's Mimi codes, once its clip (and transcript) are known to fit CSM's context."""
-        codes = self.encode_audio(audio)
+    def start_custom_voice_encode(self, audio: np.ndarray) -> StagedEncode:
+        """A new custom voice's encode, to run a step at a time between batch steps (codec.StagedEncode)."""
+        return StagedEncode(self.mimi, audio)
+
+    def finish_custom_voice(self, encode: StagedEncode, transcript: Optional[str]) -> np.ndarray:
+        """The voice's Mimi codes, once its clip (and transcript) are known to fit CSM's context."""
+        codes = np.array(encode.codes()[: self.num_codebooks], dtype=np.int32)
         problem = self.overflow(self.segment_codes(0, transcript or "", codes))
         if problem:
             raise InvalidRequestError(f"The voice sample is too long for CSM: {problem}.", param="audio_sample",

@@ -60,6 +60,7 @@ class _CallJob:
     fn: Callable[[], Any]
     future: concurrent.futures.Future
     label: str
+    step_after: bool = False  # the batch steps before the next job (long work split into pieces)
 
 
 @dataclass(frozen=True)
@@ -109,14 +110,15 @@ class ModelWorker:
                         task_s=now - self._task_since if task else 0.0, tasks_done=self._tasks_done,
                         error=self._ended)
 
-    def submit(self, fn: Callable[[], Any], label: str = "call") -> concurrent.futures.Future:
+    def submit(self, fn: Callable[[], Any], label: str = "call", step_after: bool = False) -> concurrent.futures.Future:
         """Run `fn()` on the worker thread; the future holds its result or exception. `label` names the
-        task in the heartbeat while it runs."""
+        task in the heartbeat while it runs. `step_after`: the batch takes a step before any further job
+        (a long piece of work submitted piece by piece never holds the streams up for more than a piece)."""
         future: concurrent.futures.Future = concurrent.futures.Future()
         if self._ended is not None:
             future.set_exception(self._dead_error())
         else:
-            self._jobs.put(_CallJob(fn, future, label))
+            self._jobs.put(_CallJob(fn, future, label, step_after))
         return future
 
     async def stream(self, request) -> AsyncIterator[Any]:
@@ -189,6 +191,8 @@ class ModelWorker:
                 if job is None:
                     return False
                 self._take(job)
+                if isinstance(job, _CallJob) and job.step_after:
+                    break
                 job = self._jobs.get_nowait()
         except queue.Empty:
             pass
