@@ -22,7 +22,6 @@ from typing import Optional
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from mlx_audio.codec.models.mimi.mimi import _reset_kv_cache
 from mlx_audio.lm.models.cache import KVCache
 
 # The attributes mlx-audio's streaming conv modules carry between `step` calls.
@@ -132,17 +131,18 @@ class StagedEncode:
     reference encodes a prompt (tested byte for byte)."""
 
     def __init__(self, mimi, audio: np.ndarray):
-        mimi.encoder.reset_state()
-        for cache in mimi.encoder_cache:
-            _reset_kv_cache(cache)
+        # Its own KV caches, empty as Mimi.encode makes its shared ones: another encode between two steps (a
+        # voice's clip, a context segment) cannot disturb this one. The encoder's convolutions keep state only
+        # for streaming (`step`), which the one-shot path does not use.
         encoder, projected = mimi.encoder, mimi.encoder_transformer
+        caches = projected.make_cache()
         steps: list = [encoder.init_conv1d]
         for layer in encoder.layers:  # SeanetEncoder: each layer's residuals, then elu and its downsampling
             steps += [*layer.residuals, lambda xs, layer=layer: layer.downsample(nn.elu(xs, alpha=1.0))]
         steps.append(lambda xs: encoder.final_conv1d(nn.elu(xs, alpha=1.0)))
         steps.append(lambda xs: _into_transformer(projected, xs))  # ProjectedTransformer, layer by layer
         steps += [lambda xs, layer=layer, cache=cache: layer(xs, cache=cache, mask=None)
-                  for layer, cache in zip(projected.transformer.layers, mimi.encoder_cache)]
+                  for layer, cache in zip(projected.transformer.layers, caches)]
         steps += [lambda xs: _out_of_transformer(projected, xs), mimi.downsample, mimi.quantizer.encode]
         self._steps = steps
         self._xs = mx.array(audio, dtype=mx.float32)[None, None, :]
