@@ -175,7 +175,7 @@ def drain(settings: Settings, log: logging.Logger, grace: float) -> None:
 
 def supervise(command: list[str], settings: Settings) -> int:
     """Run `command` in its own process group, logging its output to a rotated server.log."""
-    lock = PidLock(settings.cache_dir / "server.pid")
+    lock = PidLock(settings.pid_file)
     if not lock.acquire():
         sys.exit(f"sesame-tts: already running (pid {running_pid(lock.path)}, {lock.path})")
     dashboard_file = settings.cache_dir / "dashboard.url"  # for `ops/sesame-tts status`
@@ -294,7 +294,7 @@ def print_env(settings: Settings) -> None:
 def control(args, settings: Settings) -> int:
     """The control script's questions about the service: --pid, --stop, --wait-stopped, --render,
     --check-paths."""
-    pid_file = settings.cache_dir / "server.pid"
+    pid_file = settings.pid_file
     if args.pid:
         pid = running_pid(pid_file)
         if pid is not None:
@@ -361,7 +361,7 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as exc:
         sys.exit(f"sesame-tts: cannot start: {getattr(exc, 'message', exc)}")
     if args.detach:
-        if (pid := running_pid(settings.cache_dir / "server.pid")) is not None:
+        if (pid := running_pid(settings.pid_file)) is not None:
             sys.exit(f"sesame-tts: already running (pid {pid})")
         print(service.detach(args.config, settings.cache_dir))
         return

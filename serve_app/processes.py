@@ -19,7 +19,7 @@ import psutil
 def _session_of(proc: psutil.Process) -> int | None:
     try:
         return os.getsid(proc.pid)
-    except (ProcessLookupError, PermissionError, OSError):
+    except OSError:  # gone, or not ours to see
         return None
 
 
@@ -103,10 +103,3 @@ def resident_bytes(pid: int | None = None) -> int | None:
     except (psutil.NoSuchProcess, psutil.AccessDenied):
         return None
 
-
-def pid_alive(pid: int) -> bool:
-    """Whether a live (non-zombie) process has this pid."""
-    try:
-        return _alive(psutil.Process(pid))
-    except psutil.NoSuchProcess:
-        return False

@@ -169,6 +169,11 @@ class Settings(BaseModel):
     ffmpeg_warm: int = Field(1, ge=0, le=4)
 
     @property
+    def pid_file(self) -> Path:
+        """The service supervisor's PID file, held under a lock while it runs (service.PidLock)."""
+        return self.cache_dir / "server.pid"
+
+    @property
     def drain_flag(self) -> Path:
         """Present while the service is stopping: new speech requests get 503, in-flight ones finish."""
         return self.cache_dir / "draining"
