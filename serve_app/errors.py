@@ -132,6 +132,16 @@ class GenerationError(APIError):
     default_code = "generation_failed"
 
 
+def body_error(status_code: int, detail: str) -> Optional[APIError]:
+    """The error behind an HTTPException that a body guard raised inside FastAPI's body parsing (limits.py's
+    BodyTooLarge, guard.py's BodyTimeout): both dialects' handlers map it here. None for any other status."""
+    if status_code == 413:
+        return PayloadTooLargeError(detail)
+    if status_code == 408:
+        return RequestTimeoutError(detail)
+    return None
+
+
 def error_body(message: str, error_type: str, param: Optional[str] = None, code: Optional[str] = None) -> dict:
     return {"error": {"message": message, "type": error_type, "param": param, "code": code}}
 

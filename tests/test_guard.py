@@ -97,6 +97,24 @@ def test_a_body_that_does_not_arrive_in_time_gets_408(guarded):
     assert "in time" in error["message"]
 
 
+def test_an_upload_that_does_not_arrive_in_time_gets_408_not_a_form_error(guarded):
+    """The multipart parser reads the body too: a trickling upload is a 408 there as well."""
+
+    async def go():
+        async def trickle():
+            yield (b'--x\r\nContent-Disposition: form-data; name="recording"; filename="c.wav"\r\n'
+                   b"Content-Type: audio/wav\r\n\r\n")
+            for _ in range(100):
+                await asyncio.sleep(0.2)
+                yield b"a"
+
+        async with guarded.client() as client:
+            return await client.post("/v1/audio/voice_consents", content=trickle(),
+                                     headers={**KEY, "content-type": "multipart/form-data; boundary=x"})
+
+    assert_error(guarded.call(go()), 408, None, "request_timeout")
+
+
 def _custom_voice(app: LocalApp) -> str:
     from tests.test_custom_voices import make_audio
 

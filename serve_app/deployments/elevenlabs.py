@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictStr
 from ray.exceptions import RayActorError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..errors import APIError, NotFoundError, PayloadTooLargeError, RateLimitError, RequestTimeoutError, as_api_error
+from ..errors import APIError, NotFoundError, RateLimitError, as_api_error, body_error
 from ..formats import ElevenLabsFormat
 from ..protocol import SpeechRequest
 from ..settings import MODEL_NAME, Settings
@@ -89,10 +89,8 @@ class ElevenLabsRoutes:
 
         @app.exception_handler(StarletteHTTPException)
         async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-            if exc.status_code == 413:
-                return error_response(PayloadTooLargeError(str(exc.detail)))
-            if exc.status_code == 408:
-                return error_response(RequestTimeoutError(str(exc.detail)))
+            if (error := body_error(exc.status_code, str(exc.detail))) is not None:  # 413, 408
+                return error_response(error)
             return JSONResponse({"detail": exc.detail}, status_code=exc.status_code)
 
         # The API key (xi-api-key or a bearer token) is checked on the headers by the ingress's RequestGuard.

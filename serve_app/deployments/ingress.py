@@ -24,8 +24,8 @@ from ray.exceptions import RayActorError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import (
-    APIError, InvalidRequestError, NotFoundError, PayloadTooLargeError, RequestTimeoutError, ServiceUnavailableError,
-    error_body, status_of, to_error_response,
+    APIError, InvalidRequestError, NotFoundError, ServiceUnavailableError, body_error, error_body, status_of,
+    to_error_response,
 )
 from ..formats import OPENAI_FORMATS
 from ..logs import configure_logging
@@ -57,10 +57,8 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        if exc.status_code == 413:
-            return to_error_response(PayloadTooLargeError(str(exc.detail)))
-        if exc.status_code == 408:
-            return to_error_response(RequestTimeoutError(str(exc.detail)))
+        if (error := body_error(exc.status_code, str(exc.detail))) is not None:  # 413, 408
+            return to_error_response(error)
         if exc.status_code == 400:  # FastAPI could not read the body at all (e.g. it is not UTF-8)
             RequestRecord(new_request_id()).finish("400")
             return to_error_response(InvalidRequestError(

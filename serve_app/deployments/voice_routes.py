@@ -22,7 +22,7 @@ from ..custom_voices import (
     ACCEPTED_TYPES, MAX_TRANSCRIPT_CHARS, MAX_UPLOAD_BYTES, MIN_CONSENT_S, MIN_SAMPLE_S, ConsentRecord, VoiceRecord,
     check_clip, display_name, language_tag, new_id,
 )
-from ..errors import APIError, InvalidRequestError, PayloadTooLargeError, PermissionDeniedError
+from ..errors import APIError, InvalidRequestError, PayloadTooLargeError, PermissionDeniedError, body_error
 from ..settings import Settings
 from .limits import Gate
 from ..text import unspeakable
@@ -208,7 +208,7 @@ async def _form(request: Request) -> FormData:
     try:
         return await request.form(max_files=2, max_fields=16, max_part_size=64 * 1024)
     except StarletteHTTPException as exc:
-        if exc.status_code == 413:
+        if body_error(exc.status_code, str(exc.detail)) is not None:  # too large (413) or too slow (408)
             raise
         raise InvalidRequestError(f"The request body must be multipart/form-data: {exc.detail}",
                                   code="invalid_multipart") from None
