@@ -20,15 +20,16 @@ from ray import serve
 from ray.serve import Application
 from ray.serve.config import BackpressureConfig
 
-from .deployments.encoder import AudioEncoder
-from .deployments.frontend import TextFrontend
-from .deployments.ingress import SpeechIngress
-from .deployments.model import CSMModel
-from .logs import configure_logging
-from .settings import STOP_GRACE_S, ConfigError, Settings
-from .voices import VoiceLibrary
+from serve_app.api.ingress import SpeechIngress
+from serve_app.audio.encoder import AudioEncoder
+from serve_app.core.constants import LOGGER_NAME, STOP_GRACE_S
+from serve_app.core.logs import configure_logging
+from serve_app.core.settings import ConfigError, Settings
+from serve_app.model.replica import CSMModel
+from serve_app.text.frontend import TextFrontend
+from serve_app.voices.presets import VoiceLibrary
 
-logger = logging.getLogger("sesame_tts")
+logger = logging.getLogger(LOGGER_NAME)
 
 # Requests a replica takes besides speech streams: /health fans out to every deployment, and the lists.
 CONTROL_HEADROOM = 16
@@ -86,22 +87,37 @@ def deployment_options(settings: Settings, replicas: int = 1, needs_mlx: bool = 
     per_node = dict(num_replicas=replicas, max_replicas_per_node=1) if replicas > 1 else dict(num_replicas=1)
     model_actor = {"num_cpus": 0.5, **({"resources": {MLX_RESOURCE: 1}} if needs_mlx else {})}
     return {
-        "SpeechIngress": dict(num_replicas=1, max_ongoing_requests=streams + INGRESS_HEADROOM,
-                              max_queued_requests=INGRESS_QUEUE,
-                              backpressure_config=BackpressureConfig(status_code=503,
-                                                                     retry_after_s=INGRESS_RETRY_AFTER_S),
-                              ray_actor_options={"num_cpus": 0.1}),
-        # One text frontend, on the head: it owns the custom-voice store (custom_voices.py), and its work per
+        "SpeechIngress": dict(
+            num_replicas=1,
+            max_ongoing_requests=streams + INGRESS_HEADROOM,
+            max_queued_requests=INGRESS_QUEUE,
+            backpressure_config=BackpressureConfig(status_code=503, retry_after_s=INGRESS_RETRY_AFTER_S),
+            ray_actor_options={"num_cpus": 0.1},
+        ),
+        # One text frontend, on the head: it owns the custom-voice store (voices/store.py), and its work per
         # request (checks and chunking) takes well under a millisecond.
-        "TextFrontend": dict(num_replicas=1, max_ongoing_requests=inner, ray_actor_options={
-            "num_cpus": 0.1, **({"resources": {HEAD_RESOURCE: 0.001}} if replicas > 1 else {})}),
-        "AudioEncoder": dict(**per_node, max_ongoing_requests=inner, ray_actor_options={"num_cpus": 0.2},
-                             graceful_shutdown_timeout_s=STOP_GRACE_S),
+        "TextFrontend": dict(
+            num_replicas=1,
+            max_ongoing_requests=inner,
+            ray_actor_options={"num_cpus": 0.1, **({"resources": {HEAD_RESOURCE: 0.001}} if replicas > 1 else {})},
+        ),
+        "AudioEncoder": dict(
+            **per_node,
+            max_ongoing_requests=inner,
+            ray_actor_options={"num_cpus": 0.2},
+            graceful_shutdown_timeout_s=STOP_GRACE_S,
+        ),
         # The MLX model: one replica per machine, each serialising its requests on one MLX thread. Serve calls
         # its check_health every period; a dead or hung MLX thread fails it and Serve replaces the replica.
-        "CSMModel": dict(num_replicas=replicas, max_replicas_per_node=1, max_ongoing_requests=inner,
-                         ray_actor_options=model_actor, health_check_period_s=10, health_check_timeout_s=30,
-                         graceful_shutdown_timeout_s=STOP_GRACE_S),
+        "CSMModel": dict(
+            num_replicas=replicas,
+            max_replicas_per_node=1,
+            max_ongoing_requests=inner,
+            ray_actor_options=model_actor,
+            health_check_period_s=10,
+            health_check_timeout_s=30,
+            graceful_shutdown_timeout_s=STOP_GRACE_S,
+        ),
     }
 
 

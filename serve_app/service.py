@@ -20,8 +20,8 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from .processes import children, kill_session
-from .settings import PROJECT_ROOT
+from serve_app.core.constants import PROJECT_ROOT
+from serve_app.core.processes import children, kill_session
 
 
 class PidLock:
@@ -131,9 +131,14 @@ def detach(config: Path, cache_dir: Path) -> int:
     `nohup` do, which macOS lacks), its early output appended to CACHE_DIR/launch.out; returns its pid."""
     cache_dir.mkdir(parents=True, exist_ok=True)
     with open(cache_dir / "launch.out", "ab") as out:
-        child = subprocess.Popen([sys.executable, "-m", "serve_app.launch", "--service", str(config)],
-                                 cwd=PROJECT_ROOT, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                 start_new_session=True)
+        child = subprocess.Popen(
+            [sys.executable, "-m", "serve_app.launch", "--service", str(config)],
+            cwd=PROJECT_ROOT,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     return child.pid
 
 

@@ -84,7 +84,9 @@ class BatchKV:
         """One row's keys and values, (1, kv_heads, length, head_dim) per layer: what it has seen so far
         (`drop_last`: all but its newest position, which a speculative step wrote)."""
         length = int(self.lengths[row]) - int(drop_last)
-        return [(k[row:row + 1, :, :length, :], v[row:row + 1, :, :length, :]) for k, v in zip(self.keys, self.values)]
+        return [
+            (k[row : row + 1, :, :length, :], v[row : row + 1, :, :length, :]) for k, v in zip(self.keys, self.values)
+        ]
 
     def prepare_step(self) -> None:
         """Make room for one more position in every row."""

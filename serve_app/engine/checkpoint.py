@@ -1,6 +1,6 @@
 """Finding and loading a CSM checkpoint: a hub repo id or a local directory.
 
-On-disk layout (the real mlx-community conversions, and what `serve_app.tiny_checkpoint` writes):
+On-disk layout (the real mlx-community conversions, and what `serve_app.tools.tiny_checkpoint` writes):
 
     config.json            CSM config: model_type "sesame" with flavours, or transformers-style dimensions
     *.safetensors          CSM weights ("model.*" or original key names; optional "quantization" in config)
@@ -28,11 +28,12 @@ import mlx.nn as nn
 from tokenizers import Tokenizer
 from tokenizers.processors import TemplateProcessing
 
-from ..errors import ModelLoadError
-from ..settings import Settings
-from .hub import DownloadProgress, fetch_repo
+from serve_app.core.constants import LOGGER_NAME
+from serve_app.core.errors import ModelLoadError
+from serve_app.engine.hub import DownloadProgress, fetch_repo
+from serve_app.engine.options import EngineOptions
 
-logger = logging.getLogger("sesame_tts")
+logger = logging.getLogger(LOGGER_NAME)
 
 TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]
 MODEL_FILES = ["config.json", "*.safetensors", "prompts/*", "mimi/*", *TOKENIZER_FILES]
@@ -92,20 +93,20 @@ def is_local(model_id: str) -> bool:
     return model_id.startswith(("/", ".", "~")) or Path(model_id).expanduser().exists()
 
 
-def resolve_checkpoint(settings: Settings, progress: Optional[DownloadProgress] = None) -> CheckpointFiles:
+def resolve_checkpoint(options: EngineOptions, progress: Optional[DownloadProgress] = None) -> CheckpointFiles:
     """Locate (and on first use of a hub id, download) every file of the configured checkpoint."""
-    if is_local(settings.model_id):
-        root = Path(settings.model_id).expanduser().resolve()
+    if is_local(options.model_id):
+        root = Path(options.model_id).expanduser().resolve()
         if not root.is_dir():
-            raise ModelLoadError(f"MODEL_ID={settings.model_id}: no such directory")
+            raise ModelLoadError(f"MODEL_ID={options.model_id}: no such directory")
         return _layout(root)
-    root = fetch_repo(settings.model_id, settings, MODEL_FILES, progress)
+    root = fetch_repo(options.model_id, options, MODEL_FILES, progress)
     tokenizer_dir = None
     if not (root / "tokenizer.json").is_file():
-        tokenizer_dir = fetch_repo(settings.tokenizer_id, settings, TOKENIZER_FILES, progress)
+        tokenizer_dir = fetch_repo(options.tokenizer_id, options, TOKENIZER_FILES, progress)
     mimi_weights = None
     if not any((root / "mimi").glob("*.safetensors")):
-        mimi_weights = fetch_repo(settings.mimi_id, settings, [settings.mimi_file], progress) / settings.mimi_file
+        mimi_weights = fetch_repo(options.mimi_id, options, [options.mimi_file], progress) / options.mimi_file
     return _layout(root, tokenizer_dir, mimi_weights)
 
 
@@ -154,8 +155,12 @@ def load_csm(files: CheckpointFiles, dtype: str):
     weights = {k.removeprefix("model."): v for k, v in Model.sanitize(None, weights).items()}
     quant = files.config.get("quantization")
     if quant:
-        nn.quantize(model, group_size=quant["group_size"], bits=quant["bits"],
-                    class_predicate=lambda p, m: f"{p}.scales" in weights)
+        nn.quantize(
+            model,
+            group_size=quant["group_size"],
+            bits=quant["bits"],
+            class_predicate=lambda p, m: f"{p}.scales" in weights,
+        )
     target = DTYPES[dtype]
     weights = {k: v.astype(target) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()}
     try:
@@ -185,7 +190,9 @@ def mimi_config_from_dict(data: dict):
 
     fields = {f.name for f in dataclasses.fields(MimiConfig)}
     rest = {k: v for k, v in data.items() if k in fields and k not in ("seanet", "transformer")}
-    return MimiConfig(seanet=SeanetConfig(**data["seanet"]), transformer=TransformerConfig(**data["transformer"]), **rest)
+    return MimiConfig(
+        seanet=SeanetConfig(**data["seanet"]), transformer=TransformerConfig(**data["transformer"]), **rest
+    )
 
 
 def load_mimi(files: CheckpointFiles, dtype: str = "float32"):

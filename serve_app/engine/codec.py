@@ -53,16 +53,19 @@ class MimiStream:
         return decode_streams([self], [codes], stream)[0]
 
 
-def decode_streams(streams: list[MimiStream], codes: list[np.ndarray],
-                   stream: Optional[mx.Stream] = None) -> list[np.ndarray]:
+def decode_streams(
+    streams: list[MimiStream], codes: list[np.ndarray], stream: Optional[mx.Stream] = None
+) -> list[np.ndarray]:
     """Each stream's codes (K, T) -> its float32 PCM, rows that can share a call decoded as one batch.
     Every call is launched before the first result is read; `stream`: the MLX stream to run Mimi on."""
     groups: dict[tuple[int, int], list[int]] = defaultdict(list)
     for i, (s, c) in enumerate(zip(streams, codes)):
         groups[(s.frames, c.shape[1])].append(i)
     with mx.stream(stream if stream is not None else mx.default_stream(mx.default_device())):
-        launched = [(rows, _decode_batch([streams[i] for i in rows], np.stack([codes[i] for i in rows])))
-                    for rows in groups.values()]
+        launched = [
+            (rows, _decode_batch([streams[i] for i in rows], np.stack([codes[i] for i in rows])))
+            for rows in groups.values()
+        ]
     out: list[Optional[np.ndarray]] = [None] * len(streams)
     for rows, pcm in launched:
         pcm = np.array(pcm)
@@ -81,19 +84,22 @@ def _decode_batch(streams: list[MimiStream], codes: np.ndarray) -> mx.array:
         for name in streams[0].state[i]:
             values = [s.state[i][name] for s in streams]
             setattr(module, name, mx.concatenate(values) if isinstance(values[0], mx.array) else values[0])
-    shared_cache, mimi.decoder_cache = mimi.decoder_cache, [_stack_cache([s.cache[n] for s in streams])
-                                                            for n in range(len(streams[0].cache))]
+    shared_cache, mimi.decoder_cache = (
+        mimi.decoder_cache,
+        [_stack_cache([s.cache[n] for s in streams]) for n in range(len(streams[0].cache))],
+    )
     try:
         tokens = mx.array(codes)
-        pcm = mx.concatenate([mimi.decode_step(tokens[:, :, t:t + 1]) for t in range(tokens.shape[-1])], axis=-1)
+        pcm = mx.concatenate([mimi.decode_step(tokens[:, :, t : t + 1]) for t in range(tokens.shape[-1])], axis=-1)
         pcm = pcm[:, 0].astype(mx.float32)
         batch_state = [{f: getattr(m, f) for f in _STATE_FIELDS if hasattr(m, f)} for m in modules]
         batch_cache = mimi.decoder_cache
     finally:
         mimi.decoder_cache = shared_cache
     for row, s in enumerate(streams):
-        s.state = [{f: v[row:row + 1] if isinstance(v, mx.array) else v for f, v in fields.items()}
-                   for fields in batch_state]
+        s.state = [
+            {f: v[row : row + 1] if isinstance(v, mx.array) else v for f, v in fields.items()} for fields in batch_state
+        ]
         s.cache = [_row_cache(c, row) for c in batch_cache] if len(streams) > 1 else batch_cache
         s.frames += codes.shape[-1]
     mx.async_eval(pcm, *[v for s in streams for fields in s.state for v in fields.values() if isinstance(v, mx.array)])
@@ -114,7 +120,7 @@ def _stack_cache(caches: list[KVCache]) -> KVCache:
 
 def _row_cache(cache: KVCache, row: int) -> KVCache:
     single = KVCache()
-    single.keys, single.values = cache.keys[row:row + 1], cache.values[row:row + 1]
+    single.keys, single.values = cache.keys[row : row + 1], cache.values[row : row + 1]
     single.offset = cache.offset
     return single
 
@@ -141,8 +147,10 @@ class StagedEncode:
             steps += [*layer.residuals, lambda xs, layer=layer: layer.downsample(nn.elu(xs, alpha=1.0))]
         steps.append(lambda xs: encoder.final_conv1d(nn.elu(xs, alpha=1.0)))
         steps.append(lambda xs: _into_transformer(projected, xs))  # ProjectedTransformer, layer by layer
-        steps += [lambda xs, layer=layer, cache=cache: layer(xs, cache=cache, mask=None)
-                  for layer, cache in zip(projected.transformer.layers, caches)]
+        steps += [
+            lambda xs, layer=layer, cache=cache: layer(xs, cache=cache, mask=None)
+            for layer, cache in zip(projected.transformer.layers, caches)
+        ]
         steps += [lambda xs: _out_of_transformer(projected, xs), mimi.downsample, mimi.quantizer.encode]
         self._steps = steps
         self._xs = mx.array(audio, dtype=mx.float32)[None, None, :]

@@ -15,15 +15,25 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from ..errors import ModelLoadError
-from ..settings import Settings
+from serve_app.core.constants import LOGGER_NAME
+from serve_app.core.errors import ModelLoadError
+from serve_app.engine.options import EngineOptions
 
-logger = logging.getLogger("sesame_tts")
+logger = logging.getLogger(LOGGER_NAME)
 
 LOG_EVERY_S = 5.0
 # What the hub client raises when it cannot reach the hub at all (httpx2's, its own offline mode, sockets').
-_UNREACHABLE = ("ConnectError", "ConnectTimeout", "TimeoutException", "ReadTimeout", "OfflineModeIsEnabled",
-                "gaierror", "ConnectionError", "ConnectionRefusedError", "TimeoutError")
+_UNREACHABLE = (
+    "ConnectError",
+    "ConnectTimeout",
+    "TimeoutException",
+    "ReadTimeout",
+    "OfflineModeIsEnabled",
+    "gaierror",
+    "ConnectionError",
+    "ConnectionRefusedError",
+    "TimeoutError",
+)
 
 
 class DownloadProgress:
@@ -55,17 +65,27 @@ class DownloadProgress:
                 self._last_log = now
         if due:
             report = self.report()
-            logger.info("downloading: %.2f of %.2f GB (%s%%)", report["done_bytes"] / 1e9, report["total_bytes"] / 1e9,
-                        report["percent"])
+            logger.info(
+                "downloading: %.2f of %.2f GB (%s%%)",
+                report["done_bytes"] / 1e9,
+                report["total_bytes"] / 1e9,
+                report["percent"],
+            )
 
     def report(self) -> dict:
         """{done_bytes, total_bytes, percent, files: [{file, done_bytes, total_bytes}]} for /health."""
         with self._lock:
-            files = [{"file": key, "done_bytes": done, "total_bytes": total} for key, (done, total) in self._files.items()]
+            files = [
+                {"file": key, "done_bytes": done, "total_bytes": total} for key, (done, total) in self._files.items()
+            ]
         done = sum(f["done_bytes"] for f in files)
         total = sum(f["total_bytes"] for f in files)
-        return {"done_bytes": done, "total_bytes": total, "percent": round(100 * done / total, 1) if total else None,
-                "files": files}
+        return {
+            "done_bytes": done,
+            "total_bytes": total,
+            "percent": round(100 * done / total, 1) if total else None,
+            "files": files,
+        }
 
     def bar(self, key: str) -> type:
         """A progress-bar class for huggingface_hub's `tqdm_class` that feeds this file's counts."""
@@ -93,11 +113,13 @@ class DownloadProgress:
         return _Bar
 
 
-def offline_message(repo_id: str, settings: Settings, reason: str) -> str:
-    return (f"cannot download {repo_id} from the Hugging Face hub ({reason}). The first start needs the network "
-            f"once (about 6 GB for the full model); later starts load offline from {settings.cache_dir / 'hub'}. "
-            f"Or set MODEL_ID to a local CSM checkpoint folder. To try the server offline with a tiny random-weight "
-            f"checkpoint: python -m serve_app.tiny_checkpoint /tmp/csm-tiny, then MODEL_ID=/tmp/csm-tiny.")
+def offline_message(repo_id: str, options: EngineOptions, reason: str) -> str:
+    return (
+        f"cannot download {repo_id} from the Hugging Face hub ({reason}). The first start needs the network "
+        f"once (about 6 GB for the full model); later starts load offline from {options.cache_dir / 'hub'}. "
+        f"Or set MODEL_ID to a local CSM checkpoint folder. To try the server offline with a tiny random-weight "
+        f"checkpoint: python -m serve_app.tools.tiny_checkpoint /tmp/csm-tiny, then MODEL_ID=/tmp/csm-tiny."
+    )
 
 
 def _causes(exc: Optional[BaseException]) -> list[BaseException]:
@@ -121,33 +143,43 @@ def _diagnose(exc: BaseException) -> tuple[bool, BaseException]:
     return unreachable, exc
 
 
-def fetch_repo(repo_id: str, settings: Settings, patterns: list[str], progress: Optional[DownloadProgress] = None) -> Path:
+def fetch_repo(
+    repo_id: str, options: EngineOptions, patterns: list[str], progress: Optional[DownloadProgress] = None
+) -> Path:
     """A snapshot of `repo_id` in CACHE_DIR: from the cache when present, else downloaded once."""
     from huggingface_hub import hf_hub_download, snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
-    kwargs = dict(cache_dir=settings.cache_dir / "hub", endpoint=settings.hf_endpoint,
-                  token=settings.hf_token.get_secret_value() if settings.hf_token else None)
+    kwargs = dict(
+        cache_dir=options.cache_dir / "hub",
+        endpoint=options.hf_endpoint,
+        token=options.hf_token.get_secret_value() if options.hf_token else None,
+    )
     try:
         return Path(snapshot_download(repo_id, local_files_only=True, allow_patterns=patterns, **kwargs))
     except LocalEntryNotFoundError:
         pass
     if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
-        raise ModelLoadError(offline_message(repo_id, settings, "HF_HUB_OFFLINE is set and it is not cached"))
+        raise ModelLoadError(offline_message(repo_id, options, "HF_HUB_OFFLINE is set and it is not cached"))
     progress = progress or DownloadProgress()
-    logger.info("downloading %s into %s (first run only)", repo_id, settings.cache_dir / "hub")
+    logger.info("downloading %s into %s (first run only)", repo_id, options.cache_dir / "hub")
     try:
         plan = snapshot_download(repo_id, allow_patterns=patterns, dry_run=True, **kwargs)
         todo = [f for f in plan if f.will_download]
         progress.start(repo_id, {f.filename: f.file_size for f in todo})
         for f in todo:
-            hf_hub_download(repo_id, f.filename, revision=f.commit_hash, tqdm_class=progress.bar(f"{repo_id}/{f.filename}"),
-                            **kwargs)
+            hf_hub_download(
+                repo_id,
+                f.filename,
+                revision=f.commit_hash,
+                tqdm_class=progress.bar(f"{repo_id}/{f.filename}"),
+                **kwargs,
+            )
         path = Path(snapshot_download(repo_id, allow_patterns=patterns, **kwargs))
     except Exception as exc:  # the hub's errors are many; the message is what matters here
         unreachable, exc = _diagnose(exc)
         if unreachable:
-            raise ModelLoadError(offline_message(repo_id, settings, "the hub cannot be reached")) from None
+            raise ModelLoadError(offline_message(repo_id, options, "the hub cannot be reached")) from None
         text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         gated = any(s in str(exc).lower() for s in ("401", "403", "gated"))
         hint = " (gated repo: accept its licence on the hub and set HF_TOKEN)" if gated else ""

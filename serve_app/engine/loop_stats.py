@@ -42,8 +42,11 @@ class LoopStats:
 
     def per_frame(self) -> dict:
         frames = max(1, self.frames)
-        return {"frames": self.frames, "syncs_per_frame": round(self.syncs / frames, 2),
-                "host_ms_per_frame": round(1000 * (self.step_s - self.sync_s) / frames, 3),
-                "sync_wait_ms_per_frame": round(1000 * self.sync_s / frames, 3),
-                "frame_wait_ms_per_frame": round(1000 * self.frame_wait_s / frames, 3),
-                "step_ms_per_frame": round(1000 * self.step_s / frames, 3)}
+        return {
+            "frames": self.frames,
+            "syncs_per_frame": round(self.syncs / frames, 2),
+            "host_ms_per_frame": round(1000 * (self.step_s - self.sync_s) / frames, 3),
+            "sync_wait_ms_per_frame": round(1000 * self.sync_s / frames, 3),
+            "frame_wait_ms_per_frame": round(1000 * self.frame_wait_s / frames, 3),
+            "step_ms_per_frame": round(1000 * self.step_s / frames, 3),
+        }

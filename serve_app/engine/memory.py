@@ -15,22 +15,40 @@ import os
 
 import mlx.core as mx
 
-from ..errors import OutOfMemoryError
-from ..processes import resident_bytes
+from serve_app.core.errors import OutOfMemoryError
+from serve_app.core.processes import resident_bytes
 
 MB = 1 << 20
 
 # How MLX and Metal word an allocation failure.
-_ALLOCATION_FAILURES = ("unable to allocate", "out of memory", "insufficient memory", "maximum allowed buffer size",
-                        "resource limit")
+_ALLOCATION_FAILURES = (
+    "unable to allocate",
+    "out of memory",
+    "insufficient memory",
+    "maximum allowed buffer size",
+    "resource limit",
+)
+
+
+def release_buffers() -> None:
+    """Give MLX's cached buffers back to the system once nothing references them (after an idle unload):
+    a collection first, so arrays held only by reference cycles go too. On the thread that owns the model."""
+    import gc
+
+    gc.collect()
+    mx.clear_cache()
 
 
 def memory_report() -> dict:
     """MLX's allocator figures and the resident size, in MB (peak: since the latest request began)."""
     rss = resident_bytes()
-    return {"mlx_active_mb": round(mx.get_active_memory() / MB, 1), "mlx_cache_mb": round(mx.get_cache_memory() / MB, 1),
-            "mlx_peak_mb": round(mx.get_peak_memory() / MB, 1), "rss_mb": round(rss / MB, 1) if rss else None,
-            "pid": os.getpid()}
+    return {
+        "mlx_active_mb": round(mx.get_active_memory() / MB, 1),
+        "mlx_cache_mb": round(mx.get_cache_memory() / MB, 1),
+        "mlx_peak_mb": round(mx.get_peak_memory() / MB, 1),
+        "rss_mb": round(rss / MB, 1) if rss else None,
+        "pid": os.getpid(),
+    }
 
 
 class MemoryGuard:
@@ -52,7 +70,8 @@ class MemoryGuard:
         if self.limit_mb and mx.get_peak_memory() > self.limit_mb * MB:
             raise OutOfMemoryError(
                 f"Generation needed {mx.get_peak_memory() / MB:.0f} MB of MLX memory, more than "
-                f"MLX_MEMORY_LIMIT_MB={self.limit_mb}; try a shorter input.")
+                f"MLX_MEMORY_LIMIT_MB={self.limit_mb}; try a shorter input."
+            )
 
     @staticmethod
     def translate(exc: BaseException) -> BaseException:

@@ -23,9 +23,10 @@ import mlx.core as mx
 import numpy as np
 from mlx_audio.lm.models.cache import KVCache
 
-from .batch import prefill
+from serve_app.core.constants import LOGGER_NAME
+from serve_app.engine.batch import prefill
 
-logger = logging.getLogger("sesame_tts")
+logger = logging.getLogger(LOGGER_NAME)
 
 MB = 1 << 20
 
@@ -43,8 +44,9 @@ def caches_from(state: State) -> list[KVCache]:
 
 
 def token_key(ids: np.ndarray, mask: np.ndarray) -> bytes:
-    return hashlib.sha256(np.ascontiguousarray(ids).tobytes() + np.ascontiguousarray(mask).tobytes()
-                          + str(ids.shape).encode()).digest()
+    return hashlib.sha256(
+        np.ascontiguousarray(ids).tobytes() + np.ascontiguousarray(mask).tobytes() + str(ids.shape).encode()
+    ).digest()
 
 
 class PrefixCache:
@@ -52,7 +54,7 @@ class PrefixCache:
 
     def __init__(self, limit_mb: int):
         self.limit_bytes = limit_mb * MB
-        self._entries: "OrderedDict[bytes, tuple[State, int]]" = OrderedDict()
+        self._entries: OrderedDict[bytes, tuple[State, int]] = OrderedDict()
 
     @property
     def nbytes(self) -> int:
@@ -68,12 +70,15 @@ class PrefixCache:
             self._entries.move_to_end(key)
             return True
         _, caches = prefill(model, mx.array(ids)[None], mx.array(mask)[None])
-        state = [(c.keys[..., :c.offset, :], c.values[..., :c.offset, :]) for c in caches]
+        state = [(c.keys[..., : c.offset, :], c.values[..., : c.offset, :]) for c in caches]
         mx.eval(state)
         size = sum(k.nbytes + v.nbytes for k, v in state)
         if size > self.limit_bytes:
-            logger.info("prefix of %d positions (%.1f MB) is over VOICE_CACHE_MB; it is prefilled per request",
-                        len(ids), size / MB)
+            logger.info(
+                "prefix of %d positions (%.1f MB) is over VOICE_CACHE_MB; it is prefilled per request",
+                len(ids),
+                size / MB,
+            )
             return False
         while self._entries and self.nbytes + size > self.limit_bytes:
             self._entries.popitem(last=False)

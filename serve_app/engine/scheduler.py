@@ -26,23 +26,25 @@ from __future__ import annotations
 
 import logging
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import mlx.core as mx
 import numpy as np
 
-from .batch import BatchKV, embed_frame, prefill
-from .codec import decode_streams
-from .loop_stats import LoopStats
-from .memory import MemoryGuard
-from .request import END, SynthesisRequest
-from .session import SpeechSession
+from serve_app.core.constants import LOGGER_NAME
+from serve_app.core.messages import END, SynthesisRequest
+from serve_app.engine.batch import BatchKV, embed_frame, prefill
+from serve_app.engine.codec import decode_streams
+from serve_app.engine.loop_stats import LoopStats
+from serve_app.engine.memory import MemoryGuard
+from serve_app.engine.session import SpeechSession
 
 if TYPE_CHECKING:
-    from .generation import CSMEngine
+    from serve_app.engine.csm import CSMEngine
 
-logger = logging.getLogger("sesame_tts")
+logger = logging.getLogger(LOGGER_NAME)
 
 
 @dataclass
@@ -80,10 +82,10 @@ class GenerationJob:
 class BatchScheduler:
     """Runs the batch one frame at a time; `add` jobs from the MLX thread, then `step` while `active`."""
 
-    def __init__(self, engine: "CSMEngine", max_batch: int, pipelined: Optional[bool] = None):
+    def __init__(self, engine: CSMEngine, max_batch: int, pipelined: Optional[bool] = None):
         self.engine = engine
         self.max_batch = max_batch
-        self.pipelined = engine.settings.pipeline if pipelined is None else pipelined
+        self.pipelined = engine.options.pipeline if pipelined is None else pipelined
         self.waiting: deque[SpeechSession] = deque()
         self.rows: list[SpeechSession] = []  # in the order of the cache rows
         self.starting: list[SpeechSession] = []  # in the batch, between two text chunks
@@ -146,7 +148,7 @@ class BatchScheduler:
         if self.rows:
             hidden.append(engine.backbone_step(embed_frame(model, self._last), self._kv))
         # With rows generating, a joining prompt gets a bounded share of this step; with none, nobody waits.
-        budget = engine.settings.prefill_step_positions if self.rows else None
+        budget = engine.options.prefill_step_positions if self.rows else None
         while (self.starting or (self.waiting and self.generating < self.max_batch)) and (budget is None or budget > 0):
             if not self.starting:
                 self.starting.append(self.waiting.popleft())
@@ -162,8 +164,12 @@ class BatchScheduler:
                     session.prefill = PendingPrefill(*prompt)
                 part = session.prefill
                 take = part.remaining if budget is None else min(part.remaining, budget)
-                last, part.cache = prefill(model, part.tokens[:, part.done:part.done + take],
-                                           part.mask[:, part.done:part.done + take], part.cache)
+                last, part.cache = prefill(
+                    model,
+                    part.tokens[:, part.done : part.done + take],
+                    part.mask[:, part.done : part.done + take],
+                    part.cache,
+                )
                 part.done += take
                 budget = None if budget is None else budget - take
                 with self.stats.sync():  # its own errors (memory) surface here, failing only this request
@@ -186,8 +192,9 @@ class BatchScheduler:
             return False
         inv_temperature = mx.array([[s.inv_temperature] for s in self.rows], dtype=mx.float32)
         top_k = mx.array([[s.top_k] for s in self.rows], dtype=mx.int32)
-        self._last, keys = engine.frame_decoder(mx.concatenate(hidden), [s.key for s in self.rows], inv_temperature,
-                                                top_k)
+        self._last, keys = engine.frame_decoder(
+            mx.concatenate(hidden), [s.key for s in self.rows], inv_temperature, top_k
+        )
         for session, key in zip(self.rows, keys):
             session.advance(key)
         outputs = [self._last, *keys, *self._kv.keys, *self._kv.values]

@@ -8,20 +8,19 @@ its Mimi streaming state and its output. The scheduler only moves frames in and 
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Optional
 
 import mlx.core as mx
 import numpy as np
 
-from ..protocol import Usage
-from .codec import MimiStream
-from .prefix import State, caches_from, token_key
-from .request import END, SynthesisRequest
+from serve_app.core.messages import END, SynthesisRequest, Usage
+from serve_app.engine.codec import MimiStream
+from serve_app.engine.prefix import State, caches_from, token_key
+from serve_app.engine.prompts import MAX_POSITIONS
 
 if TYPE_CHECKING:
-    from .generation import CSMEngine
-
-MAX_POSITIONS = 2048  # CSM's backbone context (and its RoPE table)
+    from serve_app.engine.csm import CSMEngine
 
 
 class SpeechSession:
@@ -30,8 +29,13 @@ class SpeechSession:
     `post` receives PCM bytes (s16le, 24 kHz mono) as each group is decoded, then one `Usage`.
     """
 
-    def __init__(self, engine: "CSMEngine", request: SynthesisRequest, post: Callable[[Any], None],
-                 cancelled: Callable[[], bool] = lambda: False):
+    def __init__(
+        self,
+        engine: CSMEngine,
+        request: SynthesisRequest,
+        post: Callable[[Any], None],
+        cancelled: Callable[[], bool] = lambda: False,
+    ):
         self.engine, self.request, self.post, self.cancelled = engine, request, post, cancelled
         seed = request.seed if request.seed is not None else int.from_bytes(os.urandom(7), "little")
         self._key = mx.random.key(seed)
@@ -41,10 +45,12 @@ class SpeechSession:
         self.inv_temperature = 1.0 / preset.temperature
         self.top_k = max(1, min(preset.top_k, engine.vocab_size))
         self._fixed = engine.fixed_context(preset, request.context, request.voice_prompt)
-        self._reuse = engine.settings.prefix_cache
-        self._fixed_key = (token_key(np.concatenate([s.ids for s in self._fixed]),
-                                     np.concatenate([s.mask for s in self._fixed]))
-                           if self._fixed and self._reuse else None)
+        self._reuse = engine.options.prefix_cache
+        self._fixed_key = (
+            token_key(np.concatenate([s.ids for s in self._fixed]), np.concatenate([s.mask for s in self._fixed]))
+            if self._fixed and self._reuse
+            else None
+        )
         self._resume: Optional[State] = None  # this request's cache row after its last chunk
         self.prefill = None  # the scheduler's PendingPrefill while this chunk's prompt goes in
         self._last_frame: Optional[np.ndarray] = None  # the frame that ended the last chunk
@@ -58,7 +64,7 @@ class SpeechSession:
         self._prompt_length = 0
         self._frames: list[np.ndarray] = []
         self._pending: list[np.ndarray] = []
-        self._group = engine.settings.first_group_frames
+        self._group = engine.options.first_group_frames
         self.gone = False  # ended (cancelled or failed) while a frame of it may still be in flight
 
     @property
@@ -94,8 +100,11 @@ class SpeechSession:
         cache, seen = None, 0
         fixed = len(self._fixed)
         # The cached prefix applies only when every fixed segment made it into the context, in order.
-        if (self._fixed_key is not None and len(context) >= fixed
-                and all(a is b for a, b in zip(context[:fixed], self._fixed))):
+        if (
+            self._fixed_key is not None
+            and len(context) >= fixed
+            and all(a is b for a, b in zip(context[:fixed], self._fixed))
+        ):
             cache = engine.prefixes.lookup(self._fixed_key)
             if cache is not None:
                 context, seen = context[fixed:], cache[0].offset
@@ -143,7 +152,7 @@ class SpeechSession:
         """With one frame computed and not yet read, whether that frame completes this request's first group
         (its first audio): the scheduler reads it before launching another, so first audio does not wait
         for a launch (on MLX's CPU backend a launch computes the frame)."""
-        done, first = self.usage.output_tokens, self.engine.settings.first_group_frames
+        done, first = self.usage.output_tokens, self.engine.options.first_group_frames
         return done < first and (done + 1 >= first or self.last_frame_in_flight)
 
     def rewind(self) -> None:
@@ -182,7 +191,7 @@ class SpeechSession:
         if not (self._flush_due and self._pending):
             return None
         if len(self._pending) >= self._group:
-            self._group = self.engine.settings.group_frames
+            self._group = self.engine.options.group_frames
         bins = self.engine.mimi.cfg.quantizer_bins
         codes = np.minimum(np.stack(self._pending, axis=1), bins - 1)
         self._pending, self._flush_due = [], False

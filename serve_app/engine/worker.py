@@ -27,15 +27,18 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Callable, Optional
+from typing import Any, Optional
 
 import mlx.core as mx
 
-from ..errors import ServiceUnavailableError
-from .scheduler import END, BatchScheduler, GenerationJob
+from serve_app.core.constants import LOGGER_NAME
+from serve_app.core.errors import ServiceUnavailableError
+from serve_app.core.messages import END, received
+from serve_app.engine.scheduler import BatchScheduler, GenerationJob
 
-logger = logging.getLogger("sesame_tts")
+logger = logging.getLogger(LOGGER_NAME)
 
 EXIT_JOIN_S = 5.0  # at interpreter exit, how long an idle or finishing worker gets to end
 
@@ -74,8 +77,13 @@ class Liveness:
     error: Optional[str] = None  # why the thread ended, if it did
 
     def as_dict(self) -> dict:
-        return {"alive": self.alive, "task": self.task, "task_s": round(self.task_s, 2), "tasks_done": self.tasks_done,
-                **({"error": self.error} if self.error else {})}
+        return {
+            "alive": self.alive,
+            "task": self.task,
+            "task_s": round(self.task_s, 2),
+            "tasks_done": self.tasks_done,
+            **({"error": self.error} if self.error else {}),
+        }
 
 
 class ModelWorker:
@@ -83,7 +91,7 @@ class ModelWorker:
 
     def __init__(self, device: Optional[mx.DeviceType] = None, name: str = "mlx-worker"):
         self._device = device
-        self._jobs: "queue.Queue[Any]" = queue.Queue()
+        self._jobs: queue.Queue[Any] = queue.Queue()
         self.scheduler: Optional[BatchScheduler] = None  # set on this thread once the model is loaded
         self._task: Optional[str] = None
         self._task_since = 0.0
@@ -106,9 +114,13 @@ class ModelWorker:
     def liveness(self) -> Liveness:
         now = time.monotonic()
         task = self._task
-        return Liveness(alive=self._thread.is_alive() and self._ended is None, task=task,
-                        task_s=now - self._task_since if task else 0.0, tasks_done=self._tasks_done,
-                        error=self._ended)
+        return Liveness(
+            alive=self._thread.is_alive() and self._ended is None,
+            task=task,
+            task_s=now - self._task_since if task else 0.0,
+            tasks_done=self._tasks_done,
+            error=self._ended,
+        )
 
     def submit(self, fn: Callable[[], Any], label: str = "call", step_after: bool = False) -> concurrent.futures.Future:
         """Run `fn()` on the worker thread; the future holds its result or exception. `label` names the
@@ -138,11 +150,9 @@ class ModelWorker:
             self._drain(self._dead_error())
         try:
             while True:
-                item = await results.get()
+                item = received(await results.get())
                 if item is END:
                     return
-                if isinstance(item, BaseException):
-                    raise item
                 yield item
         finally:
             cancel.set()
@@ -156,8 +166,10 @@ class ModelWorker:
             self._thread.join(EXIT_JOIN_S)
 
     def _dead_error(self) -> ServiceUnavailableError:
-        return ServiceUnavailableError(f"The model worker has stopped ({self._ended}); the replica is being "
-                                       "replaced, retry shortly.", code="model_worker_stopped")
+        return ServiceUnavailableError(
+            f"The model worker has stopped ({self._ended}); the replica is being replaced, retry shortly.",
+            code="model_worker_stopped",
+        )
 
     def _begin(self, task: str) -> None:
         self._task, self._task_since = task, time.monotonic()

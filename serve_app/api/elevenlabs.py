@@ -1,0 +1,170 @@
+"""The ElevenLabs dialect, served by the same ingress under /elevenlabs (clients set the base URL
+`http://host:8880/elevenlabs`): its text-to-speech routes (whole and streamed), voices and models, its
+`xi-api-key` header and its error bodies.
+
+It is a FastAPI app of its own, mounted on the ingress's app, because ElevenLabs' `GET /v1/models` (a bare
+array) and `GET /v1/voices` clash with OpenAI's routes of the same paths, and because its errors have another
+shape: `{"detail": {"status": code, "message": ...}}`, and FastAPI's own 422 list for validation (ElevenLabs
+runs FastAPI too). Speech goes through the ingress's `start_speech`: the same admission, engine, streaming
+per frame, log line and metrics as OpenAI's route; only the request and the output formats differ.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Optional
+
+from fastapi import FastAPI, Query, Request
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, StrictStr
+
+from serve_app.api.errors import install_error_handlers
+from serve_app.api.protocol import SpeechRequest
+from serve_app.api.routing import Route, add_routes
+from serve_app.core.constants import LOGGER_NAME, MODEL_NAME
+from serve_app.core.errors import APIError, NotFoundError
+from serve_app.core.formats import ElevenLabsFormat
+from serve_app.core.settings import Settings
+from serve_app.voices.presets import elevenlabs_id
+
+logger = logging.getLogger(LOGGER_NAME)
+
+PREFIX = "/elevenlabs"
+DEFAULT_OUTPUT_FORMAT = "mp3_44100_128"  # ElevenLabs' default
+
+
+class VoiceSettings(BaseModel):
+    """ElevenLabs' voice_settings: `speed` is applied (pitch kept, as OpenAI's speed); stability, similarity
+    and style have no CSM counterpart and are accepted."""
+
+    model_config = ConfigDict(extra="allow")
+    stability: Optional[float] = None
+    similarity_boost: Optional[float] = None
+    style: Optional[float] = None
+    use_speaker_boost: Optional[bool] = None
+    speed: Optional[float] = Field(None, ge=0.25, le=4.0)
+
+
+class TextToSpeechRequest(BaseModel):
+    """The body of POST /v1/text-to-speech/{voice_id}[/stream]. `model_id` may be any (one model here);
+    previous_text/next_text, language_code, pronunciation dictionaries and the request-id stitching fields
+    are accepted and not used (CSM's context is audio and text of earlier turns, not neighbouring text)."""
+
+    model_config = ConfigDict(extra="allow")
+    text: StrictStr
+    model_id: Optional[str] = None
+    language_code: Optional[str] = None
+    voice_settings: Optional[VoiceSettings] = None
+    seed: Optional[int] = Field(None, ge=0, le=4294967295)
+    previous_text: Optional[str] = None
+    next_text: Optional[str] = None
+    apply_text_normalization: Optional[str] = None
+
+
+class ElevenLabsRoutes:
+    """The dialect's routes as data, bound to the ingress (its settings, frontend and `start_speech`)."""
+
+    def __init__(self, settings: Settings, frontend, start_speech):
+        self._settings = settings
+        self._frontend = frontend
+        self._start_speech = start_speech
+
+    def app(self) -> FastAPI:
+        app = FastAPI(title="Sesame TTS (ElevenLabs dialect)", docs_url=None, redoc_url=None)
+
+        install_error_handlers(app, "elevenlabs")
+
+        # The API key (xi-api-key or a bearer token) is checked on the headers by the ingress's RequestGuard.
+        add_routes(
+            app,
+            [
+                Route("/v1/text-to-speech/{voice_id}", self.convert, "POST"),
+                Route("/v1/text-to-speech/{voice_id}/stream", self.convert, "POST"),
+                Route("/v1/voices", self.list_voices),
+                Route("/v2/voices", self.search_voices),
+                Route("/v1/voices/{voice_id}", self.get_voice),
+                Route("/v1/models", self.list_models),
+            ],
+        )
+        return app
+
+    async def convert(
+        self,
+        voice_id: str,
+        body: TextToSpeechRequest,
+        output_format: ElevenLabsFormat = Query(DEFAULT_OUTPUT_FORMAT),  # type: ignore[valid-type]
+        optimize_streaming_latency: Optional[int] = Query(None, ge=0, le=4),
+        enable_logging: Optional[bool] = None,
+    ) -> StreamingResponse:
+        """Audio for the text, streamed as it is generated (both routes: the whole file arrives the same way
+        it would be streamed; `optimize_streaming_latency` is accepted, every frame streams anyway)."""
+        speed = body.voice_settings.speed if body.voice_settings and body.voice_settings.speed else 1.0
+        request = SpeechRequest(
+            model=body.model_id or MODEL_NAME, input=body.text, voice=voice_id, speed=float(speed), seed=body.seed
+        )
+        try:
+            stream = await self._start_speech(request, output_format)
+        except APIError as exc:
+            if exc.code == "invalid_voice":  # a path parameter: ElevenLabs answers 404
+                raise NotFoundError(
+                    f"A voice with the voice_id {voice_id} was not found.", code="voice_not_found"
+                ) from None
+            raise
+        return stream.response(False, {"Cache-Control": "no-cache"})
+
+    async def _voices(self, request: Request) -> list[dict]:
+        """Presets and aliases for anyone; custom voices only with the key (as on the OpenAI side)."""
+        voices = []
+        for info in await self._frontend.voices.remote(include_custom=request.state.api_key_ok):
+            custom = info.id.startswith("voice_")
+            voices.append(
+                {
+                    "voice_id": elevenlabs_id(info.id),
+                    "name": info.name,
+                    "category": "cloned" if custom else "premade",
+                    "description": info.description,
+                    "labels": {"sesame_voice": info.id},
+                    "preview_url": None,
+                    "high_quality_base_model_ids": [MODEL_NAME],
+                }
+            )
+        return voices
+
+    async def list_voices(self, request: Request) -> dict:
+        return {"voices": await self._voices(request)}
+
+    async def search_voices(
+        self, request: Request, page_size: int = Query(10, ge=1, le=100), search: Optional[str] = None
+    ) -> dict:
+        voices = [v for v in await self._voices(request) if not search or search.lower() in v["name"].lower()]
+        return {
+            "voices": voices[:page_size],
+            "has_more": len(voices) > page_size,
+            "total_count": len(voices),
+            "next_page_token": None,
+        }
+
+    async def get_voice(self, request: Request, voice_id: str) -> dict:
+        for voice in await self._voices(request):
+            if voice["voice_id"] == voice_id:
+                return voice
+        raise NotFoundError(f"A voice with the voice_id {voice_id} was not found.", code="voice_not_found")
+
+    async def list_models(self) -> list[dict[str, Any]]:
+        """ElevenLabs' model list is a bare JSON array."""
+        return [
+            {
+                "model_id": MODEL_NAME,
+                "name": "Sesame CSM-1B",
+                "description": "Sesame's conversational speech model, served locally on MLX.",
+                "can_do_text_to_speech": True,
+                "can_do_voice_conversion": False,
+                "can_use_style": False,
+                "can_use_speaker_boost": False,
+                "can_be_finetuned": False,
+                "languages": [{"language_id": "en", "name": "English"}],
+                "max_characters_request_free_user": self._settings.max_input_length,
+                "max_characters_request_subscribed_user": self._settings.max_input_length,
+                "maximum_text_length_per_request": self._settings.max_input_length,
+            }
+        ]

@@ -1,0 +1,337 @@
+"""SpeechIngress: the OpenAI-compatible HTTP API (FastAPI), the only deployment that speaks HTTP.
+
+The status code is decided before the first byte: the ingress awaits the encoder's first chunk and only then
+commits to 200, so every failure before audio starts gets a proper OpenAI error body. A failure after
+audio has started cannot change the status any more; it aborts a raw audio stream (the client sees a
+broken chunked body, not a complete file) or ends an SSE stream with an error event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+import uuid
+from typing import Optional
+
+from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from serve_app.api import elevenlabs
+from serve_app.api.errors import create_error_response, install_error_handlers
+from serve_app.api.guard import RequestGuard
+from serve_app.api.limits import Admission, BodySizeLimit
+from serve_app.api.protocol import AudioModel, AudioModelList, ModelCard, ModelList, SpeechRequest, VoiceList
+from serve_app.api.routing import Route, add_routes
+from serve_app.api.streaming import CLIENT_GONE, SpeechStream
+from serve_app.api.voice_routes import UPLOAD_BODY_BYTES, UPLOAD_PATHS, VoiceRoutes
+from serve_app.core.constants import LOGGER_NAME
+from serve_app.core.errors import APIError, NotFoundError, ServiceUnavailableError, status_of
+from serve_app.core.formats import OPENAI_FORMATS
+from serve_app.core.logs import configure_logging
+from serve_app.core.messages import EncodeRequest, StageTimes, SynthesisRequest
+from serve_app.core.observability import RequestRecord
+from serve_app.core.settings import Settings
+from serve_app.model import registry as replicas
+from serve_app.model.lifecycle import SERVING_STATES
+
+logger = logging.getLogger(LOGGER_NAME)
+
+
+# One server-sent event: `data` is a JSON speech.audio.delta / speech.audio.done / error event, or [DONE].
+SSE_EVENT_SCHEMA = {
+    "type": "object",
+    "required": ["data"],
+    "properties": {"data": {"type": "string"}, "event": {"type": "string"}},
+}
+
+SPEECH_RESPONSES = {
+    200: {
+        "description": "Audio as it is generated (chunked), or server-sent events when stream_format is 'sse'.",
+        "content": {
+            **{
+                ctype: {"schema": {"type": "string", "format": "binary"}}
+                for ctype in {f.content_type for f in OPENAI_FORMATS.values()}
+            },
+            "text/event-stream": {"schema": SSE_EVENT_SCHEMA},
+        },
+    },
+}
+
+
+def _openapi_without_422(app: FastAPI) -> dict:
+    """FastAPI documents 422 for validation errors; this server answers them with 400 (as OpenAI does)."""
+    if app.openapi_schema is None:
+        schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+        for path in schema.get("paths", {}).values():
+            for operation in path.values():
+                operation.get("responses", {}).pop("422", None)
+        for name in ("HTTPValidationError", "ValidationError"):
+            schema.get("components", {}).get("schemas", {}).pop(name, None)
+        app.openapi_schema = schema
+    return app.openapi_schema
+
+
+SPEECH_PATH = "/v1/audio/speech"
+
+# Who may call what, decided on the headers by RequestGuard: (method, path pattern, access). "lists": open
+# unless LISTS_NEED_API_KEY (Open WebUI fetches them without a key; custom voices are listed only with the
+# key); "trusted": the key or a loopback client (details of this machine); anything else under /v1/ and
+# /elevenlabs/ needs the key; other paths are open (they are 404s).
+ROUTE_ACCESS = [
+    ("GET", re.compile(r"/health"), None),
+    ("GET", re.compile(r"/(docs|docs/oauth2-redirect|redoc|openapi\.json)"), "trusted"),
+    ("GET", re.compile(r"/v1/models(/[^/]+)?|/v1/audio/models|/v1/audio/voices"), "lists"),
+    ("GET", re.compile(r"/elevenlabs/v1/voices(/[^/]+)?|/elevenlabs/v2/voices|/elevenlabs/v1/models"), "lists"),
+]
+GUARDED_PREFIXES = ("/v1/", elevenlabs.PREFIX + "/")
+
+
+def route_access(settings: Settings, method: str, path: str) -> Optional[str]:
+    if method == "OPTIONS":  # a browser's CORS preflight never carries the key (CORSMiddleware answers it)
+        return None
+    for route_method, pattern, access in ROUTE_ACCESS:
+        if (method == route_method or method == "HEAD" and route_method == "GET") and pattern.fullmatch(path):
+            return ("key" if settings.lists_need_api_key else None) if access == "lists" else access
+    return "key" if path.startswith(GUARDED_PREFIXES) else None
+
+
+def new_request_id() -> str:
+    return uuid.uuid4().hex[:12]
+
+
+class SpeechIngress:
+    def __init__(
+        self, settings: Settings, frontend, encoder, model, model_replicas: int = 1, health_key: str = "local"
+    ):
+        configure_logging(settings.log_level)
+        settings = settings.with_secrets()  # API_KEY from SECRETS_FILE: never in what Ray shipped
+        self._settings = settings
+        self._frontend = frontend
+        self._encoder = encoder
+        self._model = model
+        self._model_replicas = model_replicas
+        self._health_key = health_key
+        # Speech requests between admission and their last byte; bounded, and the stop drain waits for it. The
+        # slots follow the model replicas that can serve (refreshed from their published health).
+        self._admission = Admission(settings.max_queued_requests, slots=model_replicas * settings.max_batch_size)
+        self._replicas: list[dict] = []
+        self._replicas_read = 0.0
+
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        """Serve calls this on the replica after __init__; routes are bound methods of this instance."""
+        return self.build_asgi_app()
+
+    def build_asgi_app(self) -> FastAPI:
+        app = FastAPI(title="Sesame TTS", description="OpenAI-compatible text-to-speech with Sesame CSM-1B on MLX.")
+        install_error_handlers(app, "openai", on_bad_request=lambda: RequestRecord(new_request_id()).finish("400"))
+        app.add_middleware(
+            BodySizeLimit,
+            max_bytes=self._settings.max_request_bytes,
+            larger=dict.fromkeys(UPLOAD_PATHS, UPLOAD_BODY_BYTES),
+            respond=self._dialect_error,
+        )
+        if self._settings.cors_origins:  # browser pages allowed to call (and read) the API
+            app.add_middleware(
+                CORSMiddleware,
+                allow_origins=list(self._settings.cors_origins),
+                allow_methods=["*"],
+                allow_headers=["*"],
+                expose_headers=["x-request-id", "request-id", "server-timing"],
+            )
+        # Outermost: Host, Origin, API key and the body's deadline, on the headers, before any body is read.
+        app.add_middleware(
+            RequestGuard,
+            settings=self._settings,
+            access=lambda method, path: route_access(self._settings, method, path),
+            respond=self._dialect_error,
+            on_unauthorized=self._unauthorized,
+            alternative_key_header=lambda path: "xi-api-key" if path.startswith(elevenlabs.PREFIX) else None,
+        )
+        add_routes(app, self.routes())
+        # ElevenLabs' API under its own prefix (its routes clash with OpenAI's; its errors have another shape).
+        app.mount(
+            elevenlabs.PREFIX, elevenlabs.ElevenLabsRoutes(self._settings, self._frontend, self.start_speech).app()
+        )
+        app.openapi = lambda: _openapi_without_422(app)
+        return app
+
+    def routes(self) -> list[Route]:
+        """The OpenAI dialect's routes, the custom voices' and /health (who may call each: ROUTE_ACCESS)."""
+        return [
+            Route(
+                SPEECH_PATH,
+                self.create_speech,
+                "POST",
+                errors=(400, 401, 413, 429, 500, 503),
+                response_class=StreamingResponse,
+                responses=SPEECH_RESPONSES,
+            ),
+            Route("/v1/models", self.list_models, response_model=ModelList, errors=(401,)),
+            Route("/v1/models/{model_id}", self.get_model, response_model=ModelCard, errors=(401, 404)),
+            # Open WebUI's model list for a custom TTS base URL: {"models": [{"id": ...}]}.
+            Route("/v1/audio/models", self.list_audio_models, response_model=AudioModelList, errors=(401,)),
+            Route("/v1/audio/voices", self.list_voices, response_model=VoiceList, errors=(401,)),
+            # Custom voices: every route needs the key when one is set (they create, reveal or delete voices).
+            *VoiceRoutes(self._settings, self._frontend, self._encoder, self._model).routes(),
+            Route(
+                "/health",
+                self.health,
+                responses={503: {"description": "Not ready: the body says why (same shape as 200)."}},
+            ),
+        ]
+
+    @staticmethod
+    def _dialect_error(path: str, error: APIError):
+        return create_error_response(error, "elevenlabs") if path.startswith(elevenlabs.PREFIX) else None
+
+    @staticmethod
+    def _unauthorized(method: str, path: str) -> None:
+        if path == SPEECH_PATH:  # a speech request turned away: logged and counted as one
+            RequestRecord(new_request_id()).finish("401")
+        else:
+            logger.info("unauthorized %s %s", method, path)  # escaped by the log filter
+
+    async def create_speech(self, body: SpeechRequest):
+        """OpenAI createSpeech: streamed audio (chunked) or server-sent events."""
+        stream = await self.start_speech(body, body.response_format or self._settings.default_format)
+        return stream.response(body.stream_format == "sse", {"Cache-Control": "no-cache"})
+
+    async def start_speech(self, body: SpeechRequest, fmt: str) -> SpeechStream:
+        """Admit, plan, start the encoder and wait for its first chunk: any failure before audio is raised
+        here (for the caller's error shape); after it, the stream holds the lease and the request's record.
+        Every dialect's speech route comes through here (the same admission, log line and metrics)."""
+        record = RequestRecord(new_request_id(), characters=len(body.input), speed=float(body.speed))
+        started = time.perf_counter()
+        await self.model_replicas()  # keeps the admission's slots in step with the replicas that serve
+        try:
+            if self._settings.drain_flag.exists():
+                raise ServiceUnavailableError("The server is shutting down; retry shortly.", code="shutting_down")
+            lease = self._admission.admit()
+        except APIError as exc:
+            record.finish(str(exc.status_code))
+            raise
+        try:
+            admitted = time.perf_counter()
+            if body.instructions:
+                logger.info("request %s: instructions are not supported by CSM-1B and were ignored", record.request_id)
+            plan = await self._frontend.prepare.remote(body.input, body.voice_name)
+            if isinstance(plan, APIError):
+                raise plan
+            planned = time.perf_counter()
+            record.voice, record.fmt = plan.preset.name, fmt
+            synthesis = SynthesisRequest(
+                plan.chunks, plan.preset, seed=body.seed, request_id=record.request_id, voice_prompt=plan.voice_prompt
+            )
+            stream = self._encoder.options(stream=True).encode.remote(EncodeRequest(synthesis, fmt, record.speed))
+            try:
+                first = await stream.__anext__()
+                times = StageTimes()
+                if isinstance(first, StageTimes):  # where the first audio's time went, then the audio
+                    times, first = first, await stream.__anext__()
+            except BaseException:
+                stream.cancel()
+                raise
+        except BaseException as exc:
+            lease.release()
+            record.finish("cancelled" if isinstance(exc, CLIENT_GONE) else str(status_of(exc)))
+            raise
+        record.mark_first_byte()
+        now = time.perf_counter()
+        encoder_ms = sum(times.stages.values())  # the encoder's own view: the model's time and ffmpeg's
+        times.stages = {
+            "admit": 1000 * (admitted - started),
+            "plan": 1000 * (planned - admitted),
+            **times.stages,
+            **({"hops": 1000 * (now - planned) - encoder_ms} if encoder_ms else {}),
+            "total": 1000 * (now - started),
+        }
+        return SpeechStream(first, stream, record, lease, times)
+
+    async def list_models(self) -> ModelList:
+        return ModelList(data=[ModelCard()])
+
+    async def get_model(self, model_id: str) -> ModelCard:
+        if model_id != ModelCard().id:
+            raise NotFoundError(f"The model '{model_id}' does not exist.", param="model", code="model_not_found")
+        return ModelCard()
+
+    async def list_audio_models(self) -> AudioModelList:
+        return AudioModelList(models=[AudioModel()])
+
+    async def list_voices(self, request: Request) -> VoiceList:
+        """Presets and aliases for anyone; custom voices (a person's name, often) only with the key."""
+        return VoiceList(voices=await self._frontend.voices.remote(include_custom=request.state.api_key_ok))
+
+    async def model_replicas(self, max_age_s: float = 2.0) -> list[dict]:
+        """Every model replica's published health (model/registry.py), read at most every `max_age_s`; the
+        admission's slots become MAX_BATCH_SIZE per replica that can serve (at least one replica's worth, so
+        with none serving requests get the model's 503 rather than a 429)."""
+        if time.monotonic() - self._replicas_read > max_age_s:
+            self._replicas_read = time.monotonic()
+            self._replicas = await asyncio.to_thread(replicas.read, self._health_key)
+            self._follow_replicas(self._replicas)
+        return self._replicas
+
+    def _follow_replicas(self, entries: list[dict]) -> None:
+        if entries:
+            serving = sum(r["status"] in SERVING_STATES for r in entries)
+            self._admission.slots = max(1, serving) * self._settings.max_batch_size
+
+    async def health(self, request: Request) -> JSONResponse:
+        """200 when a model replica can serve and ffmpeg runs; 503 with the reason otherwise. `model` is the
+        replica this call reached; `replicas` lists every one, and `degraded` names those that cannot serve.
+        Only to a trusted caller (the API key, or this machine itself): to anyone else, only the status and a
+        short why, never pids, paths, addresses, versions or custom voice ids."""
+        model = await self._model.health.remote()
+        encoder = await self._encoder.health.remote()
+        voices = [v.id for v in await self._frontend.voices.remote()]
+        # The replica this call reached answers fresher than its last published entry.
+        every = [
+            model if r.get("replica") == model.get("replica") else r for r in await self.model_replicas(max_age_s=0)
+        ] or [model]
+        # One replica: the one this call reached is the only truth (a killed one's last entry still reads
+        # "ready" until it goes stale, while its replacement loads). Several: each one's published state.
+        serving = [r for r in (every if self._model_replicas > 1 else [model]) if r["status"] in SERVING_STATES]
+        self._follow_replicas(every)
+        draining = self._settings.drain_flag.exists()
+        ok = bool(serving) and encoder["ok"] and not draining
+        # (why, in detail; why, for anyone)
+        reasons = [
+            (model.get("error"), f"model {model['status']}") if not serving and model.get("error") else None,
+            None if encoder["ok"] else (encoder["ffmpeg"], "ffmpeg is not available"),
+            ("model is loading",) * 2 if not serving and model["status"] == "loading" else None,
+            ("shutting down",) * 2 if draining else None,
+        ]
+        reasons = [r for r in reasons if r]
+        status = "ok" if ok else ("draining" if draining else "unavailable")
+        if not request.state.trusted:
+            public = {"status": status, **({"reason": "; ".join(r[1] for r in reasons)} if reasons else {})}
+            return JSONResponse(public, status_code=200 if ok else 503)
+        body = {
+            "status": status,
+            "model": model,
+            "replicas": every,
+            "ffmpeg": encoder["ffmpeg"],
+            "voices": voices,
+            "device": model["device"],
+            "in_flight": self._admission.active,
+            "capacity": self._admission.capacity,
+            "encoders_running": encoder["running"],
+            "encoders_warm": {"idle": encoder["warm"], "pids": encoder["warm_pids"]},
+            "model_replicas": {"configured": self._model_replicas, "serving": len(serving)},
+        }
+        degraded = [
+            f"{r.get('replica', '?')} on {r.get('node', {}).get('ip', '?')}: {r['status']}"
+            f"{' (' + r['error'] + ')' if r.get('error') else ''}"
+            for r in every
+            if r not in serving
+        ]
+        if degraded and serving:
+            body["degraded"] = degraded
+        if reasons:
+            body["reason"] = "; ".join(r[0] for r in reasons)
+        return JSONResponse(body, status_code=200 if ok else 503)

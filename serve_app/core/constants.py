@@ -1,0 +1,25 @@
+"""Facts every layer shares: the codec's rates, the model's name, the logger's name, how long a stop waits.
+
+They are not settings (nothing here is tunable), and they live apart from `settings.py` so that a module
+that needs a sample rate does not have to load the server's whole configuration.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+
+# The Mimi codec's fixed output: 24 kHz mono, one CSM frame per 80 ms.
+SAMPLE_RATE = 24_000
+FRAME_RATE = 12.5
+SAMPLES_PER_FRAME = int(SAMPLE_RATE / FRAME_RATE)
+
+MODEL_NAME = "csm-1b"
+
+# Every module logs under this one name (configured once per process by logs.configure_logging).
+LOGGER_NAME = "sesame_tts"
+
+# Stopping, in one place: the service's drain, Serve's own shutdown, and the model replica's grace period.
+STOP_GRACE_S = 40  # in-flight responses get this long to finish after a stop
+STOP_KILL_AFTER_S = 15  # then `serve run`'s own shutdown gets this long before everything is killed

@@ -1,0 +1,147 @@
+"""Text normalisation and chunking.
+
+CSM is generated one text chunk at a time (each later chunk conditioned on the earlier ones), so the
+chunker decides both how soon speech starts (a short first chunk) and where prosody may reset (only at
+sentence, then clause boundaries). The invariant the tests hold it to: joining the chunks with single
+spaces gives back the normalised text exactly, every chunk fits its bound, and no word is split unless the
+word alone is longer than the bound.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from collections import deque
+from typing import Optional
+
+# A sentence ends at terminal punctuation (plus closing quotes/brackets) before a space or the end, or
+# right after CJK terminal punctuation, which is written without a following space.
+_SENTENCE_END = re.compile(r"[.!?…]+[\"'”’»)\]]*(?=\s|$)|[。！？]+[\"'”’」』)\]]*")
+# A clause ends at a comma, semicolon or colon before a space, at a spaced dash, or after CJK commas.
+_CLAUSE_END = re.compile(r"[,;:][\"'”’)\]]*(?=\s)|\s[—–-]{1,2}(?=\s)|[，、；：]")
+_SPACES = re.compile(r"\s+")
+
+
+def normalize(text: str) -> str:
+    """NFC, control characters to spaces, every run of white space to one space, trimmed.
+
+    Paragraph breaks become plain spaces here; they still end chunks because `split_sentences` runs on
+    the raw lines first (see `chunk_text`).
+    """
+    text = unicodedata.normalize("NFC", text)
+    text = "".join(" " if unicodedata.category(ch) == "Cc" and ch not in "\n" else ch for ch in text)
+    return _SPACES.sub(" ", text).strip()
+
+
+def why_unspeakable(text: str) -> Optional[str]:
+    """Why `text` cannot be given to the model, or None when it can.
+
+    JSON lets a body carry lone surrogates ("\\ud800", or their bytes written with surrogatepass), which are
+    not Unicode text at all: the tokenizer rejects them. And text made only of separators and invisible
+    characters (controls, format characters such as zero-width spaces, private-use or unassigned code
+    points) holds nothing to speak."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return (
+            f"Input is not valid Unicode text: it holds a lone surrogate (U+{ord(text[exc.start]):04X}) at "
+            f"character {exc.start}."
+        )
+    if not any(unicodedata.category(ch)[0] in "LNPS" for ch in text):
+        return "Input has nothing to speak: give some text (letters, digits or punctuation)."
+    return None
+
+
+Span = tuple[int, int]  # [start, end) in the normalised text
+
+
+def _split_after(pattern: re.Pattern, text: str, start: int, end: int) -> list[Span]:
+    """`text[start:end]` cut after each match of `pattern`, as spans with the spaces at their ends left out."""
+    spans, begin = [], start
+    for match in pattern.finditer(text, start, end):
+        spans.append((begin, match.end()))
+        begin = match.end()
+    spans.append((begin, end))
+    stripped = []
+    for a, b in spans:
+        while a < b and text[a] == " ":
+            a += 1
+        while b > a and text[b - 1] == " ":
+            b -= 1
+        if a < b:
+            stripped.append((a, b))
+    return stripped
+
+
+def _sentences(text: str) -> tuple[str, list[Span]]:
+    """The normalised text and its sentences' spans; a newline always ends a sentence."""
+    normal, spans = "", []
+    for line in text.splitlines():
+        line = normalize(line)
+        if not line:
+            continue
+        offset = len(normal) + 1 if normal else 0
+        normal = f"{normal} {line}" if normal else line
+        spans += [(offset + a, offset + b) for a, b in _split_after(_SENTENCE_END, line, 0, len(line))]
+    return normal, spans
+
+
+def split_sentences(text: str) -> list[str]:
+    """Sentences of `text`; a newline always ends one."""
+    normal, spans = _sentences(text)
+    return [normal[a:b] for a, b in spans]
+
+
+def _cut(word: str, limit: int) -> int:
+    """Where to cut a word longer than `limit`: at most `limit` characters, never separating a base
+    character from its combining marks."""
+    cut = limit
+    while cut > 1 and unicodedata.combining(word[cut]):
+        cut -= 1
+    return cut
+
+
+def _split_finer(text: str, start: int, end: int) -> list[Span] | None:
+    """One level finer than the span: its clauses, else its words; None for a single word."""
+    clauses = _split_after(_CLAUSE_END, text, start, end)
+    if len(clauses) > 1:
+        return clauses
+    words = _split_after(_SPACES, text, start, end)
+    return words if len(words) > 1 else None
+
+
+def chunk_text(text: str, max_chars: int, first_max_chars: int | None = None) -> list[str]:
+    """Split `text` into chunks of at most `max_chars` (the first at most `first_max_chars`).
+
+    Whole sentences are packed greedily; a sentence that does not fit is broken at clause boundaries,
+    then between words. Chunks are always exact stretches of the normalised text, so whatever separated
+    two pieces there (a space, or nothing after CJK punctuation) separates them in a chunk too.
+    """
+    first_max_chars = first_max_chars or max_chars
+    normal, spans = _sentences(text)
+    chunks: list[str] = []
+    current: Span | None = None
+    pieces = deque(spans)
+    while pieces:
+        limit = first_max_chars if not chunks else max_chars
+        a, b = pieces.popleft()
+        begin = current[0] if current else a
+        if b - begin <= limit:
+            current = (begin, b)
+        elif current:
+            chunks.append(normal[current[0] : current[1]])
+            current = None
+            pieces.appendleft((a, b))
+        else:
+            finer = _split_finer(normal, a, b)
+            if finer is None:
+                # One word longer than the limit: its head becomes a chunk, its rest goes on as a piece (no
+                # space between them is invented, and the rest may share a chunk with the next words).
+                cut = a + _cut(normal[a:b], limit)
+                chunks.append(normal[a:cut])
+                pieces.appendleft((cut, b))
+            else:
+                pieces.extendleft(reversed(finer))
+    if current:
+        chunks.append(normal[current[0] : current[1]])
+    return chunks

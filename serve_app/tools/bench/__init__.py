@@ -1,0 +1,1 @@
+"""The side-by-side benchmarks: engine, frame loop, voices, server and cluster, each writing results/bench/."""

@@ -1,0 +1,141 @@
+"""The frame-loop benchmark's summary (medians over rounds, ratios within the run) and its Markdown."""
+
+from __future__ import annotations
+
+import statistics
+
+from serve_app.core.constants import FRAME_RATE
+
+
+def _median(values) -> float:
+    values = [v for v in values if v is not None]
+    return _sig(statistics.median(values)) if values else None
+
+
+def _sig(value: float) -> float:
+    """Four significant digits: frames/s is ~0.2 at full size on a CPU and ~50 on the tiny checkpoint."""
+    return float(f"{value:.4g}")
+
+
+def summarize(results: dict, batches: list[int]) -> dict:
+    top = str(max(batches))
+    engine = {}
+    for name, parts in results["engine"].items():
+        engine[name] = {
+            "frames_per_s": _median(p["frames_per_s"] for p in parts),
+            f"batch{top}_frames_per_s": _median(p["concurrency"][top]["audio_s_per_s"] * FRAME_RATE for p in parts),
+        }
+    for mode in {name.split(" ", 1)[1] for name in engine}:
+        this, base = engine.get(f"this {mode}"), engine.get(f"baseline {mode}")
+        if this and base:
+            this["vs_baseline"] = {k: round(this[k] / base[k], 2) for k in ("frames_per_s", f"batch{top}_frames_per_s")}
+    loop = {}
+    for name, parts in results["loop"].items():
+        loop[name] = {}
+        for b in map(str, batches):
+            rows = [p["batches"][b] for p in parts]
+            fps = _sig(results["frames"] / statistics.median(run["wall_s"] for r in rows for run in r["runs"]))
+            loop[name][b] = {
+                "frames_per_s": fps,
+                "aggregate_frames_per_s": _sig(fps * int(b)),
+                **{
+                    k: _median(r[k] for r in rows)
+                    for k in ("primitives_per_frame", "syncs_per_frame", "host_ms_per_frame", "frame_wait_ms_per_frame")
+                },
+            }
+    for name, per_batch in loop.items():  # the device's time per frame: measured where nothing is queued behind
+        mode = name.split(" ")[1]
+        plain = loop.get(f"this {mode} pipeline=off", {})
+        base = loop.get(f"baseline {mode}", {})
+        for b, row in per_batch.items():
+            if b in base and not name.startswith("baseline"):
+                row["vs_baseline"] = round(row["frames_per_s"] / base[b]["frames_per_s"], 3)
+            if "1" in per_batch and b != "1":
+                row["batching_gain"] = round(row["aggregate_frames_per_s"] / per_batch["1"]["frames_per_s"], 3)
+            device = plain.get(b, {}).get("frame_wait_ms_per_frame")
+            row["device_idle_ms_per_frame"] = (
+                round(max(0.0, 1000 / row["frames_per_s"] - device), 3)
+                if device is not None and not name.startswith("baseline")
+                else None
+            )
+            row["device_ms_per_frame"] = device if not name.startswith("baseline") else None
+    summary = {"engine": engine, "loop": loop}
+    if results.get("reference"):
+        ref = results["reference"]
+        summary["reference"] = {
+            "frames_per_s": _median(r["frames_per_s"] for r in ref),
+            "primitives_per_frame": _median(r["primitives_per_frame"] for r in ref),
+        }
+        for per_batch in loop.values():
+            per_batch["1"]["vs_mlx_audio_loop"] = round(
+                per_batch["1"]["frames_per_s"] / summary["reference"]["frames_per_s"], 2
+            )
+    return summary
+
+
+def _v(value) -> str:
+    return "–" if value is None else f"{value:.0f}" if isinstance(value, float) and value > 1000 else str(value)
+
+
+def _x(value) -> str:
+    return "–" if value is None else f"{value}x"
+
+
+def to_markdown(results: dict, batches: list[int]) -> str:
+    s, m = results["summary"], results["machine"]
+    top = str(max(batches))
+    lines = [
+        f"# Frame loop: {results['checkpoint_kind']} checkpoint on {m['name']}",
+        "",
+        f"`{results['command']}` — {results['date']}, MLX {m['mlx_version']} ({m['mlx_device']}"
+        f"{', ' + m['gpu'] if m.get('gpu') else ''}), {results['frames']} frames per request, "
+        f"{results['repeats']} repeats, medians of {results['rounds']} interleaved rounds, voice `fast`.",
+        "",
+    ]
+    if s["engine"]:
+        lines += [
+            "## Bare engine (`python -m serve_app.tools.bench` engine part), this tree vs the baseline commit "
+            f"`{results['baseline']}`",
+            "",
+            f"| Build | Frames/s, 1 request | vs baseline | Frames/s, {top} together | vs baseline |",
+            "|---|---|---|---|---|",
+        ]
+        for name, row in sorted(s["engine"].items()):
+            vs = row.get("vs_baseline", {})
+            lines.append(
+                f"| {name} | {row['frames_per_s']} | {_x(vs.get('frames_per_s'))} | "
+                f"{row[f'batch{top}_frames_per_s']} | {_x(vs.get(f'batch{top}_frames_per_s'))} |"
+            )
+        lines.append("")
+    lines += [
+        "## Our loop, per batch frame",
+        "",
+        "| Configuration | Batch | Frames/s per stream | Aggregate | Gain vs batch 1 | vs baseline | Primitives | "
+        "Host syncs | MLX thread ms | Device ms | Device idle ms (est.) | vs mlx-audio loop |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, per_batch in sorted(s["loop"].items()):
+        for b, r in per_batch.items():
+            lines.append(
+                f"| {name} | {b} | {r['frames_per_s']} | {r['aggregate_frames_per_s']} | "
+                f"{_x(r.get('batching_gain'))} | {_x(r.get('vs_baseline'))} | {_v(r['primitives_per_frame'])} | "
+                f"{_v(r['syncs_per_frame'])} | {_v(r['host_ms_per_frame'])} | {_v(r['device_ms_per_frame'])} | "
+                f"{_v(r['device_idle_ms_per_frame'])} | {_x(r.get('vs_mlx_audio_loop'))} |"
+            )
+    if "reference" in s:
+        ref = s["reference"]
+        lines += [
+            "",
+            f"mlx-audio's own loop (`generate_frame` as `Model.generate` drives it, codes only, batch 1): "
+            f"{ref['frames_per_s']} frames/s, {ref['primitives_per_frame']:.0f} primitives per frame, "
+            "1 host sync per frame (its end-of-speech check).",
+        ]
+    lines += [
+        "",
+        "Host syncs: frame reads, prefill evaluations and Mimi reads per frame. MLX thread ms: time in a "
+        "step not blocked on the device (Python, graph building, launching). Device ms: the frame read's "
+        "wait in the unpipelined loop, where nothing else is queued. Device idle (est.): wall time per "
+        "frame minus device ms.",
+        "",
+    ]
+    return "\n".join(lines)

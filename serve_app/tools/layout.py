@@ -1,0 +1,69 @@
+"""The package's layout map, generated from the tree: every package and module with the first line of its
+docstring. `python -m serve_app.tools.layout` prints it; `--write` puts it into README.md between its
+markers; tests/unit/test_layering.py fails when the README's copy is not the tree's."""
+
+from __future__ import annotations
+
+import argparse
+import ast
+from pathlib import Path
+
+from serve_app.core.constants import PROJECT_ROOT
+
+START, END = "<!-- layout:start (python -m serve_app.tools.layout --write) -->", "<!-- layout:end -->"
+# The layers in the order they stack (core at the bottom); each one's role is its package docstring.
+LAYERS = ("core", "voices", "text", "audio", "engine", "model", "api", "tools")
+
+
+def summary(path: Path) -> str:
+    doc = ast.get_docstring(ast.parse(path.read_text())) or ""
+    first = " ".join(doc.strip().split("\n\n")[0].split())
+    cut = first.find(". ")
+    first = first[: cut + 1] if cut > 0 else first
+    if len(first) <= 98:
+        return first
+    return first[:96].rsplit(" ", 1)[0].rstrip(",;:") + " ..."
+
+
+def modules(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.glob("*.py") if p.name != "__init__.py")
+
+
+def render(root: Path = PROJECT_ROOT) -> str:
+    package = root / "serve_app"
+    lines = ["serve_app/"]
+    for path in modules(package):
+        lines.append(f"  {path.name:<22}{summary(path)}")
+    for layer in LAYERS:
+        folder = package / layer
+        lines.append(f"  {layer + '/':<22}{summary(folder / '__init__.py')}")
+        for path in modules(folder):
+            lines.append(f"    {path.name:<20}{summary(path)}")
+        for sub in sorted(p for p in folder.iterdir() if p.is_dir() and (p / "__init__.py").exists()):
+            lines.append(f"    {sub.name + '/':<20}{summary(sub / '__init__.py')}")
+            for path in modules(sub):
+                lines.append(f"      {path.name:<18}{summary(path)}")
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def readme_block(text: str) -> str:
+    start, end = text.index(START) + len(START), text.index(END)
+    return text[start:end].strip().removeprefix("```").removesuffix("```").strip()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--write", action="store_true", help="update README.md's layout map in place")
+    args = parser.parse_args()
+    tree = render()
+    if not args.write:
+        print(tree)
+        return
+    readme = PROJECT_ROOT / "README.md"
+    text = readme.read_text()
+    start, end = text.index(START) + len(START), text.index(END)
+    readme.write_text(text[:start] + "\n```\n" + tree + "\n```\n" + text[end:])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Voice presets (files in voices/) and the custom-voice store; imports core only."""

@@ -1,0 +1,137 @@
+"""`python -m serve_app.tools.bench` end to end on the tiny checkpoint, kept small: every part runs (the bare
+engine, the mlx-audio reference's skip on a small Mimi, the real server over HTTP) and the results files hold
+the numbers the README's Performance section is built from."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.support.servers import ROOT
+
+pytestmark = pytest.mark.server
+
+
+def test_bench_writes_json_markdown_and_chart(tiny_checkpoint, tmp_path):
+    out = tmp_path / "results"
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "serve_app.tools.bench",
+            "--checkpoint",
+            str(tiny_checkpoint),
+            "--frames",
+            "6",
+            "--repeats",
+            "2",
+            "--concurrency",
+            "1,2",
+            "--formats",
+            "pcm,mp3",
+            "--out",
+            str(out),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    [folder] = list(out.iterdir())
+    result = json.loads((folder / f"{tiny_checkpoint.name}.json").read_text())
+    engine, server, cmp = result["engine"], result["server"], result["comparison"]
+    assert engine["frames"] == 6 and 0 < engine["first_pcm_ms"] < 1000 * engine["total_s"]
+    assert set(engine["concurrency"]) == set(server["concurrency"]) == {"1", "2"}
+    assert "skipped" in result["reference"]  # the tiny Mimi is not mlx-audio's hard-coded one
+    for fmt in ("pcm", "mp3"):
+        assert server["formats"][fmt]["ttfb_ms"] > 0
+        stages = server["formats"][fmt]["stages_ms"]  # from the server's Server-Timing headers
+        assert stages["model"] > 0 and stages["total"] >= stages["model"] and ("encode" in stages) == (fmt == "mp3")
+        assert cmp["first_byte_overhead_ms"][fmt] == pytest.approx(
+            server["formats"][fmt]["ttfb_ms"] - engine["first_pcm_ms"], abs=0.2
+        )
+    # every pcm stream held exactly 6 frames (the bench checks the bytes), and memory came from the replica
+    assert server["memory"]["model_replica"]["mlx_active_mb"] > 0 and server["memory"]["processes"] > 3
+    table = (folder / f"{tiny_checkpoint.name}.md").read_text()
+    assert "Server over HTTP, streamed pcm" in table and "| 2 |" in table and "Where the server's first byte" in table
+    assert (folder / f"{tiny_checkpoint.name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_voice_bench_compares_kv_reuse_side_by_side(tiny_checkpoint, tmp_path):
+    out = tmp_path / "results"
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "serve_app.tools.bench.voices",
+            "--checkpoint",
+            str(tiny_checkpoint),
+            "--frames",
+            "3",
+            "--chunks",
+            "3",
+            "--repeats",
+            "1",
+            "--out",
+            str(out),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    [folder] = list(out.iterdir())
+    result = json.loads((folder / f"voices-{tiny_checkpoint.name}.json").read_text())
+    assert set(result["median_s"]) == {"conversational/reuse", "conversational/before", "fast/reuse", "fast/before"}
+    assert set(result["join_stall"]) == {"reuse", "before", "chunked-only"}
+    for row in result["median_s"].values():
+        assert 0 < row["first"] < row["total"]
+    assert result["prefix_cache"]["entries"] == 2 and len(result["targets"]) == 4
+    assert "| conversational/reuse |" in (folder / f"voices-{tiny_checkpoint.name}.md").read_text()
+
+
+def test_loop_bench_counts_primitives_syncs_and_compares_with_mlx_audio(tiny_checkpoint, tmp_path):
+    out = tmp_path / "results"
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "serve_app.tools.bench.loop",
+            "--checkpoint",
+            str(tiny_checkpoint),
+            "--frames",
+            "3",
+            "--repeats",
+            "1",
+            "--rounds",
+            "1",
+            "--batches",
+            "1,2",
+            "--compile",
+            "off",
+            "--pipelines",
+            "on",
+            "--skip-engine-part",
+            "--out",
+            str(out),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    [folder] = list(out.iterdir())
+    result = json.loads((folder / f"loop-{tiny_checkpoint.name}.json").read_text())
+    loop = result["summary"]["loop"]
+    assert set(loop) == {"this compile=off pipeline=on"}
+    for row in (r for per_batch in loop.values() for r in per_batch.values()):
+        assert row["frames_per_s"] > 0 and row["primitives_per_frame"] > 100 and 1 <= row["syncs_per_frame"] < 3
+    assert loop["this compile=off pipeline=on"]["2"]["batching_gain"] > 0
+    assert result["summary"]["reference"]["frames_per_s"] > 0  # mlx-audio's own loop ran on the same weights
+    assert "vs mlx-audio loop" in (folder / f"loop-{tiny_checkpoint.name}.md").read_text()

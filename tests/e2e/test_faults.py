@@ -1,0 +1,157 @@
+"""Faults: ffmpeg missing at start, a model that fails to load, and memory exhaustion during generation.
+
+Each fault server is the real application started as the README does; both start in parallel. (ffmpeg
+dying mid-stream is in test_api.py; a killed model replica in test_reliability.py; SIGTERM with streams
+in flight in test_ops.py.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import shutil
+import time
+
+import httpx
+import mlx.core as mx
+import pytest
+
+from serve_app.core.errors import OutOfMemoryError
+from serve_app.core.messages import SynthesisRequest
+from serve_app.core.processes import cpu_seconds
+from serve_app.core.settings import Settings
+from serve_app.model.loading import load_engine
+from serve_app.model.replica import CSMModel
+from serve_app.text.chunking import chunk_text
+from serve_app.voices.presets import VoiceLibrary
+from tests.support.servers import launch_server, settled
+
+pytestmark = pytest.mark.server
+
+MISSING_FFMPEG = "/nonexistent/bin/ffmpeg"
+
+
+@pytest.fixture(scope="module")
+def fault_servers(tiny_checkpoint, tmp_path_factory):
+    broken = tmp_path_factory.mktemp("broken-checkpoint")
+    shutil.copytree(tiny_checkpoint, broken, dirs_exist_ok=True)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # truncated mid-file
+    no_ffmpeg = launch_server(tmp_path_factory.mktemp("no-ffmpeg"), tiny_checkpoint, FFMPEG_PATH=MISSING_FFMPEG)
+    bad_model = launch_server(tmp_path_factory.mktemp("bad-model"), broken)
+    try:
+        no_ffmpeg.wait_until(lambda r: r.json()["model"]["status"] == "ready")
+        bad_model.wait_until(lambda r: r.json()["model"]["status"] == "failed")
+        yield {"no_ffmpeg": no_ffmpeg, "bad_model": bad_model}
+    finally:
+        no_ffmpeg.stop()
+        bad_model.stop()
+
+
+def assert_503(response: httpx.Response, code: str) -> dict:
+    assert response.status_code == 503, response.text
+    assert response.headers["retry-after"].isdigit()
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert (error["type"], error["code"]) == ("server_error", code)
+    return error
+
+
+def test_missing_ffmpeg_is_named_by_health_and_requests_get_503(fault_servers):
+    server = fault_servers["no_ffmpeg"]
+    health = server.health()
+    assert health.status_code == 503
+    assert MISSING_FFMPEG in health.json()["reason"]
+    started = time.monotonic()
+    for fmt in ("mp3", "pcm"):
+        error = assert_503(
+            httpx.post(f"{server.api}/audio/speech", json={"input": "hi", "response_format": fmt}, timeout=30),
+            "ffmpeg_unavailable",
+        )
+        assert MISSING_FFMPEG in error["message"]
+    assert time.monotonic() - started < 10, "nothing may hang"
+    assert httpx.get(f"{server.api}/models", timeout=10).status_code == 200  # the rest of the API still works
+
+
+def test_model_load_failure_names_the_file_and_does_not_spin(fault_servers):
+    server = fault_servers["bad_model"]
+    health = server.health()
+    assert health.status_code == 503
+    body = health.json()
+    assert body["model"]["status"] == "failed"
+    assert "model.safetensors" in body["reason"]
+    error = assert_503(httpx.post(f"{server.api}/audio/speech", json={"input": "hi"}, timeout=30), "model_not_ready")
+    assert "model.safetensors" in error["message"]
+    # The failed replica stays up, idle, reporting why: no restart loop, no busy thread.
+    pid = body["model"]["memory"]["pid"]
+    cpu_before = cpu_seconds(pid)
+    time.sleep(3)
+    assert server.health().json()["model"]["memory"]["pid"] == pid
+    assert cpu_seconds(pid) - cpu_before < 0.5
+
+
+@pytest.fixture
+def restore_mlx_memory_limit():
+    previous = mx.set_memory_limit(1 << 40)
+    mx.set_memory_limit(previous)
+    yield
+    mx.set_memory_limit(previous)
+
+
+def _run(model: CSMModel, request: SynthesisRequest) -> list:
+    async def collect():
+        return [item async for item in model.generate(request)]
+
+    return asyncio.run(collect())
+
+
+def _peak_above_start_mb(engine, request: SynthesisRequest) -> float:
+    """How far MLX's memory peaked above what it held when `request` began, in MiB."""
+    from serve_app.engine.runners import synthesize
+
+    mx.clear_cache()
+    start = mx.get_active_memory()
+    mx.reset_peak_memory()
+    for _ in synthesize(engine, request):
+        pass
+    return (mx.get_peak_memory() - start) / 2**20
+
+
+def test_memory_limit_fails_that_request_releases_the_cache_and_the_next_succeeds(
+    tiny_checkpoint, restore_mlx_memory_limit
+):
+    """The model deployment's class, run in-process with MLX_MEMORY_LIMIT_MB set between what a short and a
+    long request need. Those needs are measured first, on this backend, by the same engine without a limit:
+    allocators differ (Metal rounds buffers to pages and keeps its own cache; the CPU backend does not), so no
+    number from one backend is assumed on another. Without KV reuse every chunk re-prefills the voice clip
+    and the growing history, so the long request needs far more than the short one (tiny checkpoint, Linux
+    CPU: 1.4 MiB vs 22.4 MiB above the 17.8 MiB of weights, measured)."""
+
+    settings = Settings(
+        model_id=str(tiny_checkpoint), max_audio_base_s=0.16, max_audio_s_per_char=0.0, prefix_cache=False
+    )
+    voices = VoiceLibrary.load(settings.voices_dir)
+    big = SynthesisRequest(chunk_text("word " * 200, 220, 100), voices.resolve("conversational"), seed=1)
+    small = SynthesisRequest(["Hi there."], voices.resolve("fast"), seed=1)
+    gc.collect()  # earlier tests' engines are garbage now: the baseline must not fall during this test
+    mx.clear_cache()
+    before = mx.get_active_memory()
+    probe = load_engine(settings, voices)
+    weights_mb = (mx.get_active_memory() - before) / 2**20
+    small_mb, big_mb = _peak_above_start_mb(probe, small), _peak_above_start_mb(probe, big)
+    assert big_mb > small_mb + 8, (small_mb, big_mb)  # room for a limit between them
+    del probe
+    gc.collect()
+    mx.clear_cache()
+    limit = int((mx.get_active_memory() + 2**20 * (weights_mb + (small_mb + big_mb) / 2)) / 2**20)
+
+    model = CSMModel(settings.model_copy(update={"mlx_memory_limit_mb": limit}), voices)
+    assert settled(model)["status"] == "ready"
+    with pytest.raises(OutOfMemoryError) as info:
+        _run(model, big)
+    assert info.value.status_code == 503 and info.value.code == "out_of_memory"
+    assert f"MLX_MEMORY_LIMIT_MB={limit}" in info.value.message
+    assert asyncio.run(model.health())["memory"]["mlx_cache_mb"] == 0  # MLX's cache was released
+    items = _run(model, small)
+    assert sum(len(item) for item in items if isinstance(item, bytes)) > 0
+    assert items[-1].output_tokens > 0

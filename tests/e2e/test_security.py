@@ -1,0 +1,150 @@
+"""The real server on a LAN footing (API_KEY set, a short body deadline): slow bodies over real sockets,
+secrets in no file Ray or Serve writes, Ray's ports on loopback. The header-level checks themselves (Host,
+Origin, lists, /health, docs, log escaping) are tested in-process in test_guard.py."""
+
+from __future__ import annotations
+
+import ipaddress
+import shutil
+import socket
+import stat
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+
+from serve_app.core import processes
+from tests.support.servers import healthy, launch_server
+
+pytestmark = pytest.mark.server
+
+API_KEY = "sk-lan-secret-5f2c"
+HF_TOKEN = "hf_fake_token_9d1e"
+
+
+@pytest.fixture(scope="module")
+def ray_dir():
+    path = Path(tempfile.mkdtemp(prefix="rs", dir="/tmp"))  # short: Ray's socket paths
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def lan_server(tiny_checkpoint, tmp_path_factory, ray_dir):
+    server = launch_server(
+        tmp_path_factory.mktemp("lan"),
+        tiny_checkpoint,
+        API_KEY=API_KEY,
+        HF_TOKEN=HF_TOKEN,
+        BODY_TIMEOUT_S="2",
+        BODY_MIN_RATE="1024",
+        RAY_TMPDIR=str(ray_dir),
+    )
+    try:
+        server.wait_until(healthy)
+        yield server
+    finally:
+        server.stop()
+
+
+def _slow_request(port: int, headers: str, result: list, index: int, sent: threading.Semaphore) -> None:
+    """Declare a 100 kB body, send a byte every second, record what the server answers (or "timeout");
+    `sent` is released once the headers are out."""
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
+        sock.sendall(
+            f"POST /v1/audio/speech HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n{headers}"
+            "Content-Type: application/json\r\nContent-Length: 100000\r\n\r\n{".encode()
+        )
+        sent.release()
+        sock.settimeout(1.0)
+        deadline = time.monotonic() + 45
+        answer = b""
+        while time.monotonic() < deadline:
+            try:
+                chunk = sock.recv(4096)
+            except TimeoutError:
+                try:
+                    sock.sendall(b"a")
+                except OSError:  # the server closed its side
+                    break
+                continue
+            if not chunk:
+                break
+            answer += chunk
+            if b"\r\n\r\n" in answer:
+                break
+        result[index] = answer.split(b"\r\n", 1)[0].decode(errors="replace") or "timeout"
+
+
+def test_slow_bodies_cannot_hold_the_server(lan_server):
+    """90 connections that declare 100 kB and send a byte a second: without the key each gets 401 on its
+    headers; with it, 408 once the body's deadline passes. Meanwhile /health and the lists answer."""
+    port = int(lan_server.base_url.rsplit(":", 1)[1])
+    for headers, expected, count in (("", "401", 90), (f"Authorization: Bearer {API_KEY}\r\n", "408", 40)):
+        results: list = [None] * count
+        sent = threading.Semaphore(0)
+        threads = [threading.Thread(target=_slow_request, args=(port, headers, results, i, sent)) for i in range(count)]
+        for thread in threads:
+            thread.start()
+        for _ in range(count):  # every one is connected, its headers sent, its body trickling
+            assert sent.acquire(timeout=60)
+        assert httpx.get(f"{lan_server.base_url}/health", timeout=30).status_code == 200
+        assert httpx.get(f"{lan_server.api}/models", timeout=30).status_code == 200
+        for thread in threads:
+            thread.join(90)
+        assert all(r is not None and f" {expected} " in r for r in results), results
+
+
+def test_secrets_are_in_no_file_that_ray_or_serve_writes(lan_server, ray_dir):
+    # Something was logged with the key in play: a refused and an accepted request.
+    assert httpx.post(f"{lan_server.api}/audio/speech", json={"input": "hi"}, timeout=30).status_code == 401
+    ok = httpx.post(
+        f"{lan_server.api}/audio/speech",
+        json={"input": "Hi.", "response_format": "pcm"},
+        headers={"Authorization": f"Bearer {API_KEY}"},
+        timeout=60,
+    )
+    assert ok.status_code == 200 and ok.content
+    cache = Path(lan_server.log).parent / "cache"
+    secrets_file = cache / "secrets.env"
+    assert API_KEY in secrets_file.read_text() and stat.S_IMODE(secrets_file.stat().st_mode) == 0o600
+    scanned = 0
+    for root in (ray_dir, cache, Path(lan_server.log).parent):
+        for path in root.rglob("*"):
+            if path.is_file() and not path.is_symlink() and path != secrets_file and path.stat().st_size < 50 << 20:
+                data = path.read_bytes()
+                scanned += 1
+                assert API_KEY.encode() not in data and HF_TOKEN.encode() not in data, path
+    assert scanned > 20  # Ray's session logs (the runtime-env agent's among them) were there to scan
+    assert any(p.name.startswith("runtime_env_agent") for p in ray_dir.rglob("*.log"))
+
+
+def _loopback(address: str) -> bool:
+    ip = ipaddress.ip_address(address.split("%", 1)[0])
+    return ip.is_loopback or bool(getattr(ip, "ipv4_mapped", None) and ip.ipv4_mapped.is_loopback)
+
+
+def test_rays_ports_listen_on_loopback_only(lan_server):
+    """Every listening socket of the server's processes is on loopback (HOST=127.0.0.1 here), but the
+    Serve replicas' own gRPC servers (Ray's token guards them), which Ray binds to every interface."""
+    wide = []
+    listening = 0
+    for proc in processes.session_processes(lan_server.proc.pid):
+        try:
+            connections = proc.net_connections(kind="inet")
+            command = " ".join(proc.cmdline())
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        for conn in connections:
+            if conn.status != psutil.CONN_LISTEN:
+                continue
+            listening += 1
+            if not _loopback(conn.laddr.ip):
+                wide.append((conn.laddr.ip, conn.laddr.port, command[:80]))
+    assert listening > 5
+    print("listening beyond loopback:", wide)
+    assert all("ServeReplica" in command for _, _, command in wide), wide

@@ -1,0 +1,122 @@
+"""The frame loop's speed work keeps the output: pipelined (frame N+1 launched before frame N is read) vs
+not and compiled vs not byte for byte on the tiny checkpoint (the same shapes run, so on every backend), Mimi
+batched across requests vs alone byte for byte where rows are independent of the batch (tests/support/backend.py),
+else within 40 dB. And the loop's shape: one host synchronisation per frame, taken after the next frame was launched."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from serve_app.core.messages import END, SynthesisRequest, Usage
+from serve_app.core.settings import Settings
+from serve_app.engine.codec import MimiStream, decode_streams
+from serve_app.engine.scheduler import BatchScheduler, GenerationJob
+from serve_app.model.loading import load_engine
+from tests.support.backend import assert_same_pcm
+
+CHUNKS = ["Hello there, how are you?", "Second chunk."]
+
+
+def generate(engine, voices, specs, pipelined=True, max_batch=4):
+    """Run (voice, chunks, seed, frames) requests together; each one's PCM bytes and Usage, and the loop."""
+    scheduler = BatchScheduler(engine, max_batch, pipelined=pipelined)
+    posts: list[list] = [[] for _ in specs]
+    for out, (voice, chunks, seed, frames) in zip(posts, specs):
+        request = SynthesisRequest(chunks, voices.resolve(voice), seed=seed, max_frames_per_chunk=frames)
+        scheduler.add(GenerationJob(request, out.append))
+    while scheduler.active:
+        scheduler.step()
+    for out in posts:
+        assert out[-1] is END, out[-1]
+    return [
+        (b"".join(i for i in out if isinstance(i, bytes)), next(i for i in out if isinstance(i, Usage)))
+        for out in posts
+    ], scheduler
+
+
+def end_of_speech_at(engine, monkeypatch, call: int, row: int = 0) -> None:
+    """The depth decoder's `call`-th frame comes out as CSM's all-zero end-of-speech frame for `row`:
+    random weights never end a chunk by themselves."""
+    decoder, calls = engine.frame_decoder, [0]
+
+    def wrapped(last, keys, inv_temperature, top_k):
+        codes, keys = decoder(last, keys, inv_temperature, top_k)
+        calls[0] += 1
+        if calls[0] == call:
+            keep = mx.array([[i != row] for i in range(codes.shape[0])])
+            codes = mx.where(keep, codes, 0)
+        return codes, keys
+
+    monkeypatch.setattr(engine, "frame_decoder", wrapped)
+
+
+def test_pipelined_equals_unpipelined(engine, voices):
+    specs = [("conversational", CHUNKS, 1, 7), ("fast", ["Hi."], 2, 5), ("fast", CHUNKS, 3, 3)]
+    piped, _ = generate(engine, voices, specs)
+    plain, _ = generate(engine, voices, specs, pipelined=False)
+    assert piped == plain
+    assert [u.output_tokens for _, u in piped] == [14, 5, 6]
+
+
+@pytest.mark.parametrize("pipelined", [True, False], ids=["pipelined", "unpipelined"])
+def test_a_chunk_ending_on_end_of_speech_discards_its_speculative_frame(engine, voices, monkeypatch, pipelined):
+    """The 5th frame ends the first chunk: the pipelined loop had launched a 6th for it, which must leave no
+    trace (its PRNG split and its cache position are taken back), so the second chunk is the same."""
+    reference, _ = generate(engine, voices, [("fast", CHUNKS, 4, 9)], pipelined=False)
+    end_of_speech_at(engine, monkeypatch, call=5)
+    [(pcm, usage)], _ = generate(engine, voices, [("fast", CHUNKS, 4, 9)], pipelined=pipelined)
+    assert usage.output_tokens == 4 + 9  # the end-of-speech frame is not audio
+    if pipelined:
+        monkeypatch.undo()
+        end_of_speech_at(engine, monkeypatch, call=5)
+        [(plain_pcm, plain_usage)], _ = generate(engine, voices, [("fast", CHUNKS, 4, 9)], pipelined=False)
+        assert (pcm, usage) == (plain_pcm, plain_usage)
+    assert pcm[: 4 * 1920 * 2] == reference[0][0][: 4 * 1920 * 2] and pcm != reference[0][0]
+
+
+@pytest.mark.slow  # MLX's CPU backend compiles with a C++ compiler: ~30 s of a cold cache
+def test_compiled_equals_uncompiled(tiny_checkpoint, voices, engine):
+    compiled = load_engine(Settings(model_id=str(tiny_checkpoint), mlx_compile="on"), voices)
+    assert compiled.frame_decoder.compiled
+    specs = [("conversational", CHUNKS, 5, 9), ("fast", ["Hi."], 6, 4)]
+    assert generate(compiled, voices, specs)[0] == generate(engine, voices, specs)[0]
+
+
+def test_batched_mimi_equals_each_stream_alone(engine):
+    rng = np.random.default_rng(0)
+    groups = [rng.integers(0, 2048, size=(3, 32, t)).astype(np.int32) for t in (2, 6, 6)]
+    alone = [MimiStream(engine.mimi, engine.mimi_modules) for _ in range(3)]
+    together = [MimiStream(engine.mimi, engine.mimi_modules) for _ in range(3)]
+    for codes in groups:
+        expected = [stream.decode(codes[i]) for i, stream in enumerate(alone)]
+        for got, want in zip(decode_streams(together, list(codes)), expected):
+            assert_same_pcm(got, want)
+    # Streams that are not aligned (another position, another group length) still decode right, apart.
+    late = MimiStream(engine.mimi, engine.mimi_modules)
+    mixed = decode_streams([together[0], late, together[1]], [groups[1][0], groups[0][2], groups[1][1][:, :4]])
+    assert_same_pcm(mixed[0], alone[0].decode(groups[1][0]))
+    assert_same_pcm(mixed[1], MimiStream(engine.mimi, engine.mimi_modules).decode(groups[0][2]))
+    assert_same_pcm(mixed[2], alone[1].decode(groups[1][1][:, :4]))
+    assert max(np.abs(p).max() for p in mixed) > 0
+
+
+def test_one_host_sync_per_frame_taken_after_the_next_launch(engine, voices, monkeypatch):
+    reads: list[tuple[int, int]] = []
+    read = BatchScheduler._read
+
+    def record(self, frame, after_launch=False):
+        reads.append((self.stats.launches, self.stats.frames))
+        return read(self, frame, after_launch)
+
+    monkeypatch.setattr(BatchScheduler, "_read", record)
+    frames = 12
+    [(pcm, usage)], loop = generate(engine, voices, [("fast", ["Hello."], 7, frames)], max_batch=1)
+    assert usage.output_tokens == frames and len(pcm) == frames * 1920 * 2
+    # Every frame is read after the one behind it was launched, but the one that completes the first group
+    # (first audio goes out before the next launch) and the last (its cap: nothing behind it).
+    first = engine.options.first_group_frames
+    assert reads == [(n + 1, n) if n in (first - 1, frames - 1) else (n + 2, n) for n in range(frames)]
+    groups = 1 + -(-(frames - engine.options.first_group_frames) // engine.options.group_frames)
+    assert loop.stats.syncs == frames + 1 + groups  # frame reads, the prompt's prefill, Mimi reads

@@ -1,0 +1,56 @@
+"""IDLE_UNLOAD_S: after an idle period the model replica releases its weights (MLX memory goes back), /health
+says so and stays 200, and the next request reloads them and gets the same audio as before."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from tests.support.local_app import SPEECH, LocalApp, make_settings
+
+
+@pytest.fixture(scope="module", autouse=True)
+def local_serve():
+    yield
+    from ray import serve
+
+    serve.shutdown()
+
+
+def model_health(app: LocalApp) -> tuple[int, dict]:
+    response = app.request("GET", "/health")
+    return response.status_code, response.json()["model"]
+
+
+def wait_for(app: LocalApp, state: str, timeout: float = 60) -> dict:
+    deadline = time.monotonic() + timeout
+    while (health := model_health(app))[1]["status"] != state:
+        assert time.monotonic() < deadline, f"model never became {state!r}: {health}"
+        time.sleep(0.05)
+    return health[1]
+
+
+def test_idle_unload_releases_the_weights_and_the_next_request_reloads_them(tiny_checkpoint, tmp_path_factory):
+    app = LocalApp(make_settings(tiny_checkpoint, tmp_path_factory, idle_unload_s=1.0))
+    body = {"input": "Back from a nap.", "response_format": "pcm", "seed": 5}
+    first = app.request("POST", SPEECH, json=body)
+    assert first.status_code == 200 and len(first.content) > 0
+    status, loaded = model_health(app)
+    assert status == 200 and loaded["status"] == "ready" and loaded["idle_unload"]["unloaded"] is False
+
+    unloaded = wait_for(app, "unloaded")
+    status, _ = model_health(app)
+    assert status == 200  # it can still serve: requests wait for the reload
+    assert unloaded["idle_unload"]["unloaded"] is True and "prefix_cache" not in unloaded
+    # The tiny model's weights (~9 MB of audio embeddings alone) and its caches are no longer held by MLX.
+    assert unloaded["memory"]["mlx_active_mb"] < loaded["memory"]["mlx_active_mb"] - 5, (loaded, unloaded)
+
+    again = app.request("POST", SPEECH, json=body)
+    assert again.status_code == 200 and again.content == first.content
+    reloaded = model_health(app)[1]
+    assert reloaded["status"] == "ready" and reloaded["last_load_s"] > 0
+    print(
+        f"\nreload after idle unload (tiny checkpoint, in-process): {reloaded['last_load_s']:.2f} s; MLX active "
+        f"{loaded['memory']['mlx_active_mb']} MB loaded, {unloaded['memory']['mlx_active_mb']} MB unloaded"
+    )

@@ -1,0 +1,106 @@
+"""Starting and probing real servers for the tests: the README's own launcher on a free loopback port, the
+load test against it, and the processes a server started (psutil, by session)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+
+from serve_app.core import processes
+from serve_app.core.constants import PROJECT_ROOT as ROOT
+from serve_app.tools.local_server import LocalServer, ServerFailed
+
+# Small runaway caps: the tiny model never emits end-of-speech, so every request runs to its cap.
+TEST_ENV = {
+    "MAX_AUDIO_BASE_S": "0.5",
+    "MAX_AUDIO_S_PER_CHAR": "0.05",
+    "LOG_LEVEL": "info",
+    "HF_HUB_OFFLINE": "1",
+}
+
+
+ENGINE_CAPS = dict(max_audio_base_s=0.5, max_audio_s_per_char=0.05)
+
+
+class Server(LocalServer):
+    """The shared local server; a server that dies or never gets ready fails the test with its log's tail."""
+
+    def wait_until(self, ready: Callable[[httpx.Response], bool], timeout: float = 180) -> httpx.Response:
+        try:
+            return super().wait_until(ready, timeout)
+        except ServerFailed as exc:
+            pytest.fail(str(exc))
+
+
+def launch_server(work: Path, model_id: Path, **env_overrides: str) -> Server:
+    """Start `python -m serve_app.launch` (as the README does) on a free loopback port; returns at once."""
+    return Server(work, {**TEST_ENV, "MODEL_ID": str(model_id), **env_overrides})
+
+
+def healthy(response: httpx.Response) -> bool:
+    return response.status_code == 200
+
+
+def run_loadtest(base_url: str, clients: int, requests: int, tmp_path: Path) -> dict:
+    """`python -m serve_app.tools.loadtest` against a server (bounded); its JSON report, once it exited cleanly."""
+
+    report_file = tmp_path / "load.json"
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "serve_app.tools.loadtest",
+            "--url",
+            base_url,
+            "--clients",
+            str(clients),
+            "--requests",
+            str(requests),
+            "--max-seconds",
+            "120",
+            "--json",
+            str(report_file),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    report = json.loads(report_file.read_text())
+    assert report["error"] == report["truncated"] == report["invalid"] == 0, report["failures"]
+    return report
+
+
+def session_processes(sid: int) -> list[str]:
+    """Lines "sid pid args" of every live process in session `sid` (a server started with start_new_session:
+    its pid), through psutil (Linux and macOS alike)."""
+    lines = []
+    for proc in processes.session_processes(sid):
+        try:
+            lines.append(f"{sid} {proc.pid} {' '.join(proc.cmdline()) or proc.name()}")
+        except (psutil.NoSuchProcess, psutil.AccessDenied):  # it ended meanwhile
+            pass
+    return lines
+
+
+def settled(model, timeout: float = 120) -> dict:
+    """The in-process model deployment's /health body once it has stopped loading (ready or failed)."""
+    import asyncio
+    import time
+
+    deadline = time.monotonic() + timeout
+    while (health := asyncio.run(model.health()))["status"] == "loading":
+        assert time.monotonic() < deadline, "the model is still loading"
+        time.sleep(0.05)
+    return health
+
+
+children = processes.children  # the direct children of a process we started
