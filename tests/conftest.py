@@ -130,9 +130,13 @@ def openclaw() -> tuple[Path, str]:
 
 @pytest.fixture(scope="module")
 def local_serve():
-    """Every local-testing-mode app of a module is shut down with it (its threads must end before the
-    interpreter does). The http tier's conftest makes it automatic."""
+    """Serve's local testing mode needs no Ray: its apps live in this process and end with it (their MLX
+    threads release themselves at exit: tests/engine/test_worker.py). `serve.shutdown()` would start a Ray
+    instance only to find nothing (16 s here), so it runs only where this process did start Ray."""
     yield
-    from ray import serve
+    import ray
 
-    serve.shutdown()
+    if ray.is_initialized():
+        from ray import serve
+
+        serve.shutdown()

@@ -22,7 +22,7 @@ from serve_app.api.errors import install_error_handlers
 from serve_app.api.protocol import SpeechRequest
 from serve_app.api.routing import Route, add_routes
 from serve_app.core.constants import LOGGER_NAME, MODEL_NAME
-from serve_app.core.errors import APIError, NotFoundError
+from serve_app.core.errors import APIError, InvalidRequestError, NotFoundError
 from serve_app.core.formats import ElevenLabsFormat
 from serve_app.core.settings import Settings
 from serve_app.voices.presets import elevenlabs_id
@@ -31,6 +31,9 @@ logger = logging.getLogger(LOGGER_NAME)
 
 PREFIX = "/elevenlabs"
 DEFAULT_OUTPUT_FORMAT = "mp3_44100_128"  # ElevenLabs' default
+
+
+MAX_STITCHED = 3  # ElevenLabs' limit on previous_request_ids and next_request_ids
 
 
 class VoiceSettings(BaseModel):
@@ -46,9 +49,13 @@ class VoiceSettings(BaseModel):
 
 
 class TextToSpeechRequest(BaseModel):
-    """The body of POST /v1/text-to-speech/{voice_id}[/stream]. `model_id` may be any (one model here);
-    previous_text/next_text, language_code, pronunciation dictionaries and the request-id stitching fields
-    are accepted and not used (CSM's context is audio and text of earlier turns, not neighbouring text)."""
+    """The body of POST /v1/text-to-speech/{voice_id}[/stream]. `model_id` may be any (one model here).
+
+    Request stitching: `previous_request_ids` (at most 3, each an earlier response's `request-id`) put those
+    utterances before the text as CSM context; without them, `previous_text` does when it is the text of a
+    remembered utterance of the same voice (ElevenLabs, too, ignores it when ids are given). `next_text` and
+    `next_request_ids` have no CSM counterpart (CSM hears what came before, not after): accepted, unused, as
+    are language_code and pronunciation dictionaries."""
 
     model_config = ConfigDict(extra="allow")
     text: StrictStr
@@ -58,6 +65,8 @@ class TextToSpeechRequest(BaseModel):
     seed: Optional[int] = Field(None, ge=0, le=4294967295)
     previous_text: Optional[str] = None
     next_text: Optional[str] = None
+    previous_request_ids: Optional[list[StrictStr]] = None
+    next_request_ids: Optional[list[StrictStr]] = None
     apply_text_normalization: Optional[str] = None
 
 
@@ -99,18 +108,28 @@ class ElevenLabsRoutes:
         """Audio for the text, streamed as it is generated (both routes: the whole file arrives the same way
         it would be streamed; `optimize_streaming_latency` is accepted, every frame streams anyway)."""
         speed = body.voice_settings.speed if body.voice_settings and body.voice_settings.speed else 1.0
+        for field in ("previous_request_ids", "next_request_ids"):
+            if len(getattr(body, field) or ()) > MAX_STITCHED:
+                raise InvalidRequestError(
+                    f"{field} may hold at most {MAX_STITCHED} request ids.", param=field, code="invalid_request"
+                )
         request = SpeechRequest(
-            model=body.model_id or MODEL_NAME, input=body.text, voice=voice_id, speed=float(speed), seed=body.seed
+            model=body.model_id or MODEL_NAME,
+            input=body.text,
+            voice=voice_id,
+            speed=float(speed),
+            seed=body.seed,
+            previous_request_ids=body.previous_request_ids or None,
         )
         try:
-            stream = await self._start_speech(request, output_format)
+            stream = await self._start_speech(request, output_format, body.previous_text)
         except APIError as exc:
             if exc.code == "invalid_voice":  # a path parameter: ElevenLabs answers 404
                 raise NotFoundError(
                     f"A voice with the voice_id {voice_id} was not found.", code="voice_not_found"
                 ) from None
             raise
-        return stream.response(False, {"Cache-Control": "no-cache"})
+        return stream.response(False, {"Cache-Control": "no-cache"}, "request-id")
 
     async def _voices(self, request: Request) -> list[dict]:
         """Presets and aliases for anyone; custom voices only with the key (as on the OpenAI side)."""

@@ -198,9 +198,9 @@ class SpeechIngress:
     async def create_speech(self, body: SpeechRequest):
         """OpenAI createSpeech: streamed audio (chunked) or server-sent events."""
         stream = await self.start_speech(body, body.response_format or self._settings.default_format)
-        return stream.response(body.stream_format == "sse", {"Cache-Control": "no-cache"})
+        return stream.response(body.stream_format == "sse", {"Cache-Control": "no-cache"}, "x-request-id")
 
-    async def start_speech(self, body: SpeechRequest, fmt: str) -> SpeechStream:
+    async def start_speech(self, body: SpeechRequest, fmt: str, previous_text: Optional[str] = None) -> SpeechStream:
         """Admit, plan, start the encoder and wait for its first chunk: any failure before audio is raised
         here (for the caller's error shape); after it, the stream holds the lease and the request's record.
         Every dialect's speech route comes through here (the same admission, log line and metrics)."""
@@ -218,13 +218,22 @@ class SpeechIngress:
             admitted = time.perf_counter()
             if body.instructions:
                 logger.info("request %s: instructions are not supported by CSM-1B and were ignored", record.request_id)
-            plan = await self._frontend.prepare.remote(body.input, body.voice_name)
+            plan = await self._frontend.prepare.remote(
+                body.input, body.voice_name, body.previous_request_ids, body.conversation, previous_text
+            )
             if isinstance(plan, APIError):
                 raise plan
             planned = time.perf_counter()
             record.voice, record.fmt = plan.preset.name, fmt
+            remember = self._settings.utterance_memory_mb > 0
             synthesis = SynthesisRequest(
-                plan.chunks, plan.preset, seed=body.seed, request_id=record.request_id, voice_prompt=plan.voice_prompt
+                plan.chunks,
+                plan.preset,
+                seed=body.seed,
+                context=plan.context,
+                request_id=record.request_id,
+                voice_prompt=plan.voice_prompt,
+                remember=remember,
             )
             stream = self._encoder.options(stream=True).encode.remote(EncodeRequest(synthesis, fmt, record.speed))
             try:
@@ -249,7 +258,13 @@ class SpeechIngress:
             **({"hops": 1000 * (now - planned) - encoder_ms} if encoder_ms else {}),
             "total": 1000 * (now - started),
         }
-        return SpeechStream(first, stream, record, lease, times)
+        on_said = None
+        if remember:
+
+            async def on_said(utterance, request_id=record.request_id, conversation=body.conversation):
+                await self._frontend.remember.remote(request_id, utterance, conversation)
+
+        return SpeechStream(first, stream, record, lease, times, on_said)
 
     async def list_models(self) -> ModelList:
         return ModelList(data=[ModelCard()])
@@ -323,6 +338,7 @@ class SpeechIngress:
             "encoders_running": encoder["running"],
             "encoders_warm": {"idle": encoder["warm"], "pids": encoder["warm_pids"]},
             "model_replicas": {"configured": self._model_replicas, "serving": len(serving)},
+            "utterance_memory": await self._frontend.memory_report.remote(),
         }
         degraded = [
             f"{r.get('replica', '?')} on {r.get('node', {}).get('ip', '?')}: {r['status']}"

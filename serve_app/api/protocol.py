@@ -47,6 +47,11 @@ class SpeechRequest(BaseModel):
     # --- Extensions (not in OpenAI's API) ---
     # Makes sampling reproducible: the same seed, text and voice give the same audio.
     seed: Optional[StrictInt] = Field(None, ge=0, le=2**63 - 1)
+    # Conversation context (README, "Conversation context"): earlier responses' `x-request-id`s, oldest
+    # first, whose speech CSM hears before this text; or a client-chosen conversation id whose last turns
+    # the server keeps and uses (set it once, e.g. in OpenClaw's extraBody).
+    previous_request_ids: Optional[list[StrictStr]] = Field(None, max_length=3)
+    conversation: Optional[StrictStr] = Field(None, min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:-]+$")
 
     @property
     def voice_name(self) -> Optional[str]:

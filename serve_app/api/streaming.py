@@ -12,7 +12,7 @@ import asyncio
 import base64
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Optional
 
 from fastapi.responses import StreamingResponse
@@ -22,7 +22,7 @@ from serve_app.api.limits import Lease
 from serve_app.core.constants import LOGGER_NAME
 from serve_app.core.errors import as_api_error
 from serve_app.core.formats import FORMATS
-from serve_app.core.messages import StageTimes, Usage
+from serve_app.core.messages import StageTimes, Usage, Utterance
 from serve_app.core.observability import RequestRecord
 
 logger = logging.getLogger(LOGGER_NAME)
@@ -61,14 +61,29 @@ class SpeechStream:
     """One response's audio: the encoder's stream (its first item already received), the record, and the
     admission lease the response holds until it ends."""
 
-    def __init__(self, first, stream, record: RequestRecord, lease: Lease, times: Optional[StageTimes] = None):
+    def __init__(
+        self,
+        first,
+        stream,
+        record: RequestRecord,
+        lease: Lease,
+        times: Optional[StageTimes] = None,
+        on_said: Optional[Callable[[Utterance], Awaitable[None]]] = None,
+    ):
         self._first = first
         self._stream = stream
         self._record = record
         self._lease = lease
         self._times = times
+        self._on_said = on_said  # the utterance memory's remember
 
-    def response(self, sse: bool, headers: dict) -> StreamingResponse:
+    @property
+    def request_id(self) -> str:
+        return self._record.request_id
+
+    def response(self, sse: bool, headers: dict, id_header: str) -> StreamingResponse:
+        """The committed response; `id_header` carries the request id (the dialect's name for it)."""
+        headers = {**headers, id_header: self._record.request_id}
         if self._times is not None and self._times.stages:
             headers = {**headers, "Server-Timing": self._times.header()}
         if sse:
@@ -90,13 +105,20 @@ class SpeechStream:
         self._stream.cancel()
 
     async def _items(self) -> AsyncIterator[bytes]:
-        """The encoder's audio bytes (first included); its final `Usage` goes into the record."""
+        """The encoder's audio bytes (first included); its final `Usage` goes into the record, and what was
+        said into the utterance memory, before the body ends: a client that has read the whole body can name
+        this response in its next request at once."""
         item = self._first
         while True:
-            if isinstance(item, Usage):
-                self._record.usage = item
-            elif not isinstance(item, StageTimes):
+            if isinstance(item, bytes):
                 yield item
+            elif isinstance(item, Usage):
+                self._record.usage = item
+            elif isinstance(item, Utterance) and self._on_said is not None:
+                try:
+                    await self._on_said(item)
+                except Exception as exc:  # the audio is fine; only later context will miss this turn
+                    logger.warning("request %s: not remembered: %s", self._record.request_id, exc)
             try:
                 item = await self._stream.__anext__()
             except StopAsyncIteration:

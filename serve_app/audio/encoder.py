@@ -109,11 +109,12 @@ class AudioEncoder:
                 if chunks == 2 and keep_warm:  # the first audio is out: the next response's ffmpeg starts
                     self._warm.fill(tuple(cmd))
                     keep_warm = False
-            usage = await feeder  # the model's error, if it failed, surfaces here
+            said = await feeder  # the model's error, if it failed, surfaces here
             if await proc.wait() != 0:
                 stderr = (await proc.stderr.read()).decode(errors="replace").strip()
                 raise GenerationError(f"Audio encoding failed (ffmpeg exited {proc.returncode}): {stderr[-300:]}")
-            yield usage
+            for item in said:  # the Utterance (when remembered), then the Usage
+                yield item
         finally:
             feeder.cancel()
             # Its exception (if any) was raised above or is moot now; don't log it as "never retrieved".
@@ -160,20 +161,22 @@ class AudioEncoder:
         return pcm.copy()
 
     @staticmethod
-    async def _feed(pcm, proc: asyncio.subprocess.Process, first_pcm: list) -> Usage:
-        """Copy the model's PCM into ffmpeg and return the model's `Usage`; on a model error kill ffmpeg so
-        the reader stops at once. `first_pcm` gets the time the first PCM arrived."""
-        usage = Usage()
+    async def _feed(pcm, proc: asyncio.subprocess.Process, first_pcm: list) -> list:
+        """Copy the model's PCM into ffmpeg and return the model's other items (its Utterance when asked for,
+        its Usage) for after the audio; on a model error kill ffmpeg so the reader stops at once. `first_pcm`
+        gets the time the first PCM arrived."""
+        said: list = []
         try:
             async for item in pcm:
                 if not first_pcm:
                     first_pcm.append(time.perf_counter())
-                if isinstance(item, Usage):
-                    usage = item
+                if not isinstance(item, bytes):
+                    said.append(item)
                 elif not await _write(proc, item):
-                    return usage  # ffmpeg is gone; the reader sees EOF and its exit code says why
-            proc.stdin.close()
-            return usage
+                    break  # ffmpeg is gone; the reader sees EOF and its exit code says why
+            else:
+                proc.stdin.close()
+            return said if any(isinstance(item, Usage) for item in said) else [*said, Usage()]
         except BaseException:
             with contextlib.suppress(ProcessLookupError):
                 proc.kill()

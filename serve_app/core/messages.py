@@ -1,9 +1,10 @@
 """Everything that crosses a DeploymentHandle, defined once: plain data, free of MLX and FastAPI.
 
 The ingress builds a `SynthesisRequest`, the encoder forwards it to the model replica, and the replica's
-stream comes back as `StreamItem`s: PCM `bytes`, then one `Usage`; the encoder adds one `StageTimes` before
-its first audio. Inside the model replica, a generation job posts the same items, an error or `END` to its
-reader; `received` is the one place that tells them apart. Importing this loads numpy and pydantic only.
+stream comes back as `StreamItem`s: PCM `bytes`, then (when the request asked to be remembered) one
+`Utterance`, then one `Usage`; the encoder adds one `StageTimes` before its first audio. Inside the model
+replica, a generation job posts the same items, an error or `END` to its reader; `received` is the one
+place that tells them apart. Importing this loads numpy and pydantic only.
 """
 
 from __future__ import annotations
@@ -68,9 +69,25 @@ class Usage(BaseModel):
         }
 
 
-# What a speech stream carries across handles: audio bytes, the final Usage, and (from the encoder) the
-# first audio's StageTimes.
-StreamItem = Union[bytes, Usage, StageTimes]
+@dataclass
+class Utterance:
+    """What a response said, for conversation context later: its voice, CSM speaker id, text and the Mimi
+    codes generated (codebooks x frames, every chunk's frames in order). Kept by the text frontend's
+    utterance memory under the response's request id."""
+
+    voice: str
+    speaker: int
+    text: str
+    codes: np.ndarray
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.codes.nbytes) + 2 * len(self.text)
+
+
+# What a speech stream carries across handles: audio bytes, what was said (when remembered), the final
+# Usage, and (from the encoder) the first audio's StageTimes.
+StreamItem = Union[bytes, Utterance, Usage, StageTimes]
 
 
 def received(item: Union[StreamItem, BaseException, _End]) -> Union[StreamItem, _End]:
@@ -111,6 +128,8 @@ class SynthesisRequest:
     # owns the voice store: a model replica on another machine that has not seen the voice yet takes it from
     # here (and keeps it); one that has ignores it.
     voice_prompt: Optional[ContextSegment] = None
+    # Post an `Utterance` (the text and the codes generated) before the Usage, for the utterance memory.
+    remember: bool = False
 
 
 @dataclass
@@ -129,6 +148,8 @@ class SpeechPlan:
     chunks: list[str]
     preset: VoiceParams
     voice_prompt: Optional[ContextSegment] = None  # a custom voice's clip, for replicas that have not seen it
+    # Earlier utterances as CSM context, oldest first (previous_request_ids, a conversation's last turns).
+    context: list[ContextSegment] = field(default_factory=list)
 
 
 class VoiceInfo(BaseModel):

@@ -117,6 +117,15 @@ class Settings(BaseModel):
     # ~32 KB per position with CSM-1B in bf16 (16 layers x 8 KV heads x 64 dims x keys and values).
     voice_cache_mb: int = Field(512, ge=0)
 
+    # Conversation context across requests (text/memory.py): what each response said (its text and Mimi codes,
+    # ~48 KB per minute of speech) is kept under its request id in this much memory (0: off), least recently
+    # used out first, for at most UTTERANCE_MAX_AGE_S; a `conversation` keeps its last CONVERSATION_TURNS turns
+    # for CONVERSATION_MAX_AGE_S after its latest one.
+    utterance_memory_mb: float = Field(64.0, ge=0.0)
+    utterance_max_age_s: float = Field(3600.0, gt=0.0)
+    conversation_turns: int = Field(3, ge=1, le=16)
+    conversation_max_age_s: float = Field(1800.0, gt=0.0)
+
     # While other requests stream, a joining prompt is prefilled at most this many positions per batch step
     # (between their frames), so a long context never stalls them for long.
     prefill_step_positions: int = Field(128, ge=8, le=2048)

@@ -241,18 +241,16 @@ class CSMEngine:
         """An utterance already in Mimi codes (K x frames) as context rows."""
         return self.segment_tokens(ContextSegment(speaker, text, codes=codes))
 
-    def fixed_context(
-        self, preset: VoiceParams, context: list[ContextSegment], voice_prompt: Optional[ContextSegment] = None
-    ) -> list[Tokens]:
-        """What every chunk of a request sees first: the voice's prompt, then the given conversation. A custom
-        voice not seen here yet comes from the request (`voice_prompt`) or this machine's store."""
+    def fixed_context(self, preset: VoiceParams, voice_prompt: Optional[ContextSegment] = None) -> list[Tokens]:
+        """What every chunk of a request sees first, whatever else must give way: the voice's prompt. A custom
+        voice not seen here yet comes from the request (`voice_prompt`) or this machine's store. (The
+        conversation's turns and the request's earlier chunks follow it, the most recent that fit.)"""
         if preset.custom and preset.name not in self._prompts:
             if voice_prompt is not None and voice_prompt.codes is not None:
                 self.add_custom_prompt(preset.name, voice_prompt.text, voice_prompt.codes, "the request")
             else:
                 self.load_custom_voice(preset.name)
-        fixed = [self._prompts[preset.name]] if preset.name in self._prompts else []
-        return fixed + [self.segment_tokens(seg) for seg in context]
+        return [self._prompts[preset.name]] if preset.name in self._prompts else []
 
     def frame_cap(self, text: str) -> int:
         return self.options.max_frames_for(text)

@@ -3,8 +3,8 @@ and one text column, with a mask saying which columns a row uses.
 
 A text segment is `[speaker]text` tokenized (BOS/EOS by the tokenizer) in the text column; an audio
 segment is its Mimi codes, one frame a row, then CSM's all-zero end-of-speech frame. A context is
-segments in order (the voice's clip, then the conversation, then this request's earlier chunks), and
-everything must fit the backbone's `MAX_POSITIONS`.
+segments in order (the voice's clip, then the conversation's earlier turns, then this request's earlier
+chunks), and everything must fit the backbone's `MAX_POSITIONS`.
 """
 
 from __future__ import annotations
@@ -51,7 +51,9 @@ def concat(*parts: Tokens) -> Tokens:
 
 
 def fit_context(fixed: list[Tokens], history: list[Tokens], budget: int) -> list[Tokens]:
-    """The fixed segments (voice prompt, conversation) if they fit, then the most recent history that fits."""
+    """The fixed segments (the voice's clip) if they fit, then the most recent of the history that fits, as
+    a contiguous run up to now (the history: a conversation's earlier turns, then this request's earlier
+    chunks, oldest first). The oldest turns give way first."""
     chosen: list[Tokens] = []
     used = 0
     for seg in fixed:

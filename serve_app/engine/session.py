@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Optional
 import mlx.core as mx
 import numpy as np
 
-from serve_app.core.messages import END, SynthesisRequest, Usage
+from serve_app.core.messages import END, SynthesisRequest, Usage, Utterance
 from serve_app.engine.codec import MimiStream
 from serve_app.engine.prefix import State, caches_from, token_key
 from serve_app.engine.prompts import MAX_POSITIONS
@@ -44,7 +44,7 @@ class SpeechSession:
         self._gain = 10.0 ** (preset.gain_db / 20.0)
         self.inv_temperature = 1.0 / preset.temperature
         self.top_k = max(1, min(preset.top_k, engine.vocab_size))
-        self._fixed = engine.fixed_context(preset, request.context, request.voice_prompt)
+        self._fixed = engine.fixed_context(preset, request.voice_prompt)
         self._reuse = engine.options.prefix_cache
         self._fixed_key = (
             token_key(np.concatenate([s.ids for s in self._fixed]), np.concatenate([s.mask for s in self._fixed]))
@@ -54,7 +54,10 @@ class SpeechSession:
         self._resume: Optional[State] = None  # this request's cache row after its last chunk
         self.prefill = None  # the scheduler's PendingPrefill while this chunk's prompt goes in
         self._last_frame: Optional[np.ndarray] = None  # the frame that ended the last chunk
-        self._history: list = []
+        # Everything after the voice's prompt, oldest first: the conversation's earlier turns (the request's
+        # context), then this request's earlier chunks; a chunk keeps the most recent of them that fit.
+        self._history: list = [engine.segment_tokens(segment) for segment in request.context]
+        self._said: list[np.ndarray] = []  # every chunk's frames (K, T), for the Utterance when remembered
         self.mimi = MimiStream(engine.mimi, engine.mimi_modules)
         self._flush_due = False  # a group (or a chunk's last frames) is ready for Mimi
         self.usage = Usage()
@@ -76,11 +79,12 @@ class SpeechSession:
         """Start the next text chunk: its prompt as (tokens, mask) of shape (1, n, K+1) and the cache to
         continue from (None: from nothing), or None when every chunk is done.
 
-        CSM's context for a chunk is the voice's fixed segments, then the earlier chunks (each its text, its
-        frames and the all-zero end-of-speech row), then this chunk's text. With KV reuse, a later chunk
-        continues its own cache row, which already holds all of that but the tail of the previous chunk;
-        when the row would not fit CSM's positions with this chunk, or on the first chunk, the context is
-        trimmed to what fits and prefilled, starting from the voice's cached prefix when it has one."""
+        CSM's context for a chunk is the voice's clip, then the conversation's earlier turns and this request's
+        earlier chunks (each its text, its frames and the all-zero end-of-speech row), then this chunk's text.
+        With KV reuse, a later chunk continues its own cache row, which already holds all of that but the tail
+        of the previous chunk; when the row would not fit CSM's positions with this chunk, or on the first
+        chunk, the context is trimmed to what fits and prefilled, starting from the voice's cached prefix
+        when it has one."""
         if self._chunk_index >= len(self.request.chunks):
             return None
         engine, chunk = self.engine, self.request.chunks[self._chunk_index]
@@ -178,6 +182,10 @@ class SpeechSession:
         return True
 
     def finish(self) -> None:
+        if self.request.remember:
+            codes = np.concatenate(self._said, axis=1) if self._said else np.zeros((self.engine.num_codebooks, 0))
+            text = " ".join(self.request.chunks)
+            self.post(Utterance(self.request.preset.name, self.request.preset.speaker, text, codes.astype(np.int16)))
         self.post(self.usage)
 
     def close(self, error: Optional[BaseException] = None) -> None:
@@ -204,4 +212,5 @@ class SpeechSession:
         self._flush_due = True
         if self._frames:
             codes = np.stack(self._frames, axis=1)
+            self._said.append(codes)
             self._history.append(self.engine.segment_codes(self.request.preset.speaker, self._chunk_text, codes))

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Optional
 from serve_app.core.constants import LOGGER_NAME, MODEL_NAME
 from serve_app.core.errors import APIError
 from serve_app.core.logs import configure_logging
-from serve_app.core.messages import SynthesisRequest, Usage
+from serve_app.core.messages import StreamItem, SynthesisRequest
 from serve_app.core.observability import set_model_load
 from serve_app.core.settings import Settings
 from serve_app.model import registry as replicas
@@ -138,14 +138,16 @@ class CSMModel:
             self._life.loaded(future.result())
             logger.info("model ready after %.1f s", self._load_s)
         elif isinstance(exc, APIError):  # an expected failure (no network, bad folder): its message says it all
-            self._life.failed(str(exc))
+            # Logged before the state changes: whoever sees "failed" finds the log line already written.
             logger.error("model failed to load: %s", exc)
+            self._life.failed(str(exc))
         else:
-            self._life.failed(f"{type(exc).__name__}: {exc}")
-            logger.error("model failed to load: %s", self._life.error, exc_info=exc)
+            error = f"{type(exc).__name__}: {exc}"
+            logger.error("model failed to load: %s", error, exc_info=exc)
+            self._life.failed(error)
         self._publish_now()
 
-    async def generate(self, request: SynthesisRequest) -> AsyncIterator[bytes | Usage]:
+    async def generate(self, request: SynthesisRequest) -> AsyncIterator[StreamItem]:
         """Stream s16le PCM chunks for the request, then one `Usage`."""
         await self._acquire()
         try:

@@ -15,10 +15,11 @@ import numpy as np
 from serve_app.core.constants import LOGGER_NAME
 from serve_app.core.errors import APIError, InvalidRequestError, NotFoundError
 from serve_app.core.logs import configure_logging
-from serve_app.core.messages import ContextSegment, SpeechPlan, VoiceInfo
+from serve_app.core.messages import ContextSegment, SpeechPlan, Utterance, VoiceInfo
 from serve_app.core.settings import Settings
 from serve_app.text.chunking import chunk_text, normalize, why_unspeakable
 from serve_app.text.markdown import strip_markdown
+from serve_app.text.memory import UtteranceMemory
 from serve_app.voices.presets import VoiceLibrary, VoicePreset, elevenlabs_id
 from serve_app.voices.store import ConsentRecord, CustomVoiceStore, VoiceRecord
 
@@ -37,6 +38,12 @@ class TextFrontend:
                 "custom voice store: removed %d leftover(s) of interrupted writes: %s", len(removed), ", ".join(removed)
             )
         self._prompts: dict[str, ContextSegment] = {}
+        self._memory = UtteranceMemory(
+            int(settings.utterance_memory_mb * 1024 * 1024),
+            settings.utterance_max_age_s,
+            settings.conversation_turns,
+            settings.conversation_max_age_s,
+        )
 
     @staticmethod
     def _errors_as_values(method):
@@ -50,9 +57,32 @@ class TextFrontend:
         return wrapper
 
     @_errors_as_values
-    def prepare(self, text: str, voice: Optional[str]) -> SpeechPlan | APIError:
-        """Check the input and voice, and split the text into chunks."""
-        return self._plan(text, voice)
+    def prepare(
+        self,
+        text: str,
+        voice: Optional[str],
+        previous_request_ids: Optional[list[str]] = None,
+        conversation: Optional[str] = None,
+        previous_text: Optional[str] = None,
+    ) -> SpeechPlan | APIError:
+        """Check the input and voice, split the text into chunks, and find the context: the utterances
+        named by `previous_request_ids` (oldest first), else the `conversation`'s last turns, else (the
+        ElevenLabs dialect's `previous_text`) the latest utterance of this voice with that text."""
+        plan = self._plan(text, voice)
+        if previous_request_ids:
+            plan.context = self._memory.context(previous_request_ids)
+        elif conversation is not None:
+            plan.context = self._memory.conversation(conversation)
+        elif previous_text:
+            plan.context = self._memory.matching_text(plan.preset.name, previous_text)
+        return plan
+
+    def remember(self, request_id: str, utterance: Utterance, conversation: Optional[str] = None) -> None:
+        """A finished response's utterance, for later context (and the conversation's next turn)."""
+        self._memory.remember(request_id, utterance, conversation)
+
+    def memory_report(self) -> dict:
+        return self._memory.report()
 
     def _plan(self, text: str, voice: Optional[str]) -> SpeechPlan:
         limit = self._settings.max_input_length

@@ -105,6 +105,29 @@ def test_conversation_context_segments_reach_the_model(engine, monkeypatch):
     assert b"".join(again) == b"".join(with_context)
 
 
+def test_context_that_does_not_fit_keeps_the_clip_and_the_most_recent_turns(engine, monkeypatch):
+    """CSM has 2,048 positions: the voice's clip always, then the most recent turns that fit (oldest out
+    first), then the text and its frames. Three turns of ~700 positions each cannot all fit."""
+    turns = [
+        ContextSegment(speaker=1, text=f"Turn {i}.", codes=np.full((32, 690), i + 1, dtype=np.int32)) for i in range(3)
+    ]
+    chosen = []
+    original = engine.fit_context
+
+    def spy(fixed, history, budget):
+        kept = original(fixed, history, budget)
+        chosen.append((len(fixed), [len(seg) for seg in kept]))
+        return kept
+
+    monkeypatch.setattr(engine, "fit_context", spy)
+    run(engine, ["Reply."], seed=1, context=turns)  # `conversational` has a reference clip
+    ((prompts, kept),) = chosen
+    clip, lengths = kept[0], [len(engine.segment_tokens(t)) for t in turns]
+    assert prompts == 1 and clip == len(engine._prompts["conversational"])
+    assert kept[1:] == lengths[-(len(kept) - 1) :] and 1 <= len(kept) - 1 < 3  # a suffix: the newest turns
+    assert sum(kept) + len(engine.text_tokens("Reply.", 0)) + engine.frame_cap("Reply.") <= 2048
+
+
 def test_cancel_stops_within_a_frame(engine):
     frames = []
     cancel = threading.Event()

@@ -5,17 +5,7 @@ from __future__ import annotations
 
 import time
 
-import pytest
-
 from tests.support.local_app import SPEECH, LocalApp, make_settings
-
-
-@pytest.fixture(scope="module", autouse=True)
-def local_serve():
-    yield
-    from ray import serve
-
-    serve.shutdown()
 
 
 def model_health(app: LocalApp) -> tuple[int, dict]:

@@ -147,3 +147,19 @@ def test_the_readme_layout_map_is_the_trees():
     assert layout.readme_block(readme) == layout.render(), (
         "README.md's layout map is stale: run `python -m serve_app.tools.layout --write`"
     )
+
+
+@pytest.mark.parametrize("command", [["check"], ["format", "--check"]], ids=["lint", "format"])
+def test_ruff_finds_nothing(command):
+    """The code stays as ruff (configured in pyproject.toml) wants it: lint and format."""
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-m", "ruff", *command, "serve_app", "tests"],
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-1000:]
