@@ -77,10 +77,6 @@ class SpeechStream:
         self._times = times
         self._on_said = on_said  # the utterance memory's remember
 
-    @property
-    def request_id(self) -> str:
-        return self._record.request_id
-
     def response(self, sse: bool, headers: dict, id_header: str) -> StreamingResponse:
         """The committed response; `id_header` carries the request id (the dialect's name for it)."""
         headers = {**headers, id_header: self._record.request_id}
