@@ -18,7 +18,10 @@ def test_fields_in_openai_order_then_extensions():
         "response_format",
         "speed",
         "stream_format",
+        # Extensions after OpenAI's fields, fenced off by a comment in protocol.py.
         "seed",
+        "previous_request_ids",
+        "conversation",
     ]
 
 
