@@ -15,6 +15,11 @@ SAMPLE_RATE = 24_000
 FRAME_RATE = 12.5
 SAMPLES_PER_FRAME = int(SAMPLE_RATE / FRAME_RATE)
 
+# A slow speaking rate (characters per second, ~110 words a minute; conversational speech is 14-16): a
+# chunk's default frame cap allows its text this long (plus MAX_AUDIO_BASE_S), and an end-of-speech before
+# a third of it is too early (engine/guards.py).
+SLOW_CHARS_PER_S = 10.0
+
 MODEL_NAME = "csm-1b"
 
 # Every module logs under this one name (configured once per process by logs.configure_logging).

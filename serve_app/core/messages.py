@@ -52,10 +52,12 @@ class StageTimes(BaseModel):
 
 
 class Usage(BaseModel):
-    """Token counts of one response: text tokens in, CSM audio frames out."""
+    """Token counts of one response: text tokens in, CSM audio frames out (those delivered), and how often
+    each guard against CSM's failure modes acted (engine/guards.py; not part of OpenAI's usage)."""
 
     input_tokens: int = 0
     output_tokens: int = 0
+    guards: dict[str, int] = {}
 
     @property
     def total_tokens(self) -> int:

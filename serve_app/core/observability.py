@@ -48,6 +48,11 @@ def metrics() -> Optional[dict]:
         ),
         "audio": Counter("sesame_tts_audio_seconds", "Seconds of audio delivered.", tag_keys=tags),
         "requests": Counter("sesame_tts_requests", "Speech requests by outcome.", tag_keys=("status", *tags)),
+        "guards": Counter(
+            "sesame_tts_guards",
+            "Times a guard against CSM's failure modes acted (silent_tail, loop, too_short, empty).",
+            tag_keys=("guard", *tags),
+        ),
         "queue": Gauge("sesame_tts_queue_depth", "Requests waiting for the model."),
         "batch": Gauge("sesame_tts_active_batch_size", "Requests the model is generating right now."),
     }
@@ -91,7 +96,7 @@ class RequestRecord:
         rtf = total / self.audio_seconds if self.audio_seconds else None
         ttfb = f"{1000 * self.first_byte:.0f}" if self.first_byte is not None else "-"
         logger.info(
-            "request id=%s voice=%s format=%s chars=%d ttfb_ms=%s audio_s=%.2f rtf=%s total_s=%.2f status=%s",
+            "request id=%s voice=%s format=%s chars=%d ttfb_ms=%s audio_s=%.2f rtf=%s total_s=%.2f status=%s guards=%s",
             self.request_id,
             self.voice,
             self.fmt,
@@ -101,12 +106,15 @@ class RequestRecord:
             f"{rtf:.2f}" if rtf is not None else "-",
             total,
             status,
+            ",".join(f"{name}:{count}" for name, count in sorted(self.usage.guards.items())) or "-",
         )
         m = metrics()
         if m is None:
             return
         tags = {"format": self.fmt, "voice": self.voice}
         m["requests"].inc(tags={"status": status, **tags})
+        for guard, count in self.usage.guards.items():
+            m["guards"].inc(count, tags={"guard": guard, **tags})
         if self.first_byte is not None:
             m["ttfb"].observe(self.first_byte, tags=tags)
         if self.audio_seconds:

@@ -18,7 +18,7 @@ from typing import Literal, Optional
 from dotenv import dotenv_values
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
-from serve_app.core.constants import PROJECT_ROOT
+from serve_app.core.constants import PROJECT_ROOT, SLOW_CHARS_PER_S
 from serve_app.core.formats import ResponseFormat
 
 # RFC 1123 host names: dot-separated labels of letters, digits and inner hyphens.
@@ -134,9 +134,34 @@ class Settings(BaseModel):
     first_group_frames: int = Field(2, ge=1, le=50)
     group_frames: int = Field(6, ge=1, le=100)
 
-    # Runaway guard: a text chunk may produce at most base + per_char * len(text) seconds of audio.
+    # Runaway guard: a text chunk may produce at most base + per_char * len(text) seconds of audio. The default
+    # allows the text at a slow speaking rate (10 characters a second) plus 2 s: 22 s for 200 characters. The
+    # cap before guards existed: MAX_AUDIO_S_PER_CHAR=0.12 (26 s for 200 characters).
     max_audio_base_s: float = Field(2.0, ge=0.08)
-    max_audio_s_per_char: float = Field(0.12, ge=0.0)
+    max_audio_s_per_char: float = Field(round(1.0 / SLOW_CHARS_PER_S, 4), ge=0.0)
+
+    # Guards against CSM's known failure modes (engine/guards.py, README "Guards"); each off with its setting.
+    # Every chunk ends with terminal punctuation before it reaches CSM (a chunk without one tends to lose its
+    # last word).
+    terminal_punctuation: bool = True
+    # A chunk whose codebook-0 codes repeat over GUARD_LOOP_WINDOW_S ends there.
+    guard_loop: bool = True
+    guard_loop_window_s: float = Field(2.0, ge=0.4, le=10.0)
+    # Once a chunk has spoken, a quiet run (each 80 ms frame's RMS below GUARD_SILENCE_DBFS) of
+    # GUARD_SILENT_TAIL_S ends it, and only GUARD_PAUSE_S of that run is kept; the pause between two chunks
+    # (one's trailing quiet frames and the next one's leading ones) is also kept to at most GUARD_PAUSE_S.
+    guard_silent_tail: bool = True
+    guard_silence_dbfs: float = Field(-45.0, ge=-120.0, le=0.0)
+    guard_silent_tail_s: float = Field(1.5, ge=0.24, le=30.0)
+    guard_pause_s: float = Field(0.4, ge=0.0, le=5.0)
+    # An end-of-speech sooner than a third of the time the chunk's text takes at a slow speaking rate (an end
+    # at frame 0 included) is generated again once with the request's next seed; the longer take is kept.
+    # To allow the retry, a chunk's audio is held back until it passes that point or GUARD_HOLD_S, whichever
+    # comes first (an end after that is kept: its audio is playing); the first chunk holds at most its first
+    # group, or GUARD_FIRST_CHUNK_HOLD_S when that is longer (each 80 ms held there is 80 ms more first audio).
+    guard_too_short: bool = True
+    guard_hold_s: float = Field(3.0, ge=0.0, le=30.0)
+    guard_first_chunk_hold_s: float = Field(0.0, ge=0.0, le=10.0)
 
     # Overload and hostile input. Up to MAX_BATCH_SIZE requests generate together; up to
     # MAX_QUEUED_REQUESTS more wait, and beyond that a request gets 429 with Retry-After before any audio.

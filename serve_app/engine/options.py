@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Literal, Optional
 from pydantic import SecretStr
 
 from serve_app.core.constants import FRAME_RATE
+from serve_app.engine.guards import GuardConfig, frames_for
 
 if TYPE_CHECKING:
     from serve_app.core.settings import Settings
@@ -52,11 +53,35 @@ class EngineOptions:
     chunk_max_chars: int
     max_audio_base_s: float
     max_audio_s_per_char: float
+    # Guards against CSM's failure modes (guards.py).
+    guard_loop: bool
+    guard_loop_window_s: float
+    guard_silent_tail: bool
+    guard_silence_dbfs: float
+    guard_silent_tail_s: float
+    guard_pause_s: float
+    guard_too_short: bool
+    guard_hold_s: float
+    guard_first_chunk_hold_s: float
 
     @classmethod
     def from_settings(cls, settings: Settings) -> EngineOptions:
         """The fields of the same names, from the server's settings."""
         return cls(**{field.name: getattr(settings, field.name) for field in dataclasses.fields(cls)})
+
+    @property
+    def guards(self) -> GuardConfig:
+        return GuardConfig(
+            loop=self.guard_loop,
+            loop_window_frames=frames_for(self.guard_loop_window_s),
+            silent_tail=self.guard_silent_tail,
+            silence_dbfs=self.guard_silence_dbfs,
+            tail_frames=frames_for(self.guard_silent_tail_s),
+            pause_frames=round(self.guard_pause_s * FRAME_RATE),
+            too_short=self.guard_too_short,
+            hold_frames=round(self.guard_hold_s * FRAME_RATE),
+            first_chunk_hold_frames=round(self.guard_first_chunk_hold_s * FRAME_RATE),
+        )
 
     def max_frames_for(self, text: str) -> int:
         """The runaway guard: the most frames a chunk may take, from its length (random weights never stop)."""

@@ -7,6 +7,7 @@ its Mimi streaming state and its output. The scheduler only moves frames in and 
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Optional
@@ -14,13 +15,17 @@ from typing import TYPE_CHECKING, Any, Optional
 import mlx.core as mx
 import numpy as np
 
+from serve_app.core.constants import LOGGER_NAME
 from serve_app.core.messages import END, SynthesisRequest, Usage, Utterance
 from serve_app.engine.codec import MimiStream
+from serve_app.engine.guards import EMPTY, LOOP, SILENT_TAIL, TOO_SHORT, LoopDetector, SilenceShaper, too_short_frames
 from serve_app.engine.prefix import State, caches_from, token_key
 from serve_app.engine.prompts import MAX_POSITIONS
 
 if TYPE_CHECKING:
     from serve_app.engine.csm import CSMEngine
+
+logger = logging.getLogger(LOGGER_NAME)
 
 
 class SpeechSession:
@@ -38,6 +43,7 @@ class SpeechSession:
     ):
         self.engine, self.request, self.post, self.cancelled = engine, request, post, cancelled
         seed = request.seed if request.seed is not None else int.from_bytes(os.urandom(7), "little")
+        self._seed = seed
         self._key = mx.random.key(seed)
         self._key_before = self._key
         preset = request.preset
@@ -68,6 +74,18 @@ class SpeechSession:
         self._frames: list[np.ndarray] = []
         self._pending: list[np.ndarray] = []
         self._group = engine.options.first_group_frames
+        # The guards (guards.py): what this chunk is checked against, and what they decided.
+        self._guards = engine.options.guards
+        self._shaper = SilenceShaper(self._guards)
+        self._loop: Optional[LoopDetector] = None
+        self._short = 0  # an end-of-speech before this many frames is too early for the chunk's text
+        self._hold = 0  # frames held back (not decoded) at the chunk's start, so that a retry is possible
+        self._first_audio = engine.options.first_group_frames  # frames before the first PCM goes out
+        self._retries = 0  # chunks generated again so far (each with the request's seed + retries)
+        self._retry_of: Optional[list[np.ndarray]] = None  # the too-short take being generated again
+        self._stop: Optional[str] = None  # a guard ends the chunk at its next frame
+        self._chunk_over = False
+        self._reprefill = False  # the cache row has seen frames the chunk's history left out
         self.gone = False  # ended (cancelled or failed) while a frame of it may still be in flight
 
     @property
@@ -85,15 +103,23 @@ class SpeechSession:
         of the previous chunk; when the row would not fit CSM's positions with this chunk, or on the first
         chunk, the context is trimmed to what fits and prefilled, starting from the voice's cached prefix
         when it has one."""
-        if self._chunk_index >= len(self.request.chunks):
+        retrying = self._retry_of is not None
+        if self._chunk_index >= len(self.request.chunks) and not retrying:
             return None
-        engine, chunk = self.engine, self.request.chunks[self._chunk_index]
-        self._chunk_index += 1
+        engine = self.engine
+        if retrying:  # the same chunk again, with the request's next seed
+            self._retries += 1
+            self._key = mx.random.key(self._seed + self._retries)
+        else:
+            self._chunk_index += 1
+        chunk = self.request.chunks[self._chunk_index - 1]
         text = engine.text_tokens(chunk, self.request.preset.speaker)
         max_frames = self.request.max_frames_per_chunk or engine.frame_cap(chunk)
         self._max_frames = min(max_frames, MAX_POSITIONS - len(text) - 1)
         self._chunk_text, self._frames = chunk, []
-        self.usage.input_tokens += len(text)
+        if not retrying:
+            self.usage.input_tokens += len(text)
+        self._start_guards(chunk)
         resume, self._resume = self._resume, None
         if resume is not None:
             tail_ids, tail_mask = self._tail()
@@ -113,6 +139,19 @@ class SpeechSession:
             if cache is not None:
                 context, seen = context[fixed:], cache[0].offset
         return self._prompt([s.ids for s in context] + [text.ids], [s.mask for s in context] + [text.mask], cache, seen)
+
+    def _start_guards(self, chunk: str) -> None:
+        guards, first = self._guards, self._chunk_index == 1
+        if not first:
+            self._shaper.end_of_chunk()  # the previous chunk's last PCM has been shaped by now
+        self._loop = LoopDetector(guards.loop_window_frames) if guards.loop else None
+        self._short = too_short_frames(chunk) if guards.too_short else 0
+        first_group = self.engine.options.first_group_frames
+        limit = max(first_group, guards.first_chunk_hold_frames) if first else guards.hold_frames
+        self._hold = min(self._short, limit)
+        if first:
+            self._first_audio = max(first_group, self._hold)
+        self._stop, self._chunk_over, self._reprefill = None, False, False
 
     def _prompt(self, ids: list[np.ndarray], mask: list[np.ndarray], cache: Optional[list], seen: int):
         rows, masks = np.concatenate(ids), np.concatenate(mask)
@@ -134,7 +173,7 @@ class SpeechSession:
     def keep_row(self, state: State) -> None:
         """The scheduler hands over this request's cache row as its chunk ends; kept if another chunk
         follows and KV reuse is on."""
-        if self._reuse and self._chunk_index < len(self.request.chunks):
+        if self._reuse and not self._reprefill and self._chunk_index < len(self.request.chunks):
             self._resume = state
 
     @property
@@ -156,7 +195,7 @@ class SpeechSession:
         """With one frame computed and not yet read, whether that frame completes this request's first group
         (its first audio): the scheduler reads it before launching another, so first audio does not wait
         for a launch (on MLX's CPU backend a launch computes the frame)."""
-        done, first = self.usage.output_tokens, self.engine.options.first_group_frames
+        done, first = self.usage.output_tokens, self._first_audio
         return done < first and (done + 1 >= first or self.last_frame_in_flight)
 
     def rewind(self) -> None:
@@ -165,8 +204,15 @@ class SpeechSession:
         self._key = self._key_before
 
     def accept(self, codes: np.ndarray) -> bool:
-        """Take this request's new frame (K,); False when its chunk has ended (end-of-speech or cap)."""
+        """Take this request's new frame (K,); False when its chunk has ended (end-of-speech, the frame cap,
+        or a guard: its silent tail, a loop, an end too early for its text)."""
+        if self._stop is not None:  # the silent tail decided on the last group's PCM: this frame is not heard
+            self._last_frame, self._reprefill = None, True
+            self._end_chunk()
+            return False
         if not codes.any():  # CSM's all-zero end-of-speech frame
+            if len(self._frames) < self._hold:  # nothing of the chunk heard yet, and far too early
+                return self._too_short(codes)
             self._last_frame = codes
             self._end_chunk()
             return False
@@ -175,13 +221,48 @@ class SpeechSession:
         self.usage.output_tokens += 1
         if len(self._pending) >= self._group:
             self._flush_due = True
-        if len(self._frames) >= self._max_frames:
+        looping = self._loop is not None and self._loop.push(codes[0])
+        if looping or len(self._frames) >= self._max_frames:
+            if looping:
+                self._fired(LOOP)
             self._last_frame = codes
             self._end_chunk()
             return False
         return True
 
+    def _too_short(self, end: np.ndarray) -> bool:
+        """An end-of-speech far too early for the chunk's text, nothing of the chunk heard yet: the first
+        time, the chunk is generated again with the request's next seed; the second, the longer take stays."""
+        take, self._frames, self._pending, self._flush_due = self._frames, [], [], False
+        self.usage.output_tokens -= len(take)
+        self._reprefill = True  # the next prompt (this chunk again, or the next) starts from the history
+        if self._retry_of is None:
+            self._fired(EMPTY if not take else TOO_SHORT)
+            self._retry_of, self._chunk_over = take, True
+            return False
+        earlier, self._retry_of = self._retry_of, None
+        self._reprefill = len(earlier) > len(take)  # else the cache row holds exactly this take
+        kept = earlier if self._reprefill else take
+        self._frames, self._pending = list(kept), list(kept)
+        self.usage.output_tokens += len(kept)
+        self._last_frame = end
+        self._end_chunk()
+        return False
+
+    def _fired(self, guard: str) -> None:
+        self.usage.guards[guard] = self.usage.guards.get(guard, 0) + 1
+        logger.info(
+            "guard %s fired: request=%s chunk=%d frame=%d seed=%d",
+            guard,
+            self.request.request_id or "-",
+            self._chunk_index,
+            len(self._frames),
+            self._seed + self._retries,
+        )
+
     def finish(self) -> None:
+        self._post_frames(self._shaper.end_of_request())
+        self.usage.output_tokens -= self._shaper.dropped_frames  # Usage counts the audio delivered
         if self.request.remember:
             codes = np.concatenate(self._said, axis=1) if self._said else np.zeros((self.engine.num_codebooks, 0))
             text = " ".join(self.request.chunks)
@@ -198,6 +279,8 @@ class SpeechSession:
         with frames pending; else None. The scheduler decodes the groups of a step together (codec.py)."""
         if not (self._flush_due and self._pending):
             return None
+        if len(self._frames) < self._hold and not self._chunk_over:
+            return None  # held back: the chunk may yet end too early and be generated again
         if len(self._pending) >= self._group:
             self._group = self.engine.options.group_frames
         bins = self.engine.mimi.cfg.quantizer_bins
@@ -206,10 +289,20 @@ class SpeechSession:
         return codes
 
     def post_pcm(self, pcm: np.ndarray) -> None:
-        self.post((np.clip(pcm * self._gain, -1.0, 1.0) * 32767.0).astype("<i2").tobytes())
+        """A decoded group, after the voice's gain and the silence guard (which may hold some of it back)."""
+        self._post_frames(self._shaper.feed(pcm * self._gain))
+        if self._shaper.fired and self._stop is None and not self._chunk_over:
+            self._fired(SILENT_TAIL)
+            self._stop = SILENT_TAIL
+            del self._frames[len(self._frames) - self._shaper.tail_dropped :]  # the history is what was heard
+
+    def _post_frames(self, frames: list[np.ndarray]) -> None:
+        if frames:
+            pcm = np.concatenate(frames)
+            self.post((np.clip(pcm, -1.0, 1.0) * 32767.0).astype("<i2").tobytes())
 
     def _end_chunk(self) -> None:
-        self._flush_due = True
+        self._flush_due, self._chunk_over, self._retry_of = True, True, None
         if self._frames:
             codes = np.stack(self._frames, axis=1)
             self._said.append(codes)

@@ -145,3 +145,26 @@ def chunk_text(text: str, max_chars: int, first_max_chars: int | None = None) ->
     if current:
         chunks.append(normal[current[0] : current[1]])
     return chunks
+
+
+_CLOSERS = "\"'”’»」』)]"
+_TERMINAL = ".!?…。！？"
+_TRAILING_CLAUSE = ",;:—–-，、；："
+
+
+def with_terminal_punctuation(chunk: str) -> str:
+    """The chunk as CSM gets it: ending with terminal punctuation (before any closing quotes or brackets),
+    a known mitigation for CSM clipping a chunk's last word. A trailing comma, colon, semicolon or dash
+    becomes a full stop; CJK text gets "。". Chunks that already end a sentence are unchanged."""
+    body = chunk.rstrip(_CLOSERS)
+    closers = chunk[len(body) :]
+    if not body or body[-1] in _TERMINAL:
+        return chunk
+    core = body.rstrip(_TRAILING_CLAUSE + " ")
+    if not core or not any(ch.isalnum() for ch in core):
+        return chunk  # nothing a full stop could end (a chunk of symbols)
+    return core + ("。" if _is_cjk(core[-1]) else ".") + closers
+
+
+def _is_cjk(ch: str) -> bool:
+    return unicodedata.name(ch, "").startswith(("CJK", "HIRAGANA", "KATAKANA"))  # Korean writes "."

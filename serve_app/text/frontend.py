@@ -17,7 +17,7 @@ from serve_app.core.errors import APIError, InvalidRequestError, NotFoundError
 from serve_app.core.logs import configure_logging
 from serve_app.core.messages import ContextSegment, SpeechPlan, Utterance, VoiceInfo
 from serve_app.core.settings import Settings
-from serve_app.text.chunking import chunk_text, normalize, why_unspeakable
+from serve_app.text.chunking import chunk_text, normalize, why_unspeakable, with_terminal_punctuation
 from serve_app.text.markdown import strip_markdown
 from serve_app.text.memory import UtteranceMemory
 from serve_app.voices.presets import VoiceLibrary, VoicePreset, elevenlabs_id
@@ -108,6 +108,8 @@ class TextFrontend:
                     code="empty_input",
                 )
         chunks = chunk_text(text, self._settings.chunk_max_chars, self._settings.first_chunk_max_chars)
+        if self._settings.terminal_punctuation:
+            chunks = [with_terminal_punctuation(chunk) for chunk in chunks]
         return SpeechPlan(chunks=chunks, preset=preset, voice_prompt=self._voice_prompt(preset))
 
     def _voice_prompt(self, preset: VoicePreset) -> Optional[ContextSegment]:

@@ -3,9 +3,8 @@ says so and stays 200, and the next request reloads them and gets the same audio
 
 from __future__ import annotations
 
-import time
-
 from tests.support.local_app import SPEECH, LocalApp, make_settings
+from tests.support.waiting import wait_for
 
 
 def model_health(app: LocalApp) -> tuple[int, dict]:
@@ -13,12 +12,14 @@ def model_health(app: LocalApp) -> tuple[int, dict]:
     return response.status_code, response.json()["model"]
 
 
-def wait_for(app: LocalApp, state: str, timeout: float = 60) -> dict:
-    deadline = time.monotonic() + timeout
-    while (health := model_health(app))[1]["status"] != state:
-        assert time.monotonic() < deadline, f"model never became {state!r}: {health}"
-        time.sleep(0.05)
-    return health[1]
+def model_in(app: LocalApp, state: str) -> dict:
+    """The model's /health entry once it reports `state`."""
+
+    def reached():
+        model = model_health(app)[1]
+        return model if model["status"] == state else None
+
+    return wait_for(reached, f"the model became {state!r}")
 
 
 def test_idle_unload_releases_the_weights_and_the_next_request_reloads_them(tiny_checkpoint, tmp_path_factory):
@@ -29,7 +30,7 @@ def test_idle_unload_releases_the_weights_and_the_next_request_reloads_them(tiny
     status, loaded = model_health(app)
     assert status == 200 and loaded["status"] == "ready" and loaded["idle_unload"]["unloaded"] is False
 
-    unloaded = wait_for(app, "unloaded")
+    unloaded = model_in(app, "unloaded")
     status, _ = model_health(app)
     assert status == 200  # it can still serve: requests wait for the reload
     assert unloaded["idle_unload"]["unloaded"] is True and "prefix_cache" not in unloaded

@@ -12,10 +12,7 @@ the first PCM and the positions prefilled. Results: results/bench/<machine>/cont
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -94,17 +91,7 @@ def main(argv=None) -> None:
 
     kind, folder = checkpoint_path(args.checkpoint, args.cache)
     result = run(folder, args.frames, args.repeats)
-    machine = report.machine()
-    result.update(
-        machine=machine,
-        date=datetime.datetime.now().isoformat(timespec="seconds"),
-        command="python -m serve_app.tools.bench.context " + " ".join(argv if argv is not None else sys.argv[1:]),
-    )
-    out = args.out / machine["name"]
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"context-{kind}.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out / f"context-{kind}.md").write_text(markdown(result, machine))
-    print(markdown(result, machine))
+    report.save_side_bench(result, "serve_app.tools.bench.context", f"context-{kind}", args.out, markdown, argv)
 
 
 if __name__ == "__main__":

@@ -233,3 +233,23 @@ def write(result: dict, folder: Path) -> list[Path]:
     paths[1].write_text(markdown(result))
     png = chart(result, stem.with_suffix(".png"))
     return paths + ([png] if png else [])
+
+
+def save_side_bench(result: dict, module: str, name: str, out: Path, render, argv) -> None:
+    """A side benchmark's result (tools.bench.voices, .context): the machine, date and command added, written
+    as `<out>/<machine>/<name>.json` and `.md` (rendered by `render(result, machine)`), the table printed."""
+    import datetime
+    import sys
+
+    machine_info = machine()
+    result.update(
+        machine=machine_info,
+        date=datetime.datetime.now().isoformat(timespec="seconds"),
+        command=f"python -m {module} " + " ".join(argv if argv is not None else sys.argv[1:]),
+    )
+    folder = out / machine_info["name"]
+    folder.mkdir(parents=True, exist_ok=True)
+    table = render(result, machine_info)
+    (folder / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (folder / f"{name}.md").write_text(table)
+    print(table)

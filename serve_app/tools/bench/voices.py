@@ -15,10 +15,7 @@ Results: results/bench/<machine>/voices-<checkpoint>.{json,md}.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -176,18 +173,8 @@ def main(argv=None) -> None:
     kind, folder = checkpoint_path(args.checkpoint, args.cache)
     configs = tuple({"reuse", *args.configs.split(",")})
     result = run(folder, args.frames, args.chunks, args.repeats, configs)
-    machine = report.machine()
-    result.update(
-        machine=machine,
-        date=datetime.datetime.now().isoformat(timespec="seconds"),
-        command="python -m serve_app.tools.bench.voices " + " ".join(argv if argv is not None else sys.argv[1:]),
-    )
-    out = args.out / machine["name"]
-    out.mkdir(parents=True, exist_ok=True)
     name = f"voices-{kind}" + (f"-{args.label}" if args.label else "")
-    (out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out / f"{name}.md").write_text(markdown(result, machine))
-    print(markdown(result, machine))
+    report.save_side_bench(result, "serve_app.tools.bench.voices", name, args.out, markdown, argv)
 
 
 if __name__ == "__main__":

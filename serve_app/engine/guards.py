@@ -1,0 +1,168 @@
+"""Guards against CSM's known ways of going wrong, decided per chunk while it is generated.
+
+With real weights CSM-1B sometimes never says end-of-speech (a chunk runs on as a silent tail or as babble
+until the frame cap), loops, or ends far too early (at frame 0, or after a word). These guards act only on
+those patterns; a normal utterance passes through them byte for byte:
+
+- `LoopDetector`: codebook 0 (the semantic codebook) of the last `window` frames repeating the frames one
+  period before them, for some period up to the window. Codebook 0 is where a loop shows: the acoustic
+  codebooks vary a little even when the words repeat exactly.
+- `SilenceShaper`: the silent tail and the seams between chunks, decided on the decoded PCM's energy (RMS
+  of each 80 ms frame, after the voice's gain) rather than on codebook patterns: which codebook-0 ids mean
+  silence depends on Mimi's weights (no fixed id can be named), while energy is what the listener hears.
+  Once a chunk has spoken, quiet frames are held back; speech resuming releases them unchanged (a pause
+  inside a chunk stays as it was); a quiet run reaching `tail_frames` ends the chunk (`silent_tail`) and
+  only the first `pause_frames` of it are kept, faded out. Quiet frames at the end of a chunk and at the
+  start of the next are one pause: at most `pause_frames` of it are kept (no doubled silence), with a short
+  fade at the cut (no click). The first chunk's leading silence is left alone.
+- `too_short_frames`: the fewest frames a chunk's text could take at a third of a slow speaking rate; an
+  end-of-speech before that is retried once with the request's next seed (session.py).
+
+Numpy only: the engine's session calls these on the host, between frames.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from serve_app.core.constants import FRAME_RATE, SAMPLE_RATE, SAMPLES_PER_FRAME, SLOW_CHARS_PER_S
+
+# The names a guard reports under (Usage.guards, the request's log line, the sesame_tts_guards metric).
+SILENT_TAIL, LOOP, TOO_SHORT, EMPTY = "silent_tail", "loop", "too_short", "empty"
+FADE_SAMPLES = int(0.005 * SAMPLE_RATE)  # 5 ms: long enough to remove a click, too short to hear
+
+
+def frames_for(seconds: float) -> int:
+    return max(1, round(seconds * FRAME_RATE))
+
+
+def too_short_frames(text: str) -> int:
+    """A third of the frames `text` takes at a slow speaking rate: an end-of-speech before this many frames
+    is far too early for the text (an end at frame 0 always is)."""
+    return max(1, math.ceil(len(text) / SLOW_CHARS_PER_S / 3 * FRAME_RATE))
+
+
+@dataclass(frozen=True)
+class GuardConfig:
+    """What the guards do, from the engine's options (each a setting; README, "Guards")."""
+
+    loop: bool = True
+    loop_window_frames: int = 25  # 2 s
+    silent_tail: bool = True
+    silence_dbfs: float = -45.0
+    tail_frames: int = 19  # 1.5 s
+    pause_frames: int = 5  # 0.4 s
+    too_short: bool = True
+    hold_frames: int = 38  # held back at a chunk's start to allow a retry (3 s)
+    first_chunk_hold_frames: int = 0  # the same in the first chunk (costs first audio)
+
+
+class LoopDetector:
+    """Whether codebook 0 has repeated itself for a whole window: for each period p <= window, how many
+    of the newest frames equal the frame p before them (O(window) per frame, no history scan)."""
+
+    def __init__(self, window: int):
+        self.window = window
+        self._ids: list[int] = []
+        self._runs = np.zeros(window + 1, dtype=np.int64)  # index p: the run for period p (0 unused)
+
+    def push(self, first_codebook_id: int) -> bool:
+        """Take the next frame's codebook-0 id; True when the last `window` frames repeat with some period."""
+        ids = self._ids
+        ids.append(int(first_codebook_id))
+        n = len(ids)
+        periods = np.arange(1, self.window + 1)
+        usable = periods < n
+        same = np.zeros(self.window, dtype=bool)
+        same[usable] = np.array(ids[-2::-1][: int(usable.sum())]) == ids[-1]
+        self._runs[1:] = np.where(same, self._runs[1:] + 1, 0)
+        if n > 2 * self.window:
+            del ids[: n - 2 * self.window]
+        return bool((self._runs[1:] >= self.window).any())
+
+
+class SilenceShaper:
+    """Shapes one request's PCM (float32, after gain) frame by frame; see the module docstring.
+
+    `feed` returns what may be played now; `fired` says the silent-tail guard has ended this chunk (what
+    it would still be given is dropped); `end_of_request` releases what is left of a final pause. Counts
+    what it kept back for good in `dropped_frames` (Usage counts audio delivered)."""
+
+    def __init__(self, config: GuardConfig):
+        self.config = config
+        self._threshold = 10.0 ** (config.silence_dbfs / 10.0)  # of the mean square
+        self._held: list[np.ndarray] = []  # quiet frames since the last speech (or since the last chunk's)
+        self._spoke = False  # this chunk has spoken
+        self._first_chunk = True
+        self._pause_kept = 0  # frames of the current pause already played (a silent tail's cut)
+        self._fade_in = False  # the next frame played follows a cut
+        self.fired = False
+        self.dropped_frames = 0
+        self.tail_dropped = 0  # of them, the frames of this chunk's silent tail
+
+    def quiet(self, frame: np.ndarray) -> bool:
+        return float(np.mean(np.square(frame, dtype=np.float64))) < self._threshold
+
+    def feed(self, pcm: np.ndarray) -> list[np.ndarray]:
+        """A decoded group (whole frames) in, what to play now out (in order, possibly nothing)."""
+        out: list[np.ndarray] = []
+        for start in range(0, len(pcm), SAMPLES_PER_FRAME):
+            frame = pcm[start : start + SAMPLES_PER_FRAME]
+            if self.fired:
+                self.dropped_frames += 1
+                self.tail_dropped += 1
+            elif not self.quiet(frame):
+                out += self._release(cut=self._spoke is False and not self._first_chunk)
+                self._spoke, self._pause_kept = True, 0
+                out.append(self._faded_in(frame))
+            elif not self._spoke and self._first_chunk:
+                out.append(frame)  # the first chunk's leading silence is the model's to decide
+            else:
+                self._held.append(frame)
+                if self._spoke and self.config.silent_tail and len(self._held) >= self.config.tail_frames:
+                    before = self.dropped_frames
+                    out += self._release(cut=True)
+                    self.fired, self.tail_dropped = True, self.dropped_frames - before
+        return out
+
+    def end_of_chunk(self) -> None:
+        """A chunk ended: its trailing quiet frames stay held, to join the next chunk's leading ones."""
+        self._spoke, self._first_chunk, self.fired, self.tail_dropped = False, False, False, 0
+
+    def end_of_request(self) -> list[np.ndarray]:
+        return self._release(cut=True)
+
+    def _release(self, cut: bool) -> list[np.ndarray]:
+        """The held quiet frames to play: all of them when speech resumes inside a chunk; at most
+        `pause_frames` of a pause (less what of it was played already) at a cut, the last one faded out."""
+        held, self._held = self._held, []
+        if not cut or not self.config.silent_tail:
+            return held
+        keep = max(0, self.config.pause_frames - self._pause_kept)
+        kept, dropped = held[:keep], len(held) - min(keep, len(held))
+        self._pause_kept += len(kept)
+        self.dropped_frames += dropped
+        if dropped:
+            self._fade_in = True
+            if kept:
+                kept[-1] = _fade(kept[-1], out=True)
+        return kept
+
+    def _faded_in(self, frame: np.ndarray) -> np.ndarray:
+        if not self._fade_in:
+            return frame
+        self._fade_in = False
+        return _fade(frame, out=False)
+
+
+def _fade(frame: np.ndarray, out: bool) -> np.ndarray:
+    ramp = np.linspace(1.0, 0.0, FADE_SAMPLES, dtype=np.float32)
+    frame = frame.copy()
+    if out:
+        frame[-FADE_SAMPLES:] *= ramp
+    else:
+        frame[:FADE_SAMPLES] *= ramp[::-1]
+    return frame
