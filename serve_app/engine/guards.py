@@ -108,6 +108,8 @@ class SilenceShaper:
 
     def feed(self, pcm: np.ndarray) -> list[np.ndarray]:
         """A decoded group (whole frames) in, what to play now out (in order, possibly nothing)."""
+        if not self.config.silent_tail:
+            return [pcm]
         out: list[np.ndarray] = []
         for start in range(0, len(pcm), SAMPLES_PER_FRAME):
             frame = pcm[start : start + SAMPLES_PER_FRAME]
@@ -122,7 +124,7 @@ class SilenceShaper:
                 out.append(frame)  # the first chunk's leading silence is the model's to decide
             else:
                 self._held.append(frame)
-                if self._spoke and self.config.silent_tail and len(self._held) >= self.config.tail_frames:
+                if self._spoke and len(self._held) >= self.config.tail_frames:
                     before = self.dropped_frames
                     out += self._release(cut=True)
                     self.fired, self.tail_dropped = True, self.dropped_frames - before
@@ -139,7 +141,7 @@ class SilenceShaper:
         """The held quiet frames to play: all of them when speech resumes inside a chunk; at most
         `pause_frames` of a pause (less what of it was played already) at a cut, the last one faded out."""
         held, self._held = self._held, []
-        if not cut or not self.config.silent_tail:
+        if not cut:
             return held
         keep = max(0, self.config.pause_frames - self._pause_kept)
         kept, dropped = held[:keep], len(held) - min(keep, len(held))

@@ -291,10 +291,11 @@ class SpeechSession:
     def post_pcm(self, pcm: np.ndarray) -> None:
         """A decoded group, after the voice's gain and the silence guard (which may hold some of it back)."""
         self._post_frames(self._shaper.feed(pcm * self._gain))
-        if self._shaper.fired and self._stop is None and not self._chunk_over:
+        if self._shaper.fired and self._stop is None:
             self._fired(SILENT_TAIL)
-            self._stop = SILENT_TAIL
-            del self._frames[len(self._frames) - self._shaper.tail_dropped :]  # the history is what was heard
+            self._stop = SILENT_TAIL  # (reset when the next chunk starts, should this one be over already)
+            if not self._chunk_over:  # else it ended at this frame anyway, its history taken as it was
+                del self._frames[len(self._frames) - self._shaper.tail_dropped :]  # the history is what was heard
 
     def _post_frames(self, frames: list[np.ndarray]) -> None:
         if frames:

@@ -16,12 +16,12 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-import serve_app.engine.scheduler as scheduler_module
 from serve_app.audio.ffmpeg import ffmpeg_command, find_ffmpeg
 from serve_app.core.constants import SAMPLES_PER_FRAME
 from serve_app.core.messages import END, SynthesisRequest, Usage, Utterance
 from serve_app.engine.scheduler import BatchScheduler, GenerationJob
 from tests.support.audio import decode_format, rms
+from tests.support.forcing import quiet_frames
 
 CHUNKS = ["Hello there, how are you?", "Second chunk."]
 FRAME_BYTES = SAMPLES_PER_FRAME * 2
@@ -91,24 +91,6 @@ def test_a_loop_on_codebook_0_ends_the_chunk(engine, voices, monkeypatch, caplog
     assert [r.getMessage() for r in caplog.records if "guard" in r.getMessage()] == [
         "guard loop fired: request=- chunk=1 frame=38 seed=3"
     ]
-
-
-def quiet_frames(monkeypatch, start: int, stop: int, level: float = 1e-3) -> None:
-    """Mimi's output for a stream's frames start..stop-1 (its own frame count) scaled to near silence."""
-    decode = scheduler_module.decode_streams
-
-    def wrapped(streams, codes, stream=None):
-        first = [s.frames for s in streams]
-        out = []
-        for begin, pcm in zip(first, decode(streams, codes, stream)):
-            pcm = pcm.copy()
-            for f in range(len(pcm) // SAMPLES_PER_FRAME):
-                if start <= begin + f < stop:
-                    pcm[f * SAMPLES_PER_FRAME : (f + 1) * SAMPLES_PER_FRAME] *= level
-            out.append(pcm)
-        return out
-
-    monkeypatch.setattr(scheduler_module, "decode_streams", wrapped)
 
 
 @pytest.mark.parametrize("pipelined", [True, False], ids=["pipelined", "unpipelined"])

@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 
 from serve_app.core.settings import Settings
 from tests.support.audio import decode, duration, rms
+from tests.support.forcing import quiet_frames
 from tests.support.local_app import SPEECH, LocalApp, assert_error, make_settings
 
 TEXT = "Hello from the in-process app."
@@ -286,3 +287,19 @@ def test_shutting_down_503_is_logged_like_every_answer(local, caplog):
     finally:
         flag.unlink()
     assert local.request("GET", "/health").json()["in_flight"] == 0
+
+
+def test_a_guard_that_acts_is_in_the_request_log_and_the_audio(local, caplog, monkeypatch):
+    """Speech for 8 frames, then quiet (forced at Mimi's output, in this process): the silent tail keeps 0.4 s
+    of it, the wav holds 13 frames, and the request's log line says which guard acted."""
+    text = "Quiet after a few words, then nothing at all for the rest of this chunk, which is long enough."
+    assert len(text) <= 100  # one chunk: 0.5 + 0.02 x 95 s = 30 frames, the quiet run reaches 1.5 s at frame 26
+    quiet_frames(monkeypatch, 8, 1000)
+    with caplog.at_level(logging.INFO, logger="sesame_tts"):
+        response = local.request("POST", SPEECH, json={"input": text, "response_format": "wav", "seed": 3})
+    assert response.status_code == 200
+    samples = decode(response.content)
+    assert duration(samples) == pytest.approx(13 * 0.08, abs=0.01) and rms(samples[: 8 * 1920]) > 0.05
+    [line] = [r.getMessage() for r in caplog.records if r.getMessage().startswith("request id=")]
+    assert "guards=silent_tail:1" in line and "audio_s=1.04" in line
+    assert any(r.getMessage().startswith("guard silent_tail fired") for r in caplog.records)
