@@ -8,7 +8,8 @@ those patterns; a normal utterance passes through them byte for byte:
   period before them, for some period up to the window. Codebook 0 is where a loop shows: the acoustic
   codebooks vary a little even when the words repeat exactly.
 - `SilenceShaper`: the silent tail and the seams between chunks, decided on the decoded PCM's energy (RMS
-  of each 80 ms frame, after the voice's gain) rather than on codebook patterns: which codebook-0 ids mean
+  of each 80 ms frame as Mimi decoded it, before the voice's gain, so a quiet preset such as whisper is
+  judged as CSM spoke it) rather than on codebook patterns: which codebook-0 ids mean
   silence depends on Mimi's weights (no fixed id can be named), while energy is what the listener hears.
   Once a chunk has spoken, quiet frames are held back; speech resuming releases them unchanged (a pause
   inside a chunk stays as it was); a quiet run reaching `tail_frames` ends the chunk (`silent_tail`) and
@@ -85,7 +86,7 @@ class LoopDetector:
 
 
 class SilenceShaper:
-    """Shapes one request's PCM (float32, after gain) frame by frame; see the module docstring.
+    """Shapes one request's PCM (float32, as Mimi decoded it) frame by frame; see the module docstring.
 
     `feed` returns what may be played now; `fired` says the silent-tail guard has ended this chunk (what
     it would still be given is dropped); `end_of_request` releases what is left of a final pause. Counts

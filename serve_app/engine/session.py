@@ -289,8 +289,8 @@ class SpeechSession:
         return codes
 
     def post_pcm(self, pcm: np.ndarray) -> None:
-        """A decoded group, after the voice's gain and the silence guard (which may hold some of it back)."""
-        self._post_frames(self._shaper.feed(pcm * self._gain))
+        """A decoded group, through the silence guard (which may hold some of it back), then the voice's gain."""
+        self._post_frames(self._shaper.feed(pcm))
         if self._shaper.fired and self._stop is None:
             self._fired(SILENT_TAIL)
             self._stop = SILENT_TAIL  # (reset when the next chunk starts, should this one be over already)
@@ -299,7 +299,7 @@ class SpeechSession:
 
     def _post_frames(self, frames: list[np.ndarray]) -> None:
         if frames:
-            pcm = np.concatenate(frames)
+            pcm = np.concatenate(frames) * self._gain
             self.post((np.clip(pcm, -1.0, 1.0) * 32767.0).astype("<i2").tobytes())
 
     def _end_chunk(self) -> None:

@@ -34,6 +34,12 @@ class LocalCluster:
         # default), as the README's "Several machines" recipe says.
         self.env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1"}
         self.env.pop("RAY_ADDRESS", None)
+        # A cluster with token authentication needs a token before its head starts; `ray start` makes none.
+        # `ray get-auth-token --generate` writes ~/.ray/auth_token only if there is none (the README's recipe).
+        if not self.env.get("RAY_AUTH_TOKEN") and not self.env.get("RAY_AUTH_TOKEN_PATH"):
+            subprocess.run(
+                [RAY, "get-auth-token", "--generate"], env=self.env, capture_output=True, check=True, timeout=60
+            )
         self.procs: list[subprocess.Popen] = []
         common = [
             "--block",

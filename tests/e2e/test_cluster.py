@@ -19,7 +19,9 @@ from tests.support.servers import launch_server, run_loadtest
 pytestmark = [pytest.mark.server, pytest.mark.cluster]
 MAX_BATCH, MAX_QUEUED = 2, 4
 CAPACITY = 2 * MAX_BATCH + MAX_QUEUED  # two replicas' batches and the queue
-HOLD_TEXT = "This request runs long enough to still be generating when the replica goes away. " * 2
+# Four text chunks (~9 s of audio each at the tests' frame caps): still generating when a replica is killed,
+# however slowly a loaded machine got all four streams to their first audio.
+HOLD_TEXT = "This request runs long enough to still be generating when the replica goes away. " * 4
 
 
 def serving(body: dict) -> list[dict]:
@@ -113,8 +115,6 @@ def test_loadtest_at_eight_times_capacity_gives_only_audio_or_429(cluster, tmp_p
 
 def test_a_killed_replica_fails_only_its_own_requests_and_comes_back(cluster):
     """Runs last: kills one model replica outright, mid-stream."""
-    body = cluster.health().json()
-    victim = serving(body)[0]
     results: dict = {}
     streaming = threading.Semaphore(0)
     threads = [threading.Thread(target=speak, args=(cluster, HOLD_TEXT, results, i, streaming)) for i in range(4)]
@@ -122,6 +122,10 @@ def test_a_killed_replica_fails_only_its_own_requests_and_comes_back(cluster):
         thread.start()
     for _ in range(4):  # all four are streaming (each has its first audio)
         assert streaming.acquire(timeout=120)
+    # The victim is a replica generating now (Serve chose where the four went; each replica publishes its
+    # batch every 2 s), so the kill always cuts requests in flight.
+    victim = cluster.wait_until(lambda r: any(x["generating"] for x in serving(r.json())), timeout=30).json()
+    victim = next(x for x in serving(victim) if x["generating"])
     os.kill(victim["memory"]["pid"], signal.SIGKILL)
     killed = time.monotonic()
     # Meanwhile a new request is served by the other replica.
