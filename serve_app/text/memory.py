@@ -8,6 +8,7 @@ used out first) and by age; a conversation keeps its last few turns, for a while
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from collections import OrderedDict
@@ -100,14 +101,15 @@ class UtteranceMemory:
         return [segment(u) for u in found]
 
     def matching_text(self, voice: str, text: str) -> list[ContextSegment]:
-        """The most recent utterance of `voice` whose text is `text` (ElevenLabs' previous_text), if any."""
-        wanted = " ".join(text.split())
+        """The most recent utterance of `voice` whose text is `text` (ElevenLabs' previous_text), if any. Words
+        are compared, not punctuation: what was said is its chunks as CSM got them, each ending a sentence."""
+        wanted = _words(text)
         with self._lock:
             now = self._clock()
             for request_id in reversed(list(self._kept)):
                 kept = self._kept[request_id]
                 u = kept.utterance
-                if u.voice == voice and " ".join(u.text.split()) == wanted and now - kept.at <= self.max_age_s:
+                if u.voice == voice and _words(u.text) == wanted and now - kept.at <= self.max_age_s:
                     return [segment(u)]
         return []
 
@@ -125,3 +127,7 @@ class UtteranceMemory:
 
 def segment(utterance: Utterance) -> ContextSegment:
     return ContextSegment(utterance.speaker, utterance.text, codes=utterance.codes)
+
+
+def _words(text: str) -> list[str]:
+    return re.findall(r"\w+", text.casefold())
