@@ -118,7 +118,7 @@ class SilenceShaper:
                 self.dropped_frames += 1
                 self.tail_dropped += 1
             elif not self.quiet(frame):
-                out += self._release(cut=self._spoke is False and not self._first_chunk)
+                out += self._release(cut=not self._spoke and not self._first_chunk)
                 self._spoke, self._pause_kept = True, 0
                 out.append(self._faded_in(frame))
             elif not self._spoke and self._first_chunk:

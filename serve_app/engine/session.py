@@ -78,8 +78,9 @@ class SpeechSession:
         self._guards = engine.options.guards
         self._shaper = SilenceShaper(self._guards)
         self._loop: Optional[LoopDetector] = None
-        self._short = 0  # an end-of-speech before this many frames is too early for the chunk's text
-        self._hold = 0  # frames held back (not decoded) at the chunk's start, so that a retry is possible
+        # Frames held back (not decoded) at the chunk's start, so that an end-of-speech too early for its text
+        # (guards.too_short_frames) can be retried unheard.
+        self._hold = 0
         self._first_audio = engine.options.first_group_frames  # frames before the first PCM goes out
         self._retries = 0  # chunks generated again so far (each with the request's seed + retries)
         self._retry_of: Optional[list[np.ndarray]] = None  # the too-short take being generated again
@@ -145,10 +146,9 @@ class SpeechSession:
         if not first:
             self._shaper.end_of_chunk()  # the previous chunk's last PCM has been shaped by now
         self._loop = LoopDetector(guards.loop_window_frames) if guards.loop else None
-        self._short = too_short_frames(chunk) if guards.too_short else 0
         first_group = self.engine.options.first_group_frames
         limit = max(first_group, guards.first_chunk_hold_frames) if first else guards.hold_frames
-        self._hold = min(self._short, limit)
+        self._hold = min(too_short_frames(chunk), limit) if guards.too_short else 0
         if first:
             self._first_audio = max(first_group, self._hold)
         self._stop, self._chunk_over, self._reprefill = None, False, False

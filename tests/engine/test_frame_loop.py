@@ -5,7 +5,6 @@ else within 40 dB. And the loop's shape: one host synchronisation per frame, tak
 
 from __future__ import annotations
 
-import mlx.core as mx
 import numpy as np
 import pytest
 
@@ -15,6 +14,7 @@ from serve_app.engine.codec import MimiStream, decode_streams
 from serve_app.engine.scheduler import BatchScheduler, GenerationJob
 from serve_app.model.loading import load_engine
 from tests.support.backend import assert_same_pcm
+from tests.support.forcing import end_of_speech_at
 
 CHUNKS = ["Hello there, how are you?", "Second chunk."]
 
@@ -36,22 +36,6 @@ def generate(engine, voices, specs, pipelined=True, max_batch=4):
     ], scheduler
 
 
-def end_of_speech_at(engine, monkeypatch, call: int, row: int = 0) -> None:
-    """The depth decoder's `call`-th frame comes out as CSM's all-zero end-of-speech frame for `row`:
-    random weights never end a chunk by themselves."""
-    decoder, calls = engine.frame_decoder, [0]
-
-    def wrapped(last, keys, inv_temperature, top_k):
-        codes, keys = decoder(last, keys, inv_temperature, top_k)
-        calls[0] += 1
-        if calls[0] == call:
-            keep = mx.array([[i != row] for i in range(codes.shape[0])])
-            codes = mx.where(keep, codes, 0)
-        return codes, keys
-
-    monkeypatch.setattr(engine, "frame_decoder", wrapped)
-
-
 def test_pipelined_equals_unpipelined(engine, voices):
     specs = [("conversational", CHUNKS, 1, 7), ("fast", ["Hi."], 2, 5), ("fast", CHUNKS, 3, 3)]
     piped, _ = generate(engine, voices, specs)
@@ -65,12 +49,12 @@ def test_a_chunk_ending_on_end_of_speech_discards_its_speculative_frame(engine, 
     """The 5th frame ends the first chunk: the pipelined loop had launched a 6th for it, which must leave no
     trace (its PRNG split and its cache position are taken back), so the second chunk is the same."""
     reference, _ = generate(engine, voices, [("fast", CHUNKS, 4, 9)], pipelined=False)
-    end_of_speech_at(engine, monkeypatch, call=5)
+    end_of_speech_at(engine, monkeypatch, 5)
     [(pcm, usage)], _ = generate(engine, voices, [("fast", CHUNKS, 4, 9)], pipelined=pipelined)
     assert usage.output_tokens == 4 + 9  # the end-of-speech frame is not audio
     if pipelined:
         monkeypatch.undo()
-        end_of_speech_at(engine, monkeypatch, call=5)
+        end_of_speech_at(engine, monkeypatch, 5)
         [(plain_pcm, plain_usage)], _ = generate(engine, voices, [("fast", CHUNKS, 4, 9)], pipelined=False)
         assert (pcm, usage) == (plain_pcm, plain_usage)
     assert pcm[: 4 * 1920 * 2] == reference[0][0][: 4 * 1920 * 2] and pcm != reference[0][0]

@@ -12,7 +12,6 @@ import dataclasses
 import logging
 import subprocess
 
-import mlx.core as mx
 import numpy as np
 import pytest
 
@@ -21,7 +20,7 @@ from serve_app.core.constants import SAMPLES_PER_FRAME
 from serve_app.core.messages import END, SynthesisRequest, Usage, Utterance
 from serve_app.engine.scheduler import BatchScheduler, GenerationJob
 from tests.support.audio import decode_format, rms
-from tests.support.forcing import quiet_frames
+from tests.support.forcing import end_of_speech_at, force_codes, quiet_frames
 
 CHUNKS = ["Hello there, how are you?", "Second chunk."]
 FRAME_BYTES = SAMPLES_PER_FRAME * 2
@@ -49,26 +48,6 @@ def usage_of(posts) -> Usage:
     return next(p for p in posts if isinstance(p, Usage))
 
 
-def force(engine, monkeypatch, change) -> None:
-    """`change(call, codes)` may rewrite the codes (rows, K) of the depth decoder's `call`-th frame."""
-    decoder, calls = engine.frame_decoder, [0]
-
-    def wrapped(last, keys, inv_temperature, top_k):
-        codes, keys = decoder(last, keys, inv_temperature, top_k)
-        calls[0] += 1
-        changed = change(calls[0], np.array(codes))
-        return (codes if changed is None else mx.array(changed)), keys
-
-    monkeypatch.setattr(engine, "frame_decoder", wrapped)
-
-
-def end_at(*calls):
-    def change(call, codes):
-        return np.zeros_like(codes) if call in calls else None
-
-    return change
-
-
 def without(engine, monkeypatch, **options) -> None:
     monkeypatch.setattr(engine, "options", dataclasses.replace(engine.options, **options))
 
@@ -82,7 +61,7 @@ def test_a_loop_on_codebook_0_ends_the_chunk(engine, voices, monkeypatch, caplog
         codes[:, 0] = 1000 + call if call <= 10 else 7 + call % 3
         return codes
 
-    force(engine, monkeypatch, change)
+    force_codes(engine, monkeypatch, change)
     with caplog.at_level(logging.INFO, logger="sesame_tts"):
         posts = run(engine, voices, CHUNKS[:1], 3, 60, pipelined=pipelined)
     usage = usage_of(posts)
@@ -133,7 +112,7 @@ def test_a_guard_that_ends_a_chunk_mid_stream_leaves_a_valid_container(engine, v
 
 def test_an_end_at_frame_0_is_generated_again_with_the_next_seed(engine, voices, monkeypatch, caplog):
     expected = run(engine, voices, CHUNKS[:1], 12, 20)
-    force(engine, monkeypatch, end_at(1))
+    end_of_speech_at(engine, monkeypatch, 1)
     with caplog.at_level(logging.INFO, logger="sesame_tts"):
         posts = run(engine, voices, CHUNKS[:1], 11, 20)
     assert pcm_of(posts) == pcm_of(expected)
@@ -155,7 +134,7 @@ def test_an_early_end_of_a_later_chunk_is_generated_again(engine, voices, monkey
     """The second chunk ("Second chunk.", 13 characters: too short under 6 frames) ends after 3 frames: it
     is generated again (frames held back until then, so nothing of the short take is heard)."""
     reference = run(engine, voices, CHUNKS, 21, 8, pipelined=pipelined)
-    force(engine, monkeypatch, end_at(12))  # chunk 1 is frames 1-8 (its cap), chunk 2's 4th frame is call 12
+    end_of_speech_at(engine, monkeypatch, 12)  # chunk 1 is frames 1-8 (its cap), chunk 2's 4th frame is call 12
     posts = run(engine, voices, CHUNKS, 21, 8, pipelined=pipelined)
     usage = usage_of(posts)
     assert usage.guards == {"too_short": 1} and usage.output_tokens == 16
@@ -163,19 +142,19 @@ def test_an_early_end_of_a_later_chunk_is_generated_again(engine, voices, monkey
     assert len(pcm) == 16 * FRAME_BYTES and pcm[: 8 * FRAME_BYTES] == pcm_of(reference)[: 8 * FRAME_BYTES]
     assert pcm != pcm_of(reference)  # the retry draws with the next seed
     monkeypatch.undo()
-    force(engine, monkeypatch, end_at(12))
+    end_of_speech_at(engine, monkeypatch, 12)
     assert pcm_of(run(engine, voices, CHUNKS, 21, 8, pipelined=pipelined)) == pcm  # deterministic
 
 
 def test_of_two_short_takes_the_longer_is_kept(engine, voices, monkeypatch):
     """Both takes of chunk 2 end early (after 3 frames, then after 1): the first is kept, exactly as it
     sounds with the guard off."""
-    force(engine, monkeypatch, end_at(12, 15))  # the retry's 2nd frame is call 15 (13 was speculative)
+    end_of_speech_at(engine, monkeypatch, 12, 15)  # the retry's 2nd frame is call 15 (13 was speculative)
     posts = run(engine, voices, CHUNKS, 21, 8)
     usage = usage_of(posts)
     assert usage.guards == {"too_short": 1} and usage.output_tokens == 8 + 3
     monkeypatch.undo()
-    force(engine, monkeypatch, end_at(12))
+    end_of_speech_at(engine, monkeypatch, 12)
     without(engine, monkeypatch, guard_too_short=False)
     off = run(engine, voices, CHUNKS, 21, 8)
     assert usage_of(off).guards == {} and usage_of(off).output_tokens == 8 + 3
