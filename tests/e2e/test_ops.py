@@ -149,8 +149,6 @@ def test_control_script_cycle(tiny_checkpoint, tmp_path, ray_dir, macos_path):
         "PATH": macos_path,
         "HOME": str(tmp_path / "home"),
         "SESAME_TTS_SERVICE": "none",
-        # Ray's processes export metrics every 10 s by default; the metrics checked below need not wait that long.
-        "RAY_metrics_report_interval_ms": "2000",
     }
     (tmp_path / "none.env").write_text("")
     api = f"http://127.0.0.1:{port}/v1"
