@@ -48,17 +48,18 @@ def too_short_frames(text: str) -> int:
 
 @dataclass(frozen=True)
 class GuardConfig:
-    """What the guards do, from the engine's options (each a setting; README, "Guards")."""
+    """What the guards do, in frames, from the engine's options (`EngineOptions.guards`; each a setting, whose
+    default lives in `Settings` alone; README, "Guards")."""
 
-    loop: bool = True
-    loop_window_frames: int = 25  # 2 s
-    silent_tail: bool = True
-    silence_dbfs: float = -45.0
-    tail_frames: int = 19  # 1.5 s
-    pause_frames: int = 5  # 0.4 s
-    too_short: bool = True
-    hold_frames: int = 38  # held back at a chunk's start to allow a retry (3 s)
-    first_chunk_hold_frames: int = 0  # the same in the first chunk (costs first audio)
+    loop: bool
+    loop_window_frames: int
+    silent_tail: bool
+    silence_dbfs: float
+    tail_frames: int  # a quiet run this long after speech ends the chunk
+    pause_frames: int  # of a pause cut short, this much is kept
+    too_short: bool
+    hold_frames: int  # held back at a chunk's start to allow a retry
+    first_chunk_hold_frames: int  # the same in the first chunk (costs first audio)
 
 
 class LoopDetector:
@@ -68,6 +69,7 @@ class LoopDetector:
     def __init__(self, window: int):
         self.window = window
         self._ids: list[int] = []
+        self._periods = np.arange(1, window + 1)
         self._runs = np.zeros(window + 1, dtype=np.int64)  # index p: the run for period p (0 unused)
 
     def push(self, first_codebook_id: int) -> bool:
@@ -75,8 +77,7 @@ class LoopDetector:
         ids = self._ids
         ids.append(int(first_codebook_id))
         n = len(ids)
-        periods = np.arange(1, self.window + 1)
-        usable = periods < n
+        usable = self._periods < n
         same = np.zeros(self.window, dtype=bool)
         same[usable] = np.array(ids[-2::-1][: int(usable.sum())]) == ids[-1]
         self._runs[1:] = np.where(same, self._runs[1:] + 1, 0)

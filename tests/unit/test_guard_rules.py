@@ -4,15 +4,21 @@ streams never trigger them."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from serve_app.core.constants import SAMPLES_PER_FRAME
-from serve_app.engine.guards import FADE_SAMPLES, GuardConfig, LoopDetector, SilenceShaper, too_short_frames
+from serve_app.core.settings import Settings
+from serve_app.engine.guards import FADE_SAMPLES, LoopDetector, SilenceShaper, too_short_frames
+from serve_app.engine.options import EngineOptions
 from serve_app.text.chunking import with_terminal_punctuation
 
-CONFIG = GuardConfig(loop_window_frames=25, silence_dbfs=-45.0, tail_frames=19, pause_frames=5)
+# The defaults (Settings): a 2 s loop window, -45 dBFS, a 1.5 s tail, a 0.4 s pause.
+CONFIG = EngineOptions.from_settings(Settings()).guards
+assert (CONFIG.loop_window_frames, CONFIG.silence_dbfs, CONFIG.tail_frames, CONFIG.pause_frames) == (25, -45, 19, 5)
 
 
 def frames(kind: str, n: int, seed: int = 0) -> np.ndarray:
@@ -103,7 +109,7 @@ def test_a_short_seam_and_the_final_pause():
 
 
 def test_off_means_untouched():
-    shaper = SilenceShaper(GuardConfig(silent_tail=False))
+    shaper = SilenceShaper(dataclasses.replace(CONFIG, silent_tail=False))
     audio = [frames("loud", 6, 1), frames("quiet", 40, 2)]
     out = np.concatenate([shaped(shaper, *audio), *shaper.end_of_request()])
     assert np.array_equal(out, np.concatenate(audio)) and not shaper.fired

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import platform
 import re
 import subprocess
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -238,9 +240,6 @@ def write(result: dict, folder: Path) -> list[Path]:
 def save_side_bench(result: dict, module: str, name: str, out: Path, render, argv) -> None:
     """A side benchmark's result (tools.bench.voices, .context): the machine, date and command added, written
     as `<out>/<machine>/<name>.json` and `.md` (rendered by `render(result, machine)`), the table printed."""
-    import datetime
-    import sys
-
     machine_info = machine()
     result.update(
         machine=machine_info,
