@@ -78,9 +78,9 @@ class Settings(BaseModel):
     mimi_dtype: Literal["float32", "bfloat16"] = "float32"
     # Weight quantization at load (0 = off): less memory and, on Apple GPUs, less bandwidth per frame.
     quantize: Literal[0, 4, 8] = 0
-    # Compile the per-frame depth-decoder pass (31 steps, all 32 samples) once per batch size, and the batched
-    # backbone step once per (batch size, cache capacity bucket). "auto": on a GPU only; MLX's CPU backend
-    # compiles with a C++ compiler (~30 s per new shape, cold) for a few % at full size.
+    # Compile the whole frame (engine/frame.py) once per shape (rows generating, rows joining, cache capacity
+    # bucket) and Mimi's codebook decode per batch size. "auto": on a GPU only; MLX's CPU backend compiles
+    # with a C++ compiler (~30 s per new shape, cold) for a few % at full size.
     mlx_compile: Literal["auto", "on", "off"] = "auto"
     # Pipelined frame loop: launch frame N+1 before reading frame N on the host (same output; off for checks).
     pipeline: bool = True

@@ -38,12 +38,79 @@ def stateful_modules(mimi) -> list:
     return found
 
 
+class MimiDecoder:
+    """Mimi's streaming decode as the frame loop runs it, set up once per loaded Mimi: `Mimi.decode_step`
+    operation for operation, every value the same, in fewer kernels (Mimi's share of a frame is a tenth of
+    its kernels; tests/engine/test_frame_math.py compares with `decode_step`):
+    - the 32 codebook lookups as one gather from the codebooks stacked (each codebook is left a view of that
+      table, so it costs no memory), summed in the same order, compiled (`compiled`) once per batch size: it
+      depends on the codes alone, not on the stream's position;
+    - the decoder transformer's attention mask made once per frame for all its layers, each of which made
+      the same mask itself.
+    """
+
+    def __init__(self, mimi, compiled: bool):
+        self.mimi = mimi
+        self.modules = stateful_modules(mimi)
+        quantizer = mimi.quantizer
+        layers = [*quantizer.rvq_first.vq.layers, *quantizer.rvq_rest.vq.layers]
+        self._first = len(quantizer.rvq_first.vq.layers)
+        self._table = self._offsets = None
+        if all(layer.project_out is None for layer in layers):
+            table = mx.stack([layer.codebook._embedding for layer in layers])
+            mx.eval(table)
+            for i, layer in enumerate(layers):
+                layer.codebook._embedding = table[i]
+            self._table = table.reshape(-1, table.shape[-1])
+            self._offsets = (mx.arange(len(layers), dtype=mx.int32) * table.shape[1])[None, :, None]
+            mx.eval(self._table, self._offsets)
+        attention = mimi.decoder_transformer.transformer.layers[0].self_attn
+        self._context = attention.cfg.context
+        self._codebooks = mx.compile(self._decode_codes) if compiled else self._decode_codes
+
+    def _decode_codes(self, codes: mx.array) -> mx.array:
+        """`mimi.quantizer.decode`: codes (B, K, T) -> (B, C, T)."""
+        quantizer = self.mimi.quantizer
+        if self._table is None:
+            return quantizer.decode(codes)
+        rows, books, frames = codes.shape
+        found = self._table[(codes + self._offsets).flatten()].reshape(rows, books, frames, -1)
+
+        def summed(rvq, lo: int, hi: int) -> mx.array:  # ResidualVectorQuantizer.decode on codebooks lo..hi-1
+            out = found[:, lo]
+            for i in range(lo + 1, hi):
+                out = out + found[:, i]
+            out = out.swapaxes(-1, -2)
+            return rvq.output_proj(out) if rvq.output_proj is not None else out
+
+        out = summed(quantizer.rvq_first, 0, self._first)
+        return out + summed(quantizer.rvq_rest, self._first, books) if books > self._first else out
+
+    def _mask(self, frames: int, dtype: mx.Dtype) -> mx.array:
+        """The mask each layer of mlx-audio's decoder transformer makes for `frames` new positions."""
+        offset = self.mimi.decoder_cache[0].offset
+        pos_k = mx.arange(offset + frames, dtype=mx.int32)
+        delta = (mx.arange(frames, dtype=mx.int32) + offset)[:, None] - pos_k[None, :]
+        allowed = (pos_k[None, :] >= 0) & (delta >= 0)
+        if self._context:
+            allowed = allowed & (delta < self._context)
+        return mx.where(allowed, 0.0, -1e9).astype(dtype)[None, None, :, :]
+
+    def step(self, codes: mx.array) -> mx.array:
+        """`Mimi.decode_step` on the state installed in Mimi's modules: codes (B, K, 1) -> PCM (B, 1, 1920)."""
+        mimi = self.mimi
+        xs = mimi.upsample.step(self._codebooks(codes))
+        frames = xs.shape[-1] if mimi.decoder_transformer.conv_layout else xs.shape[1]
+        xs = mimi.decoder_transformer(xs, cache=mimi.decoder_cache, mask=self._mask(frames, xs.dtype))[0]
+        return mimi.decoder.step(xs)
+
+
 class MimiStream:
     """One request's Mimi decoder state: each decode continues exactly where its previous one stopped."""
 
-    def __init__(self, mimi, modules: list):
-        self.mimi = mimi
-        self.modules = modules  # stateful_modules(mimi)
+    def __init__(self, decoder: MimiDecoder):
+        self.decoder = decoder
+        mimi = decoder.mimi
         self.state: Optional[list[dict]] = None  # None: a fresh stream
         self.cache: list[KVCache] = mimi.decoder_transformer.make_cache()
         self.frames = 0  # frames decoded so far (the decoder transformer's position)
@@ -76,7 +143,16 @@ def decode_streams(
 
 def _decode_batch(streams: list[MimiStream], codes: np.ndarray) -> mx.array:
     """Aligned streams' codes (B, K, T) -> PCM (B, T * 1920), launched; their states are updated."""
-    mimi, modules = streams[0].mimi, streams[0].modules
+    pcm, state = decode_graph(streams, codes)
+    mx.async_eval(pcm, *state)
+    return pcm
+
+
+def decode_graph(streams: list[MimiStream], codes: np.ndarray) -> tuple[mx.array, list[mx.array]]:
+    """The graph of aligned streams' decode (B, K, T), nothing evaluated: PCM (B, T * 1920) and the arrays
+    of their new states (which the streams now hold)."""
+    decoder = streams[0].decoder
+    mimi, modules = decoder.mimi, decoder.modules
     for i, module in enumerate(modules):
         if streams[0].state is None:
             module.reset_state()
@@ -90,7 +166,7 @@ def _decode_batch(streams: list[MimiStream], codes: np.ndarray) -> mx.array:
     )
     try:
         tokens = mx.array(codes)
-        pcm = mx.concatenate([mimi.decode_step(tokens[:, :, t : t + 1]) for t in range(tokens.shape[-1])], axis=-1)
+        pcm = mx.concatenate([decoder.step(tokens[:, :, t : t + 1]) for t in range(tokens.shape[-1])], axis=-1)
         pcm = pcm[:, 0].astype(mx.float32)
         batch_state = [{f: getattr(m, f) for f in _STATE_FIELDS if hasattr(m, f)} for m in modules]
         batch_cache = mimi.decoder_cache
@@ -102,8 +178,9 @@ def _decode_batch(streams: list[MimiStream], codes: np.ndarray) -> mx.array:
         ]
         s.cache = [_row_cache(c, row) for c in batch_cache] if len(streams) > 1 else batch_cache
         s.frames += codes.shape[-1]
-    mx.async_eval(pcm, *[v for s in streams for fields in s.state for v in fields.values() if isinstance(v, mx.array)])
-    return pcm
+    return pcm, [v for fields in batch_state for v in fields.values() if isinstance(v, mx.array)] + [
+        a for c in batch_cache for a in (c.keys, c.values) if a is not None
+    ]
 
 
 def _stack_cache(caches: list[KVCache]) -> KVCache:

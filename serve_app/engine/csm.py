@@ -22,7 +22,6 @@ import numpy as np
 from serve_app.core.constants import LOGGER_NAME, SAMPLE_RATE
 from serve_app.core.errors import InvalidRequestError, ModelLoadError
 from serve_app.core.messages import ContextSegment, VoiceParams
-from serve_app.engine.batch import BackboneStep, FrameDecoder
 from serve_app.engine.checkpoint import (
     CheckpointFiles,
     TextTokenizer,
@@ -31,7 +30,8 @@ from serve_app.engine.checkpoint import (
     quantize,
     resolve_checkpoint,
 )
-from serve_app.engine.codec import StagedEncode, stateful_modules
+from serve_app.engine.codec import MimiDecoder, StagedEncode
+from serve_app.engine.frame import FrameStep
 from serve_app.engine.hub import DownloadProgress
 from serve_app.engine.memory import MemoryGuard
 from serve_app.engine.options import EngineOptions
@@ -79,9 +79,8 @@ class CSMEngine:
         self.num_codebooks = model.args.audio_num_codebooks
         self.vocab_size = model.args.audio_vocab_size
         compiled = options.mlx_compile == "on" or (options.mlx_compile == "auto" and mx.default_device() == mx.gpu)
-        self.frame_decoder = FrameDecoder(model, compiled)
-        self.backbone_step = BackboneStep(model.backbone, compiled)
-        self.mimi_modules = stateful_modules(mimi)
+        self.frame_step = FrameStep(model, compiled)
+        self.mimi_decoder = MimiDecoder(mimi, compiled)
         self._mimi_streams: dict[int, mx.Stream] = {}
         self._prompts: dict[str, Tokens] = {}
         self._codes_tag: Optional[str] = None

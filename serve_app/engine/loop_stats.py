@@ -1,12 +1,15 @@
 """What the frame loop costs on the host: steps, frames read, host synchronisations and the time spent in
-them, and the time the MLX thread spends in Python. The benchmark reports these per frame; they are cheap
-enough (two clock reads per step and per synchronisation) to stay on in serving."""
+them, the time the MLX thread spends in Python, and the time it takes to build each frame's graph. The
+benchmark reports these per frame; they are cheap enough (two clock reads per step, per synchronisation
+and per frame built) to stay on in serving."""
 
 from __future__ import annotations
 
+import statistics
 import time
+from collections import deque
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass
@@ -18,6 +21,9 @@ class LoopStats:
     sync_s: float = 0.0  # time blocked in them (waiting for the device)
     frame_wait_s: float = 0.0  # of which reading frames
     step_s: float = 0.0  # time inside steps; step_s - sync_s is the MLX thread's own Python and launch time
+    # Host time to build each recent frame's graph, up to its launch (nothing evaluated): on a GPU the device
+    # waits for this unless the frame before it is still running.
+    builds_s: deque = field(default_factory=lambda: deque(maxlen=256))
 
     @contextmanager
     def step(self):
@@ -27,6 +33,14 @@ class LoopStats:
         finally:
             self.steps += 1
             self.step_s += time.perf_counter() - started
+
+    @contextmanager
+    def build(self):
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.builds_s.append(time.perf_counter() - started)
 
     @contextmanager
     def sync(self, frame: bool = False):
@@ -49,4 +63,6 @@ class LoopStats:
             "sync_wait_ms_per_frame": round(1000 * self.sync_s / frames, 3),
             "frame_wait_ms_per_frame": round(1000 * self.frame_wait_s / frames, 3),
             "step_ms_per_frame": round(1000 * self.step_s / frames, 3),
+            # the median: a frame of a shape met for the first time also traces (compiled) its graph
+            "graph_build_ms_per_frame": round(1000 * statistics.median(self.builds_s), 3) if self.builds_s else None,
         }

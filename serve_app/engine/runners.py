@@ -5,15 +5,22 @@ The server's model replica drives the same scheduler from its worker thread inst
 
 from __future__ import annotations
 
+import logging
+import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
+from serve_app.core.constants import LOGGER_NAME
 from serve_app.core.messages import END, SynthesisRequest, VoiceParams, received
+from serve_app.engine.batch import CAPACITY_STEP, bucket_for
+from serve_app.engine.prompts import MAX_POSITIONS
 from serve_app.engine.scheduler import BatchScheduler, GenerationJob
 
 if TYPE_CHECKING:
     from serve_app.engine.csm import CSMEngine
+
+logger = logging.getLogger(LOGGER_NAME)
 
 
 def run_jobs(engine: CSMEngine, jobs: list[GenerationJob], max_batch: int) -> None:
@@ -43,12 +50,13 @@ def synthesize(
             scheduler.step()
 
 
-def warm_up(engine: CSMEngine) -> None:
-    """Short generations, so requests do not pay for first-call kernel setup; with a compiled frame
-    decoder, one per batch size up to MAX_BATCH_SIZE (it compiles once per shape)."""
+def warm_up(engine: CSMEngine) -> int:
+    """Short generations, so requests do not pay for first-call kernel setup; with a compiled frame, one per
+    batch size up to MAX_BATCH_SIZE (it compiles once per shape), then the frame traced for the other shapes
+    a first request meets (`compile_shapes`). Returns how many shapes that traced."""
     preset = VoiceParams(name="warm-up")
     frames = engine.options.first_group_frames + 1
-    sizes = range(1, engine.options.max_batch_size + 1) if engine.frame_decoder.compiled else (1,)
+    sizes = range(1, engine.options.max_batch_size + 1) if engine.frame_step.compiled else (1,)
     items: list = []
     for size in sizes:
         jobs = [
@@ -59,3 +67,23 @@ def warm_up(engine: CSMEngine) -> None:
     failures = [item for item in items if isinstance(item, BaseException)]
     if failures:
         raise failures[0]
+    step = engine.frame_step
+    if not step.compiled:
+        return 0
+    started = time.perf_counter()
+    traced = sum(step.prepare(*shape) for shape in compile_shapes(engine))
+    logger.info("compile warm-up: the frame traced for %d more shapes in %.1f s", traced, time.perf_counter() - started)
+    return traced
+
+
+def compile_shapes(engine: CSMEngine) -> list[tuple[int, int, int]]:
+    """(rows, joining, cache capacity) of the frames a first request can meet: a batch starting with any
+    number of rows, rows joining any batch of the first bucket, and every bucket up to the one a voice's
+    prompt with the longest chunk and its frame cap needs, for every batch size. Later buckets are traced
+    while the loop runs, a few frames ahead of need (scheduler.BUCKET_LOOKAHEAD)."""
+    most = engine.options.max_batch_size
+    longest = max((len(tokens) for tokens in engine._prompts.values()), default=0)
+    last = min(bucket_for(longest + engine.longest_chunk_positions() + 1), bucket_for(MAX_POSITIONS + 1))
+    joins = [(rows, joining, CAPACITY_STEP) for rows in range(most) for joining in range(1, most - rows + 1)]
+    steady = [(rows, 0, cap) for cap in range(CAPACITY_STEP, last + 1, CAPACITY_STEP) for rows in range(1, most + 1)]
+    return joins + steady

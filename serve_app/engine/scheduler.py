@@ -3,7 +3,7 @@
 Every step computes one frame for every request in the batch: the rows already generating take one
 backbone step together; rows that start a text chunk (a new request, or the next chunk of one already in
 the batch) are prefilled on their own and join; then one depth-decoder pass samples all 32 codebooks for
-every row at once. While rows are generating, a joining prompt is prefilled at most PREFILL_STEP_POSITIONS
+every row at once, all of it one function (frame.py) the scheduler calls once per frame. While rows are generating, a joining prompt is prefilled at most PREFILL_STEP_POSITIONS
 per step, so a long context joining never stalls the streams already running for more than that. Each
 request keeps its own backbone cache row, PRNG key, stop rule, frame cap, Mimi state and output (see
 session.py), so a request that ends, fails or is cancelled leaves without disturbing the others. It all runs
@@ -35,7 +35,7 @@ import numpy as np
 
 from serve_app.core.constants import LOGGER_NAME
 from serve_app.core.messages import END, SynthesisRequest
-from serve_app.engine.batch import BatchKV, embed_frame, prefill
+from serve_app.engine.batch import BatchKV, bucket_for, prefill
 from serve_app.engine.codec import decode_streams
 from serve_app.engine.loop_stats import LoopStats
 from serve_app.engine.memory import MemoryGuard
@@ -45,6 +45,8 @@ if TYPE_CHECKING:
     from serve_app.engine.csm import CSMEngine
 
 logger = logging.getLogger(LOGGER_NAME)
+
+BUCKET_LOOKAHEAD = 8  # frames before the cache's next bucket is needed that a compiled frame is traced for it
 
 
 @dataclass
@@ -94,6 +96,9 @@ class BatchScheduler:
         self._kv = BatchKV(len(engine.model.backbone.layers))
         self._last = None  # the rows' newest frame (rows, K), on the device
         self._in_flight: Optional[LaunchedFrame] = None  # launched, not read yet (pipelined)
+        # The rows' PRNG keys (rows, 2), inverse temperatures and top-k for the next launch: kept on the device
+        # from frame to frame while the rows stay the same, made again from the sessions when they change.
+        self._sampling: Optional[tuple[mx.array, mx.array, mx.array]] = None
         self.stats = LoopStats()
         self.trace: Optional[Callable[[list], None]] = None  # the benchmark's look at each launched graph
 
@@ -143,10 +148,9 @@ class BatchScheduler:
     def _launch(self) -> bool:
         """Build the next frame for every row (and for prompts that finish prefilling now) and start it on
         the device without waiting for it; False when there is no row to launch for."""
-        model, engine = self.engine.model, self.engine
-        hidden = []
-        if self.rows:
-            hidden.append(engine.backbone_step(embed_frame(model, self._last), self._kv))
+        engine = self.engine
+        joined: list[mx.array] = []  # the last hidden state of each prompt that finishes now
+        caches: list[list] = []  # and its backbone cache, added to the batch's after this frame's step
         # With rows generating, a joining prompt gets a bounded share of this step; with none, nobody waits.
         budget = engine.options.prefill_step_positions if self.rows else None
         while (self.starting or (self.waiting and self.generating < self.max_batch)) and (budget is None or budget > 0):
@@ -165,7 +169,7 @@ class BatchScheduler:
                 part = session.prefill
                 take = part.remaining if budget is None else min(part.remaining, budget)
                 last, part.cache = prefill(
-                    model,
+                    engine.model,
                     part.tokens[:, part.done : part.done + take],
                     part.mask[:, part.done : part.done + take],
                     part.cache,
@@ -184,25 +188,67 @@ class BatchScheduler:
             self.starting.pop(0)
             session.prefill = None
             self._joining.append(session)
-            self._kv.add(part.cache)
-            hidden.append(last)
-        self.rows.extend(self._joining)
-        self._joining = []
-        if not self.rows:
+            caches.append(part.cache)
+            joined.append(last)
+        with self.stats.build():
+            outputs = self._build_frame(joined, caches)
+        if outputs is None:
             return False
-        inv_temperature = mx.array([[s.inv_temperature] for s in self.rows], dtype=mx.float32)
-        top_k = mx.array([[s.top_k] for s in self.rows], dtype=mx.int32)
-        self._last, keys = engine.frame_decoder(
-            mx.concatenate(hidden), [s.key for s in self.rows], inv_temperature, top_k
-        )
-        for session, key in zip(self.rows, keys):
-            session.advance(key)
-        outputs = [self._last, *keys, *self._kv.keys, *self._kv.values]
         if self.trace is not None:
             self.trace(outputs)
         mx.async_eval(*outputs)
         self.stats.launches += 1
+        self._prepare_next_bucket()
         return True
+
+    def _prepare_next_bucket(self) -> None:
+        """A compiled frame meets a new shape when the rows outgrow the cache's bucket: trace it a few frames
+        ahead, right after a launch, so the host does it while the device runs that frame."""
+        step = self.engine.frame_step
+        if self.rows and getattr(step, "compiled", False):
+            capacity = bucket_for(int(self._kv.lengths.max()) + 1 + BUCKET_LOOKAHEAD)
+            if capacity > self._kv.capacity:
+                step.prepare(len(self.rows), 0, capacity)
+
+    def _build_frame(self, joined: list[mx.array], caches: list[list]) -> Optional[list[mx.array]]:
+        """The frame's graph (frame.py's one function) for the rows generating and those joining now, the
+        batch's state moved on to it; the arrays to evaluate, or None without rows. Nothing is evaluated
+        here: this is the host's whole share of a frame (the benchmark's graph_build_ms_per_frame)."""
+        generating = bool(self.rows)
+        if generating:
+            self._kv.prepare_step()
+        if self._joining:
+            self._sampling = None
+        self.rows.extend(self._joining)
+        self._joining = []
+        if not self.rows:
+            return None
+        if self._sampling is None:  # rebuilt only when the rows change (_keep, joins)
+            self._sampling = (
+                mx.stack([s.key for s in self.rows]),
+                mx.array([[s.inv_temperature] for s in self.rows], dtype=mx.float32),
+                mx.array([[s.top_k] for s in self.rows], dtype=mx.int32),
+            )
+        rng, inv_temperature, top_k = self._sampling
+        kv = self._kv
+        self._last, rng, keys, values = self.engine.frame_step(
+            self._last if generating else None,
+            mx.array(kv.lengths) if generating else None,
+            kv.keys if generating else None,
+            kv.values if generating else None,
+            joined,
+            rng,
+            inv_temperature,
+            top_k,
+        )
+        if generating:
+            kv.keys, kv.values, kv.lengths = keys, values, kv.lengths + 1
+        for cache in caches:
+            kv.add(cache)
+        self._sampling = (rng, inv_temperature, top_k)
+        for i, session in enumerate(self.rows):
+            session.advance(rng[i])
+        return [self._last, rng, *kv.keys, *kv.values]
 
     def _release_capped(self, ahead: LaunchedFrame) -> None:
         """Rows whose frame in flight is their chunk's last by the frame cap leave before the next frame,
@@ -250,6 +296,7 @@ class BatchScheduler:
     def _keep(self, keep: list[int]) -> None:
         if keep == list(range(len(self.rows))):
             return
+        self._sampling = None  # a leaving row may have taken back its last draw (rewind)
         self._kv.keep(keep)
         self.rows = [self.rows[i] for i in keep]
         self._last = self._last[mx.array(keep)] if keep else None
@@ -288,7 +335,7 @@ class BatchScheduler:
     def _clear_batch(self) -> list[SpeechSession]:
         in_batch = self.rows + self.starting + self._joining + self._capped
         self.rows, self.starting, self._joining, self._capped = [], [], [], []
-        self._last, self._in_flight = None, None
+        self._last, self._in_flight, self._sampling = None, None, None
         self._kv = BatchKV(len(self.engine.model.backbone.layers))
         return in_batch
 

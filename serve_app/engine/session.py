@@ -64,7 +64,7 @@ class SpeechSession:
         # context), then this request's earlier chunks; a chunk keeps the most recent of them that fit.
         self._history: list = [engine.segment_tokens(segment) for segment in request.context]
         self._said: list[np.ndarray] = []  # every chunk's frames (K, T), for the Utterance when remembered
-        self.mimi = MimiStream(engine.mimi, engine.mimi_modules)
+        self.mimi = MimiStream(engine.mimi_decoder)
         self._flush_due = False  # a group (or a chunk's last frames) is ready for Mimi
         self.usage = Usage()
         self._chunk_index = 0
@@ -187,7 +187,7 @@ class SpeechSession:
         return self._key
 
     def advance(self, key: mx.array) -> None:
-        """The key after a frame's draw (the frame decoder splits it)."""
+        """The key after a frame's draw (the frame splits it)."""
         self._key_before, self._key = self._key, key
 
     @property

@@ -11,7 +11,8 @@ import pytest
 from serve_app.core.constants import SAMPLES_PER_FRAME
 from serve_app.core.messages import SynthesisRequest, Usage
 from serve_app.core.settings import Settings
-from serve_app.engine.batch import BatchKV, backbone_step, embed_frame, prefill
+from serve_app.engine.batch import BatchKV, prefill
+from serve_app.engine.frame import backbone_math, embed_frame
 from serve_app.engine.scheduler import END, BatchScheduler, GenerationJob
 from serve_app.model.loading import load_engine
 from tests.support.backend import ROWS_INDEPENDENT, assert_same_speech
@@ -142,7 +143,11 @@ def test_batched_backbone_step_matches_mlx_audio_backbone(tiny_checkpoint, voice
         reference.append(ref_cache)
     for _ in range(3):
         codes = mx.array(rng.integers(0, 2048, size=(2, k)), dtype=mx.int32)
-        ours = backbone_step(model.backbone, embed_frame(model, codes), kv)
+        kv.prepare_step()
+        tables = engine.frame_step.backbone_tables
+        h = embed_frame(model, codes)
+        ours, kv.keys, kv.values = backbone_math(model.backbone, tables, h, mx.array(kv.lengths), kv.keys, kv.values)
+        kv.lengths = kv.lengths + 1
         for row, cache in enumerate(reference):
             h = embed_frame(model, codes[row : row + 1])
             theirs = model.backbone(h, cache=cache)[:, -1, :]

@@ -63,7 +63,7 @@ def test_a_chunk_ending_on_end_of_speech_discards_its_speculative_frame(engine, 
 @pytest.mark.slow  # MLX's CPU backend compiles with a C++ compiler: ~30 s of a cold cache
 def test_compiled_equals_uncompiled(tiny_checkpoint, voices, engine):
     compiled = load_engine(Settings(model_id=str(tiny_checkpoint), mlx_compile="on"), voices)
-    assert compiled.frame_decoder.compiled
+    assert compiled.frame_step.compiled
     # One request (batch 1, its two chunks): every compiled function the frame loop has, at the fewest shapes
     # (each new shape is a C++ compile on the CPU backend; batches of more rows run the same functions).
     specs = [("conversational", CHUNKS, 5, 9)]
@@ -73,17 +73,17 @@ def test_compiled_equals_uncompiled(tiny_checkpoint, voices, engine):
 def test_batched_mimi_equals_each_stream_alone(engine):
     rng = np.random.default_rng(0)
     groups = [rng.integers(0, 2048, size=(3, 32, t)).astype(np.int32) for t in (2, 6, 6)]
-    alone = [MimiStream(engine.mimi, engine.mimi_modules) for _ in range(3)]
-    together = [MimiStream(engine.mimi, engine.mimi_modules) for _ in range(3)]
+    alone = [MimiStream(engine.mimi_decoder) for _ in range(3)]
+    together = [MimiStream(engine.mimi_decoder) for _ in range(3)]
     for codes in groups:
         expected = [stream.decode(codes[i]) for i, stream in enumerate(alone)]
         for got, want in zip(decode_streams(together, list(codes)), expected):
             assert_same_pcm(got, want)
     # Streams that are not aligned (another position, another group length) still decode right, apart.
-    late = MimiStream(engine.mimi, engine.mimi_modules)
+    late = MimiStream(engine.mimi_decoder)
     mixed = decode_streams([together[0], late, together[1]], [groups[1][0], groups[0][2], groups[1][1][:, :4]])
     assert_same_pcm(mixed[0], alone[0].decode(groups[1][0]))
-    assert_same_pcm(mixed[1], MimiStream(engine.mimi, engine.mimi_modules).decode(groups[0][2]))
+    assert_same_pcm(mixed[1], MimiStream(engine.mimi_decoder).decode(groups[0][2]))
     assert_same_pcm(mixed[2], alone[1].decode(groups[1][1][:, :4]))
     assert max(np.abs(p).max() for p in mixed) > 0
 

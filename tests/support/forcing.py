@@ -12,17 +12,18 @@ from serve_app.core.constants import SAMPLES_PER_FRAME
 
 
 def force_codes(engine, monkeypatch, change) -> None:
-    """`change(call, codes)` may rewrite the codes (rows, K) of the depth decoder's `call`-th frame (from 1;
-    speculative frames count too) by returning new ones; None keeps them."""
-    decoder, calls = engine.frame_decoder, [0]
+    """`change(call, codes)` may rewrite the codes (rows, K) of the `call`-th frame (from 1; speculative frames
+    count too) by returning new ones; None keeps them."""
+    frame_step, calls = engine.frame_step, [0]
 
-    def wrapped(last, keys, inv_temperature, top_k):
-        codes, keys = decoder(last, keys, inv_temperature, top_k)
+    def wrapped(*args):
+        codes, *rest = frame_step(*args)
         calls[0] += 1
         changed = change(calls[0], np.array(codes))
-        return (codes if changed is None else mx.array(changed)), keys
+        return (codes if changed is None else mx.array(changed)), *rest
 
-    monkeypatch.setattr(engine, "frame_decoder", wrapped)
+    wrapped.compiled, wrapped.prepare = frame_step.compiled, frame_step.prepare
+    monkeypatch.setattr(engine, "frame_step", wrapped)
 
 
 def end_of_speech_at(engine, monkeypatch, *calls: int, row: int = 0) -> None:

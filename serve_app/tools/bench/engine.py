@@ -81,7 +81,7 @@ def engine_part(
     totals = [s["total_s"] for s in single]
     result = {
         "part": "engine",
-        "compiled": engine.frame_decoder.compiled,
+        "compiled": engine.frame_step.compiled,
         "quantize": quantize,
         "load_s": round(load_s, 2),
         "warm_up_s": round(warm_s, 2),
@@ -149,7 +149,7 @@ def mimi_part(checkpoint: str, frames: int, repeats: int) -> dict:
     import numpy as np
 
     from serve_app.engine.checkpoint import _layout, load_mimi
-    from serve_app.engine.codec import MimiStream, stateful_modules
+    from serve_app.engine.codec import MimiDecoder, MimiStream
     from serve_app.engine.csm import select_device
 
     mx.set_default_device(select_device("auto"))
@@ -162,11 +162,12 @@ def mimi_part(checkpoint: str, frames: int, repeats: int) -> dict:
     rng = np.random.default_rng(0)
     codes = rng.integers(0, 2048, size=(32, frames)).astype(np.int32)
     clip = (np.sin(np.arange(24000 * 2) / 7.0) * 0.3 + rng.standard_normal(48000) * 0.05).astype(np.float32)
+    decoders = {dtype: MimiDecoder(mimi, compiled=False) for dtype, mimi in codecs.items()}
     times: dict[str, list[float]] = {dtype: [] for dtype in codecs}
     pcm: dict[str, np.ndarray] = {}
     for _ in range(repeats + 1):  # the first round warms up
-        for dtype, mimi in codecs.items():
-            stream = MimiStream(mimi, stateful_modules(mimi))
+        for dtype, decoder in decoders.items():
+            stream = MimiStream(decoder)
             started = time.perf_counter()
             pcm[dtype] = stream.decode(codes)
             times[dtype].append((time.perf_counter() - started) / frames)

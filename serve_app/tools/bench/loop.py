@@ -8,11 +8,12 @@ every configuration alike:
 - `engine`: the bare-engine part of `python -m serve_app.tools.bench` (one request at a time, then 4 together),
   from this tree and from the `--baseline` commit (checked out in a git worktree): frames/s before and after,
   compiled and not.
-- `loop`: our scheduler at batch 1 and 4, pipelined and not, compiled and not: frames/s, MLX primitives per
-  launched frame (nodes of the graph handed to `mx.async_eval`), host synchronisations per frame, the MLX
-  thread's own time per frame (Python and launching: step time minus time blocked on the device), and the
-  device's time per frame (the frame read's wait in the unpipelined loop, where nothing else is queued).
-  Device idle per frame is then the wall time per frame minus that device time.
+- `loop`: our scheduler at batch 1 and 4, pipelined and not, compiled and not: frames/s, the kernels a GPU
+  launches per frame in all and by component with Mimi's share (frame_kernels.py: what it counts exactly),
+  the host's time to build a frame's graph (`graph_build_ms_per_frame`, the loop's own median), host
+  synchronisations per frame, the MLX thread's own time per frame (Python and launching: step time minus
+  time blocked on the device), and the device's time per frame (the frame read's wait in the unpipelined
+  loop, where nothing else is queued). Device idle per frame is then the wall time per frame minus that.
 - `reference`: mlx-audio's own frame loop (`SesameModel.generate_frame` driven as `Model.generate` drives it,
   with its sampler and its end-of-speech check each frame) on the same weights, codes only: mlx-audio always
   builds a full-size Mimi, so the tiny checkpoint can only be compared without it.
@@ -24,7 +25,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import re
 import shlex
 import statistics
 import subprocess
@@ -38,15 +38,6 @@ from serve_app.core.settings import Settings
 from serve_app.model.loading import load_engine
 from serve_app.tools.bench import report
 from serve_app.tools.bench.engine import NO_PROMPT_VOICE, TEXT
-
-
-def count_primitives(outputs: list) -> int:
-    """MLX primitives in the graph that evaluating `outputs` runs (arrays already evaluated are inputs)."""
-    import mlx.core as mx
-
-    with tempfile.NamedTemporaryFile(suffix=".dot") as dot:
-        mx.export_to_dot(dot.name, *outputs)
-        return len(re.findall(r"shape=rectangle", Path(dot.name).read_text()))
 
 
 def _load(checkpoint: str, compile_mode: str, pipeline: bool, max_batch: int):
@@ -93,7 +84,7 @@ def loop_part(
     stats_kept = "pipeline" in Settings.model_fields  # the baseline commit's loop has no stats
     out = {
         "part": "loop",
-        "compiled": engine.frame_decoder.compiled,
+        "compiled": engine.frame_step.compiled,
         "pipelined": pipeline and stats_kept,
         "frames": frames,
         "batches": {},
@@ -103,21 +94,36 @@ def loop_part(
         for r in range(repeats):
             wall, scheduler = _run(engine, preset, batch, frames, 1000 * r)
             runs.append({"wall_s": wall, **(scheduler.stats.per_frame() if stats_kept else {})})
-        counts: list[int] = []
-        if stats_kept:  # a short extra run with the graph of every launch exported and counted
-            _run(engine, preset, batch, 3, 99, trace=lambda outputs: counts.append(count_primitives(outputs)))  # noqa: B023
         best = min(runs, key=lambda run: run["wall_s"])  # the least disturbed round
+        counted = _count(engine, batch)
         out["batches"][str(batch)] = {
             "frames_per_s": round(frames / statistics.median(r["wall_s"] for r in runs), 2),
             "frames_per_s_best": round(frames / best["wall_s"], 2),
-            "primitives_per_frame": int(statistics.median(counts[1:] or counts)) if counts else None,
+            "kernels_per_frame": counted.get("kernels_per_frame"),
+            "kernels_by_component": counted.get("kernels_by_component"),
+            "kernel_count": counted,
             **{
-                k: statistics.median(r[k] for r in runs) if k in best else None
-                for k in ("syncs_per_frame", "host_ms_per_frame", "sync_wait_ms_per_frame", "frame_wait_ms_per_frame")
+                k: statistics.median(r[k] for r in runs) if best.get(k) is not None else None
+                for k in (
+                    "syncs_per_frame",
+                    "host_ms_per_frame",
+                    "sync_wait_ms_per_frame",
+                    "frame_wait_ms_per_frame",
+                    "graph_build_ms_per_frame",
+                )
             },
             "runs": runs,
         }
     return out
+
+
+def _count(engine, batch: int) -> dict:
+    """The steady frame's kernels (frame_kernels.py); none for a baseline tree from before the counter."""
+    if not hasattr(engine, "frame_step"):
+        return {}
+    from serve_app.tools.bench.frame_kernels import count_frame
+
+    return count_frame(engine, batch)
 
 
 def reference_part(checkpoint: str, frames: int, repeats: int) -> dict:
@@ -125,6 +131,8 @@ def reference_part(checkpoint: str, frames: int, repeats: int) -> dict:
     import mlx.core as mx
     import numpy as np
     from mlx_audio.lm.sample_utils import make_sampler
+
+    from serve_app.tools.bench import kernels
 
     engine, voices = _load(checkpoint, "off", True, 1)
     model, preset = engine.model, voices.resolve(NO_PROMPT_VOICE)
@@ -140,9 +148,12 @@ def reference_part(checkpoint: str, frames: int, repeats: int) -> dict:
         pos = mx.arange(0, tokens.shape[1])[None].astype(mx.int32)
         samples = []
         for _ in range(n):
-            sample = model.generate_frame(tokens, mask, pos, sampler)
-            if count:
-                counts.append(count_primitives([sample]))
+            if count:  # its graph traced with the fast ops as a GPU runs them (its values are not the model's)
+                with kernels.gpu_fast_ops():
+                    sample = model.generate_frame(tokens, mask, pos, sampler)
+                counts.append(kernels.count([sample]))
+            else:
+                sample = model.generate_frame(tokens, mask, pos, sampler)
             if mx.all(sample == 0):
                 break
             samples.append(sample)
@@ -166,7 +177,7 @@ def reference_part(checkpoint: str, frames: int, repeats: int) -> dict:
         "frames_per_s": round(frames / statistics.median(totals), 2),
         "frames_per_s_best": round(frames / min(totals), 2),
         "syncs_per_frame": 1,
-        "primitives_per_frame": int(statistics.median(counts[1:])),
+        "kernels_per_frame": int(statistics.median(counts[1:])),
         "runs": totals,
     }
 

@@ -38,9 +38,16 @@ def summarize(results: dict, batches: list[int]) -> dict:
             loop[name][b] = {
                 "frames_per_s": fps,
                 "aggregate_frames_per_s": _sig(fps * int(b)),
+                "kernels_by_component": rows[0].get("kernels_by_component"),  # counted exactly: same every round
                 **{
-                    k: _median(r[k] for r in rows)
-                    for k in ("primitives_per_frame", "syncs_per_frame", "host_ms_per_frame", "frame_wait_ms_per_frame")
+                    k: _median(r.get(k) for r in rows)
+                    for k in (
+                        "kernels_per_frame",
+                        "graph_build_ms_per_frame",
+                        "syncs_per_frame",
+                        "host_ms_per_frame",
+                        "frame_wait_ms_per_frame",
+                    )
                 },
             }
     for name, per_batch in loop.items():  # the device's time per frame: measured where nothing is queued behind
@@ -64,7 +71,7 @@ def summarize(results: dict, batches: list[int]) -> dict:
         ref = results["reference"]
         summary["reference"] = {
             "frames_per_s": _median(r["frames_per_s"] for r in ref),
-            "primitives_per_frame": _median(r["primitives_per_frame"] for r in ref),
+            "kernels_per_frame": _median(r.get("kernels_per_frame") for r in ref),
         }
         for per_batch in loop.values():
             per_batch["1"]["vs_mlx_audio_loop"] = round(
@@ -110,15 +117,16 @@ def to_markdown(results: dict, batches: list[int]) -> str:
     lines += [
         "## Our loop, per batch frame",
         "",
-        "| Configuration | Batch | Frames/s per stream | Aggregate | Gain vs batch 1 | vs baseline | Primitives | "
-        "Host syncs | MLX thread ms | Device ms | Device idle ms (est.) | vs mlx-audio loop |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| Configuration | Batch | Frames/s per stream | Aggregate | Gain vs batch 1 | vs baseline | Kernels | "
+        "Graph build ms | Host syncs | MLX thread ms | Device ms | Device idle ms (est.) | vs mlx-audio loop |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, per_batch in sorted(s["loop"].items()):
         for b, r in per_batch.items():
             lines.append(
                 f"| {name} | {b} | {r['frames_per_s']} | {r['aggregate_frames_per_s']} | "
-                f"{_x(r.get('batching_gain'))} | {_x(r.get('vs_baseline'))} | {_v(r['primitives_per_frame'])} | "
+                f"{_x(r.get('batching_gain'))} | {_x(r.get('vs_baseline'))} | {_v(r['kernels_per_frame'])} | "
+                f"{_v(r['graph_build_ms_per_frame'])} | "
                 f"{_v(r['syncs_per_frame'])} | {_v(r['host_ms_per_frame'])} | {_v(r['device_ms_per_frame'])} | "
                 f"{_v(r['device_idle_ms_per_frame'])} | {_x(r.get('vs_mlx_audio_loop'))} |"
             )
@@ -127,11 +135,27 @@ def to_markdown(results: dict, batches: list[int]) -> str:
         lines += [
             "",
             f"mlx-audio's own loop (`generate_frame` as `Model.generate` drives it, codes only, batch 1): "
-            f"{ref['frames_per_s']} frames/s, {ref['primitives_per_frame']:.0f} primitives per frame, "
+            f"{ref['frames_per_s']} frames/s, {_v(ref['kernels_per_frame'])} kernels per frame (no Mimi), "
             "1 host sync per frame (its end-of-speech check).",
         ]
+    components = [
+        (name, b, r["kernels_by_component"]) for name, per in sorted(s["loop"].items()) for b, r in per.items()
+    ]
+    components = [(n, b, c) for n, b, c in components if c and "pipeline=off" not in n]
+    if components:
+        keys = list(components[0][2])
+        lines += [
+            "",
+            "## Kernels per frame by component (each counted on its own; `mx.compile` may fuse across them)",
+            "",
+            "| Configuration | Batch | " + " | ".join(keys) + " |",
+            "|---|---|" + "---|" * len(keys),
+        ]
+        lines += [f"| {n} | {b} | " + " | ".join(_v(c.get(k)) for k in keys) + " |" for n, b, c in components]
     lines += [
         "",
+        "Kernels: what a GPU launches for one steady frame with Mimi's share (tools/bench/frame_kernels.py); "
+        "graph build ms: the loop's median host time to build a frame's graph before its launch. "
         "Host syncs: frame reads, prefill evaluations and Mimi reads per frame. MLX thread ms: time in a "
         "step not blocked on the device (Python, graph building, launching). Device ms: the frame read's "
         "wait in the unpipelined loop, where nothing else is queued. Device idle (est.): wall time per "

@@ -1,0 +1,154 @@
+"""Kernels per CSM frame, by component, and the host's time to build a frame's graph (the loop benchmark's
+`kernels_per_frame`, `kernels_by_component` and `graph_build_ms_per_frame`).
+
+The frame counted is the one the scheduler launches in steady state (every row generated the frame before,
+nobody joins): the engine's own `FrameStep` called on inputs of those shapes, traced with MLX's fast ops as
+the GPU runs them (kernels.py), never evaluated, so a full-size frame is counted in seconds on any machine.
+Components are each counted on their own (compiled on their own when the frame is): their sum equals the
+frame's count uncompiled, and exceeds it compiled by what `mx.compile` fuses across their boundaries.
+Mimi's share is one steady group's decode (GROUP_FRAMES frames, the rows together) over its frames.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import mlx.core as mx
+import numpy as np
+from mlx.utils import tree_flatten
+
+from serve_app.engine.batch import CAPACITY_STEP
+from serve_app.engine.codec import MimiStream, decode_graph
+from serve_app.engine.frame import FrameStep, backbone_math, depth_frame, draw_noise, embed_code, embed_frame, sample
+from serve_app.tools.bench import kernels
+
+POSITION = 100  # where the rows are in the backbone's cache (any position of the first capacity bucket)
+
+
+def steady_inputs(engine, batch: int, capacity: int = CAPACITY_STEP) -> tuple:
+    """FrameStep's arguments for `batch` rows in steady state, evaluated (they are the frame's inputs)."""
+    model, k = engine.model, engine.num_codebooks
+    rng = np.random.default_rng(0)
+    attn = model.backbone.layers[0].self_attn
+    dtype = model.audio_head.dtype
+    shape = (batch, attn.n_kv_heads, capacity, attn.head_dim)
+    keys = [mx.zeros(shape, dtype) for _ in model.backbone.layers]
+    values = [mx.zeros(shape, dtype) for _ in model.backbone.layers]
+    args = (
+        mx.array(rng.integers(0, 2048, size=(batch, k)), dtype=mx.int32),
+        mx.full((batch,), POSITION, dtype=mx.int32),
+        keys,
+        values,
+        [],
+        mx.stack([mx.random.key(i) for i in range(batch)]),
+        mx.ones((batch, 1), dtype=mx.float32),
+        mx.full((batch, 1), 50, dtype=mx.int32),
+    )
+    mx.eval(args)
+    return args
+
+
+def _counted(fn, compiled: bool, *args) -> int:
+    outputs = (mx.compile(fn) if compiled else fn)(*args)
+    return kernels.count(_flat(outputs))
+
+
+def _flat(tree) -> list[mx.array]:
+    return [leaf for _, leaf in tree_flatten(tree) if isinstance(leaf, mx.array)]
+
+
+def count_frame(engine, batch: int) -> dict:
+    """The steady frame's kernels in all, by component, and by primitive (fused groups as `Compiled`), compiled
+    as the engine's frame is."""
+    model, args, compiled = engine.model, engine.model.args, engine.frame_step.compiled
+    codebooks, vocab = args.audio_num_codebooks, args.audio_vocab_size
+    prev, positions, keys, values, joined, rng, inv_temperature, top_k = inputs = steady_inputs(engine, batch)
+    with kernels.gpu_fast_ops():
+        step = FrameStep(model, compiled)  # traced here, with the fast ops as a GPU runs them
+        outputs = _flat(step(*inputs))
+        names = kernels.primitives(outputs)
+        total, primitives = kernels.kernels(names), kernels.by_primitive(outputs)
+        # Each component alone, on evaluated inputs of its shapes.
+        last = mx.zeros((batch, model.backbone.norm.weight.shape[0]), dtype=model.audio_head.dtype)
+        embedded = [embed_code(model, i, prev[:, i : i + 1]) for i in range(codebooks - 1)]
+        logits = [mx.zeros((batch, vocab), dtype=model.audio_head.dtype) for _ in range(codebooks)]
+        noise, _ = draw_noise(rng, codebooks, vocab)
+        h = embed_frame(model, prev, step.offsets)
+        mx.eval(last, embedded, logits, noise, h)
+
+        def depth(last, embedded):
+            seen = []
+
+            def next_input(i, out):
+                seen.append(out)
+                return embedded[i] if i < len(embedded) else None
+
+            depth_frame(model, step.decoder_tables, last, next_input)
+            return seen
+
+        components = {
+            "embeddings": _counted(
+                lambda prev: (
+                    [embed_frame(model, prev, step.offsets)]
+                    + [embed_code(model, i, prev[:, i : i + 1]) for i in range(codebooks - 1)]
+                ),
+                compiled,
+                prev,
+            ),
+            "backbone": _counted(
+                lambda h, p, k, v: backbone_math(model.backbone, step.backbone_tables, h, p, k, v),
+                compiled,
+                h,
+                positions,
+                keys,
+                values,
+            ),
+            "depth_decoder": _counted(depth, compiled, last, embedded),
+            "noise": _counted(lambda rng: draw_noise(rng, codebooks, vocab), compiled, rng),
+            "sampling": _counted(
+                lambda logits, noise, t, k: mx.stack(
+                    [sample(x, noise[:, i], t, k) for i, x in enumerate(logits)], axis=1
+                ).astype(mx.int32),
+                compiled,
+                logits,
+                noise,
+                inv_temperature,
+                top_k,
+            ),
+        }
+        mimi = count_mimi_group(engine, batch)
+    return {
+        "kernels_per_frame": round(total + mimi["per_frame"]),
+        "frame_kernels": total,
+        "frame_graph_nodes": len(names),  # views included: what the host builds (or a compiled call replays)
+        "kernels_by_component": {**components, "mimi_per_frame": mimi["per_frame"]},
+        "components_sum_minus_frame": sum(components.values()) - total,
+        "mimi_group": mimi,
+        "by_primitive": primitives,
+    }
+
+
+def count_mimi_group(engine, batch: int) -> dict:
+    """One steady group's Mimi decode for `batch` aligned streams (after a first group, as in a request)."""
+    first, group = engine.options.first_group_frames, engine.options.group_frames
+    streams = [MimiStream(engine.mimi_decoder) for _ in range(batch)]
+    codes = np.random.default_rng(0).integers(0, 2048, size=(batch, engine.num_codebooks, first + group))
+    pcm, state = decode_graph(streams, codes[:, :, :first].astype(np.int32))
+    mx.eval(pcm, state)
+    pcm, state = decode_graph(streams, codes[:, :, first:].astype(np.int32))
+    count = kernels.count([pcm, *state])
+    return {"frames": group, "kernels": count, "per_frame": round(count / group, 1)}
+
+
+def graph_build_ms(engine, batch: int, repeats: int = 20) -> float:
+    """Median host time to build one steady frame's graph with the engine's own FrameStep (traced and, when
+    compiled, compiled by a first call that is not timed), evaluating nothing."""
+    inputs = steady_inputs(engine, batch)
+    engine.frame_step(*inputs)
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        engine.frame_step(*inputs)
+        times.append(time.perf_counter() - started)
+    return round(1000 * statistics.median(times), 3)

@@ -1,0 +1,166 @@
+"""The one-function frame (engine/frame.py) and the leaner Mimi decode (engine/codec.py) compute the same bits
+as the loop they replaced (tests/support/reference_frame.py: commit a1c44ca's frame, mlx-audio's RoPE, depth
+decoder and `Mimi.decode_step`): same seed, same batch, byte-identical codes and PCM, with rows joining and
+leaving, a chunk ending on end-of-speech with a speculative frame in flight, pipelined or not. The same shapes
+run on both sides, so this holds on every backend. Compiled vs not: test_frame_loop's compiled test."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from serve_app.core.messages import SynthesisRequest, Usage
+from serve_app.engine import frame
+from serve_app.engine.batch import CAPACITY_STEP
+from serve_app.engine.codec import MimiDecoder, MimiStream, decode_streams
+from serve_app.engine.scheduler import BUCKET_LOOKAHEAD, END, BatchScheduler, GenerationJob
+from serve_app.engine.session import SpeechSession
+from tests.support import reference_frame
+from tests.support.forcing import end_of_speech_at
+
+# Four requests, two at a time: the third and fourth join while others generate; different voices, prompts,
+# temperatures, top-k and chunk counts.
+SPECS = [
+    ("conversational", ["Hello there, how are you?", "Second chunk."], 11, 7),
+    ("fast", ["Hi."], 12, 5),
+    ("professional", ["One two three.", "Four."], 13, 9),
+    ("fast", ["x y"], 14, 4),
+]
+
+
+def run(engine, voices, monkeypatch, specs, max_batch, pipelined=True) -> list[tuple[bytes, Usage, np.ndarray]]:
+    """Each request's PCM, Usage and the codes its session accepted."""
+    seen: dict[int, list] = {}
+    accept = SpeechSession.accept
+
+    def record(session, codes):
+        seen.setdefault(id(session.request), []).append(codes.copy())
+        return accept(session, codes)
+
+    monkeypatch.setattr(SpeechSession, "accept", record)
+    scheduler = BatchScheduler(engine, max_batch, pipelined=pipelined)
+    posts: list[list] = [[] for _ in specs]
+    requests = []
+    for out, (voice, chunks, seed, frames) in zip(posts, specs):
+        requests.append(SynthesisRequest(chunks, voices.resolve(voice), seed=seed, max_frames_per_chunk=frames))
+        scheduler.add(GenerationJob(requests[-1], out.append))
+    while scheduler.active:
+        scheduler.step()
+    monkeypatch.setattr(SpeechSession, "accept", accept)
+    assert all(out[-1] is END for out in posts)
+    return [
+        (
+            b"".join(i for i in out if isinstance(i, bytes)),
+            next(i for i in out if isinstance(i, Usage)),
+            np.stack(seen[id(r)]),
+        )
+        for out, r in zip(posts, requests)
+    ]
+
+
+def with_reference(engine, monkeypatch) -> None:
+    monkeypatch.setattr(engine, "frame_step", reference_frame.ReferenceFrameStep(engine.model, False))
+
+
+@pytest.mark.parametrize("pipelined", [True, False], ids=["pipelined", "unpipelined"])
+@pytest.mark.parametrize("max_batch", [1, 2, 4])
+def test_frame_equals_the_loop_it_replaced(engine, voices, monkeypatch, max_batch, pipelined):
+    ours = run(engine, voices, monkeypatch, SPECS, max_batch, pipelined)
+    with_reference(engine, monkeypatch)
+    theirs = run(engine, voices, monkeypatch, SPECS, max_batch, pipelined)
+    for (pcm, usage, codes), (ref_pcm, ref_usage, ref_codes) in zip(ours, theirs):
+        assert np.array_equal(codes, ref_codes)
+        assert (pcm, usage) == (ref_pcm, ref_usage)
+    assert [u.output_tokens for _, u, _ in ours] == [14, 5, 18, 4]
+
+
+def test_a_speculative_frame_is_discarded_as_the_old_loop_did(engine, voices, monkeypatch):
+    """The 5th launch ends request 0's first chunk while its 6th frame is in flight: the new loop takes back
+    that draw exactly as the old one did (the rows' keys stay on the device between frames now)."""
+    specs = SPECS[:2]
+    end_of_speech_at(engine, monkeypatch, 5)
+    ours = run(engine, voices, monkeypatch, specs, 2)
+    monkeypatch.undo()
+    with_reference(engine, monkeypatch)
+    end_of_speech_at(engine, monkeypatch, 5)
+    theirs = run(engine, voices, monkeypatch, specs, 2)
+    assert [(p, u) for p, u, _ in ours] == [(p, u) for p, u, _ in theirs]
+    assert ours[0][1].output_tokens == 4 + 7
+
+
+@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float32])
+def test_rope_on_pairs_is_mlx_audios_rope_bit_for_bit(engine, dtype):
+    rope = engine.model.decoder.layers[0].self_attn.rope
+    cos, sin = frame.rope_tables(rope, dtype)
+    x = mx.random.normal((3, 2, 4, rope.dim), key=mx.random.key(1)).astype(dtype)
+    for offset in (0, 5, 31):
+        expected = rope(x, offset=offset)
+        got = frame.rope(x, cos[offset : offset + 2][None, :, None], sin[offset : offset + 2][None, :, None])
+        assert got.dtype == expected.dtype and mx.array_equal(got, expected).item()
+
+
+def test_every_rows_noise_in_one_draw_is_its_own_draw():
+    keys = [mx.random.key(seed) for seed in (3, 99, 12345)]
+    noise, after = frame.draw_noise(mx.stack(keys), 32, 64)
+    alone, alone_after = reference_frame.draw_noise(keys, 32, 64)
+    assert mx.array_equal(noise, alone).item() and mx.array_equal(after, mx.stack(alone_after)).item()
+    # A row's noise does not depend on the others.
+    assert mx.array_equal(frame.draw_noise(mx.stack(keys[1:2]), 32, 64)[0][0], noise[1]).item()
+
+
+@pytest.mark.parametrize("rows", [1, 2])
+def test_mimi_decoder_equals_mimi_decode_step(engine, rows):
+    """Groups as the loop decodes them (2 frames, then 6, then a chunk's 3), the rows together."""
+    ours = MimiDecoder(engine.mimi, compiled=False)
+    reference = MimiDecoder(engine.mimi, compiled=False)
+    reference.step = engine.mimi.decode_step  # mlx-audio's own: every codebook alone, a mask per layer
+    mine, theirs = [MimiStream(ours) for _ in range(rows)], [MimiStream(reference) for _ in range(rows)]
+    rng = np.random.default_rng(rows)
+    for frames in (2, 6, 3):
+        codes = list(rng.integers(0, 2048, size=(rows, 32, frames)).astype(np.int32))
+        for got, want in zip(decode_streams(mine, codes), decode_streams(theirs, codes)):
+            assert got.shape == (frames * 1920,) and np.array_equal(got, want)
+            assert np.abs(got).max() > 0
+
+
+def test_the_next_cache_bucket_is_traced_ahead_of_need(engine, voices, monkeypatch):
+    """A compiled frame meets a new shape when the rows outgrow the cache's bucket; the loop traces it a few
+    frames ahead, right after a launch, not when the row needs it. (A spy stands in for the compile: the
+    frames themselves run the engine's own uncompiled FrameStep.)"""
+    step, calls = engine.frame_step, []
+
+    class Spy:
+        compiled = True
+
+        def __call__(self, *args):
+            return step(*args)
+
+        def prepare(self, rows, joining, capacity):
+            calls.append((rows, joining, capacity, scheduler._kv.capacity, int(scheduler._kv.lengths.max())))
+            return True
+
+    monkeypatch.setattr(engine, "frame_step", Spy())
+    scheduler = BatchScheduler(engine, 1)
+    posts: list = []
+    request = SynthesisRequest(["Hi."], voices.resolve("fast"), seed=1, max_frames_per_chunk=2 * CAPACITY_STEP)
+    scheduler.add(GenerationJob(request, posts.append))
+    prompt = None
+    while scheduler.active and not calls:
+        scheduler.step()
+        if prompt is None and scheduler.rows:
+            prompt = int(scheduler._kv.lengths[0])
+    rows, joining, capacity, had, length = calls[0]
+    assert (rows, joining, capacity, had) == (1, 0, 2 * CAPACITY_STEP, CAPACITY_STEP)
+    assert length + 1 + BUCKET_LOOKAHEAD > CAPACITY_STEP >= length + BUCKET_LOOKAHEAD  # the first frame it could
+    assert prompt < CAPACITY_STEP - BUCKET_LOOKAHEAD  # so it started in the first bucket
+
+
+def test_prepare_traces_without_evaluating(engine):
+    compiled = frame.FrameStep(engine.model, compiled=True)
+    before = mx.get_active_memory()
+    assert compiled.prepare(2, 1, 2 * CAPACITY_STEP) and (2, 1, 2 * CAPACITY_STEP) in compiled.shapes
+    assert not compiled.prepare(2, 1, 2 * CAPACITY_STEP)  # once per shape
+    assert compiled.prepare(0, 3, CAPACITY_STEP) and (0, 3, 0) in compiled.shapes  # a batch starting
+    assert mx.get_active_memory() <= before + (1 << 20)  # nothing computed: no cache of 512 positions made
+    assert not frame.FrameStep(engine.model, compiled=False).prepare(1, 0, CAPACITY_STEP)
