@@ -30,6 +30,54 @@ from typing import Optional
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx_audio.lm.models.activations import swiglu
+
+
+class FrameWeights:
+    """What the frame reads besides the model's own modules, made once per loaded model: RoPE tables in the
+    interleaved form, each plain linear layer's weight as its transposed view (`linear`), each codebook's
+    head as a view of `audio_head`, and each codebook's first row in the embedding table. Views of the
+    weights, evaluated once: the graph of a frame then holds no transpose or slice of them (each such view is
+    a node the host builds, or a compiled call replays, every frame), and the matmuls read the very arrays
+    they read before."""
+
+    def __init__(self, model):
+        # The dtype activations have (quantized layers too): `audio_head` is a plain array of the model's dtype.
+        self.dtype = model.audio_head.dtype
+        self.backbone_tables = rope_tables(model.backbone.layers[0].self_attn.rope, self.dtype)
+        self.decoder_tables = rope_tables(model.decoder.layers[0].self_attn.rope, self.dtype)
+        self.offsets = mx.arange(model.args.audio_num_codebooks, dtype=mx.int32) * model.args.audio_vocab_size
+        self.heads = [model.audio_head[i] for i in range(model.audio_head.shape[0])]
+        # The depth decoder's positions are the same every frame: its RoPE rows per step, as views made once.
+        cos, sin = self.decoder_tables
+        starts = [(0, 2)] + [(start, start + 1) for start in range(2, model.args.audio_num_codebooks + 1)]
+        self.decoder_steps = {
+            start: (cos[start:end][None, :, None], sin[start:end][None, :, None]) for start, end in starts
+        }
+        self._transposed = {
+            id(module): module.weight.T
+            for _, module in model.named_modules()
+            if type(module) is nn.Linear and "bias" not in module
+        }
+        mx.eval(
+            self.backbone_tables,
+            self.decoder_steps,
+            self.offsets,
+            self.heads,
+            list(self._transposed.values()),
+        )
+
+    def linear(self, layer, x: mx.array, rows: Optional[int] = None) -> mx.array:
+        """`layer(x)` for x (B * S, D): `x @ weight.T` as nn.Linear computes it (its matmul flattens the (B, S,
+        D) it was given to (B * S, D) itself), on the weight's transposed view made once. A quantized layer
+        is called as it is, on x shaped as the loop before gave it: (rows, S, D), or as it comes without
+        `rows`."""
+        transposed = self._transposed.get(id(layer))
+        if transposed is not None:
+            return x @ transposed
+        if rows is None:
+            return layer(x)
+        return layer(x.reshape(rows, -1, x.shape[-1])).reshape(x.shape[0], -1)
 
 
 def rope_tables(rope, dtype) -> tuple[mx.array, mx.array]:
@@ -41,72 +89,81 @@ def rope_tables(rope, dtype) -> tuple[mx.array, mx.array]:
     return cos[..., None], mx.stack([-sin, sin], axis=-1)
 
 
-def rope(x: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
-    """Llama3ScaledRoPE on interleaved pairs: x (B, S, H, D), cos (B|1, S, 1, D/2, 1), sin (B|1, S, 1, D/2, 2)."""
-    pairs = x.reshape(*x.shape[:-1], -1, 2)
-    return (pairs * cos + pairs[..., ::-1] * sin).reshape(x.shape)
+def rope(pairs: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
+    """Llama3ScaledRoPE on interleaved pairs: pairs (B, S, H, D/2, 2), cos (B|1, S, 1, D/2, 1), sin (B|1, S, 1,
+    D/2, 2) -> (B, S, H, D)."""
+    rotated = pairs * cos + pairs[..., ::-1] * sin
+    return rotated.reshape(*rotated.shape[:3], -1)
 
 
-def backbone_math(backbone, tables, h: mx.array, positions: mx.array, keys: list, values: list):
-    """One new position per row through the backbone: h (B, 1, D), positions (B,), the cache's keys and values
+def _attention_inputs(weights, attn, y: mx.array, rows: int, length: int, cos, sin):
+    """q, k, v (B, heads, S, head_dim) of rows y (B * S, D), q and k rotated."""
+    pairs = (rows, length, -1, attn.head_dim // 2, 2)
+    q = rope(weights.linear(attn.q_proj, y, rows).reshape(pairs), cos, sin).swapaxes(1, 2)
+    k = rope(weights.linear(attn.k_proj, y, rows).reshape(pairs), cos, sin).swapaxes(1, 2)
+    v = weights.linear(attn.v_proj, y, rows).reshape(rows, length, -1, attn.head_dim).swapaxes(1, 2)
+    return q, k, v
+
+
+def _attention_out_and_mlp(weights, layer, x: mx.array, out: mx.array, rows: int) -> mx.array:
+    """The layer's rest on x (B * S, D): attention output projected and added, then the MLP (SwiGLU)."""
+    x = x + weights.linear(layer.self_attn.o_proj, out.swapaxes(1, 2).reshape(x.shape[0], -1), rows)
+    y, mlp = layer.post_attention_layernorm(x), layer.mlp
+    gated = swiglu(weights.linear(mlp.gate_proj, y, rows), weights.linear(mlp.up_proj, y, rows))
+    return x + weights.linear(mlp.down_proj, gated, rows)
+
+
+def backbone_math(backbone, weights, h: mx.array, positions: mx.array, keys: list, values: list):
+    """One new position per row through the backbone: h (B, D), positions (B,), the cache's keys and values
     per layer (B, kv_heads, capacity, head_dim) -> (the last hidden state (B, D), keys and values with each
     row's position written). mlx-audio's attention takes one offset for the whole batch; here every row has
     its own position, its own write into the cache and its own mask."""
     rows, capacity = h.shape[0], keys[0].shape[2]
     mask = (mx.arange(capacity)[None, :] <= positions[:, None]).reshape(rows, 1, 1, capacity)
     write_at = positions.reshape(rows, 1, 1, 1)
-    cos, sin = (t[positions][:, None, None] for t in tables)
+    cos, sin = (t[positions][:, None, None] for t in weights.backbone_tables)
     keys, values = list(keys), list(values)
     for i, layer in enumerate(backbone.layers):
         attn = layer.self_attn
-        x = layer.input_layernorm(h)
-        q = rope(attn.q_proj(x).reshape(rows, 1, attn.n_heads, attn.head_dim), cos, sin).swapaxes(1, 2)
-        k = rope(attn.k_proj(x).reshape(rows, 1, attn.n_kv_heads, attn.head_dim), cos, sin).swapaxes(1, 2)
-        v = attn.v_proj(x).reshape(rows, 1, attn.n_kv_heads, attn.head_dim).swapaxes(1, 2)
+        q, k, v = _attention_inputs(weights, attn, layer.input_layernorm(h), rows, 1, cos, sin)
         index = mx.broadcast_to(write_at, k.shape)
         keys[i] = mx.put_along_axis(keys[i], index, k.astype(keys[i].dtype), axis=2)
         values[i] = mx.put_along_axis(values[i], index, v.astype(values[i].dtype), axis=2)
         out = mx.fast.scaled_dot_product_attention(q, keys[i], values[i], scale=attn.scale, mask=mask)
-        h = h + attn.o_proj(out.swapaxes(1, 2).reshape(rows, 1, -1))
-        h = h + layer.mlp(layer.post_attention_layernorm(h))
-    return backbone.norm(h)[:, -1, :], keys, values
+        h = _attention_out_and_mlp(weights, layer, h, out, rows)
+    return backbone.norm(h), keys, values
 
 
-def decoder_math(decoder, tables, x: mx.array, cache: list, start: int) -> mx.array:
-    """The depth decoder on x (B, S, D) at positions start..start+S-1 (S is 2 on a frame's first step, 1
-    after), its cache a fixed [keys, values] array pair per layer written in place: mlx-audio's LlamaModel with
-    its KVCache, operation for operation."""
-    rows, length = x.shape[0], x.shape[1]
+def decoder_math(decoder, weights, x: mx.array, rows: int, cache: list, start: int) -> mx.array:
+    """The depth decoder on rows x (B * S, D), each row's S positions start..start+S-1 (S is 2 on a frame's
+    first step, 1 after), its cache a fixed [keys, values] array pair per layer written in place: mlx-audio's
+    LlamaModel with its KVCache, operation for operation -> the last position's state (B, D)."""
+    length = x.shape[0] // rows
     end = start + length
-    cos, sin = (t[start:end][None, :, None] for t in tables)
+    cos, sin = weights.decoder_steps[start]
     mask = "causal" if length > 1 else None  # as mlx-audio's cache makes it
     for layer, kv in zip(decoder.layers, cache):
         attn = layer.self_attn
-        y = layer.input_layernorm(x)
-        q = rope(attn.q_proj(y).reshape(rows, length, attn.n_heads, attn.head_dim), cos, sin).swapaxes(1, 2)
-        k = rope(attn.k_proj(y).reshape(rows, length, -1, attn.head_dim), cos, sin).swapaxes(1, 2)
-        v = attn.v_proj(y).reshape(rows, length, -1, attn.head_dim).swapaxes(1, 2)
+        q, k, v = _attention_inputs(weights, attn, layer.input_layernorm(x), rows, length, cos, sin)
         kv[0][..., start:end, :] = k
         kv[1][..., start:end, :] = v
         out = mx.fast.scaled_dot_product_attention(
             q, kv[0][..., :end, :], kv[1][..., :end, :], scale=attn.scale, mask=mask
         )
-        x = x + attn.o_proj(out.swapaxes(1, 2).reshape(rows, length, -1))
-        x = x + layer.mlp(layer.post_attention_layernorm(x))
-    return decoder.norm(x)
+        x = _attention_out_and_mlp(weights, layer, x, out, rows)
+    x = decoder.norm(x)
+    return x if length == 1 else x.reshape(rows, length, -1)[:, -1, :]
 
 
-def embed_frame(model, codes: mx.array, offsets: Optional[mx.array] = None) -> mx.array:
-    """The backbone input for each row's previous frame: codes (B, K) -> (B, 1, D), text column masked.
-    `offsets`: each codebook's first row in the embedding table (K,), made once (else made here)."""
-    if offsets is None:
-        offsets = mx.arange(codes.shape[1], dtype=mx.int32) * model.args.audio_vocab_size
-    return model.audio_embeddings(codes + offsets).sum(axis=1, keepdims=True)
+def embed_frame(model, codes: mx.array, offsets: mx.array) -> mx.array:
+    """The backbone input for each row's previous frame: codes (B, K) -> (B, D), text column masked.
+    `offsets`: each codebook's first row in the embedding table (K,) (FrameWeights.offsets)."""
+    return model.audio_embeddings(codes + offsets).sum(axis=1)
 
 
 def embed_code(model, codebook: int, tokens: mx.array) -> mx.array:
-    """mlx-audio's `_embed_audio`: codebook `codebook`'s embedding of tokens (B, 1) -> (B, 1, D), read from
-    that codebook's rows of the table (a view) rather than offsetting every token (one kernel fewer)."""
+    """mlx-audio's `_embed_audio`: codebook `codebook`'s embedding of tokens (B,) -> (B, D), read from that
+    codebook's rows of the table (a view) rather than offsetting every token (one kernel fewer)."""
     table = model.audio_embeddings
     if not isinstance(table, nn.Embedding):  # quantized: its rows are not plain rows
         return model._embed_audio(codebook, tokens)
@@ -114,13 +171,12 @@ def embed_code(model, codebook: int, tokens: mx.array) -> mx.array:
     return table.weight[codebook * vocab : (codebook + 1) * vocab][tokens]
 
 
-def sample(logits: mx.array, noise: mx.array, inv_temperature: mx.array, top_k: mx.array) -> mx.array:
+def sample(logits: mx.array, noise: mx.array, inv_temperature: mx.array, kth: mx.array) -> mx.array:
     """Top-k sampling per row with that row's Gumbel noise: argmax(top-k(logits) / T + g), as uint32 (the
-    caller casts the frame's codes once). The k-th largest logit is found in the logits' own dtype (an
-    exact cast to float32 keeps every value and their order), so the cast joins the fused elementwise
-    group instead of being a kernel of its own."""
-    vocab = logits.shape[-1]
-    threshold = mx.take_along_axis(mx.sort(logits, axis=-1), vocab - top_k, axis=-1).astype(mx.float32)
+    caller casts the frame's codes once); `kth` (B, 1) is vocab - top_k, the k-th largest logit's place once
+    sorted. It is found in the logits' own dtype (an exact cast to float32 keeps every value and their
+    order), so the cast joins the fused elementwise group instead of being a kernel of its own."""
+    threshold = mx.take_along_axis(mx.sort(logits, axis=-1), kth, axis=-1).astype(mx.float32)
     logits = logits.astype(mx.float32)
     logits = mx.where(logits >= threshold, logits, -mx.inf)
     return mx.argmax(logits * inv_temperature + noise, axis=-1)
@@ -137,25 +193,26 @@ def draw_noise(keys: mx.array, codebooks: int, vocab: int) -> tuple[mx.array, mx
     return mx.vmap(one)(keys)
 
 
-# `next_input(i, logits)`: codebook i's logits (B, V) -> the depth decoder's next input (B, 1, D), the
-# embedding of the code sampled from them (None after the last codebook).
+# `next_input(i, logits)`: codebook i's logits (B, V) -> the depth decoder's next input (B, D), the embedding
+# of the code sampled from them (None after the last codebook).
 NextInput = Callable[[int, mx.array], Optional[mx.array]]
 
 
-def depth_frame(model, tables, last: mx.array, next_input: NextInput) -> None:
+def depth_frame(model, weights: FrameWeights, last: mx.array, next_input: NextInput) -> None:
     """The depth decoder's frame: codebook 0's logits from the backbone state `last` (B, D), then 31 steps,
     each fed the embedding of the code sampled before it. Sampling is `next_input`'s (the frame samples; the
     kernel counter substitutes inputs it made)."""
-    codebooks = model.args.audio_num_codebooks
-    x = mx.concatenate([last[:, None, :], next_input(0, model.codebook0_head(last))], axis=1)
+    codebooks, rows = model.args.audio_num_codebooks, last.shape[0]
+    # The first step's two positions per row: the backbone state, then codebook 0's embedding.
+    x = mx.stack([last, next_input(0, weights.linear(model.codebook0_head, last))], axis=1).reshape(2 * rows, -1)
     attn = model.decoder.layers[0].self_attn
-    shape = (last.shape[0], attn.n_kv_heads, codebooks + 1, attn.head_dim)
+    shape = (rows, attn.n_kv_heads, codebooks + 1, attn.head_dim)
     cache = [[mx.zeros(shape, last.dtype), mx.zeros(shape, last.dtype)] for _ in model.decoder.layers]
     start = 0
     for i in range(1, codebooks):
-        out = decoder_math(model.decoder, tables, model.projection(x), cache, start)
-        start += x.shape[1]
-        x = next_input(i, out[:, -1, :] @ model.audio_head[i - 1])
+        out = decoder_math(model.decoder, weights, weights.linear(model.projection, x, rows), rows, cache, start)
+        start += x.shape[0] // rows
+        x = next_input(i, out @ weights.heads[i - 1])
 
 
 class FrameStep:
@@ -164,7 +221,7 @@ class FrameStep:
 
     Call: prev (B0, K) codes of the rows that generated last frame or None, positions (B0,), the backbone's
     keys and values per layer for those rows, joined [(1, D)] last hidden states of rows joining from their
-    prefill (possibly none), rng (B0 + B1, 2) keys, inv_temperature and top_k (B0 + B1, 1) ->
+    prefill (possibly none), rng (B0 + B1, 2) keys, inv_temperature and kth (vocab - top_k) (B0 + B1, 1) ->
     (codes (B0 + B1, K), next rng, keys, values).
 
     A shape met for the first time is traced and compiled in that call (~0.1-0.2 s for CSM-1B on this
@@ -174,19 +231,14 @@ class FrameStep:
     def __init__(self, model, compiled: bool):
         self.model = model
         self.compiled = compiled
-        # The dtype activations have (quantized layers too): `audio_head` is a plain array of the model's dtype.
-        self.dtype = model.audio_head.dtype
-        self.backbone_tables = rope_tables(model.backbone.layers[0].self_attn.rope, self.dtype)
-        self.decoder_tables = rope_tables(model.decoder.layers[0].self_attn.rope, self.dtype)
-        self.offsets = mx.arange(model.args.audio_num_codebooks, dtype=mx.int32) * model.args.audio_vocab_size
-        mx.eval(*self.backbone_tables, *self.decoder_tables, self.offsets)
+        self.weights = FrameWeights(model)
         self._fn = mx.compile(self._frame) if compiled else self._frame
         self.shapes: set[tuple[int, int, int]] = set()  # (rows, joining, capacity) traced so far
 
-    def __call__(self, prev, positions, keys, values, joined, rng, inv_temperature, top_k):
+    def __call__(self, prev, positions, keys, values, joined, rng, inv_temperature, kth):
         rows = 0 if prev is None else prev.shape[0]
         self.shapes.add((rows, len(joined), keys[0].shape[2] if rows else 0))
-        return self._fn(prev, positions, keys, values, joined, rng, inv_temperature, top_k)
+        return self._fn(prev, positions, keys, values, joined, rng, inv_temperature, kth)
 
     def prepare(self, rows: int, joining: int, capacity: int) -> bool:
         """Trace and compile the frame for `rows` generating, `joining` joining and the cache's `capacity` now,
@@ -196,35 +248,36 @@ class FrameStep:
             return False
         attn = self.model.backbone.layers[0].self_attn
         cache = (rows, attn.n_kv_heads, capacity, attn.head_dim)
-        layers = len(self.model.backbone.layers)
+        layers, dtype = len(self.model.backbone.layers), self.weights.dtype
         width = self.model.backbone.norm.weight.shape[0]
         batch = rows + joining
         self(
             mx.zeros((rows, self.model.args.audio_num_codebooks), mx.int32) if rows else None,
             mx.zeros((rows,), mx.int32) if rows else None,
-            [mx.zeros(cache, self.dtype) for _ in range(layers)] if rows else None,
-            [mx.zeros(cache, self.dtype) for _ in range(layers)] if rows else None,
-            [mx.zeros((1, width), self.dtype) for _ in range(joining)],
+            [mx.zeros(cache, dtype) for _ in range(layers)] if rows else None,
+            [mx.zeros(cache, dtype) for _ in range(layers)] if rows else None,
+            [mx.zeros((1, width), dtype) for _ in range(joining)],
             mx.zeros((batch, 2), mx.uint32),
             mx.zeros((batch, 1), mx.float32),
             mx.zeros((batch, 1), mx.int32),
         )
         return True
 
-    def _frame(self, prev, positions, keys, values, joined, rng, inv_temperature, top_k):
-        model, args = self.model, self.model.args
+    def _frame(self, prev, positions, keys, values, joined, rng, inv_temperature, kth):
+        model, args, weights = self.model, self.model.args, self.weights
         hidden = list(joined)
         if prev is not None:
-            h = embed_frame(model, prev, self.offsets)
-            last, keys, values = backbone_math(model.backbone, self.backbone_tables, h, positions, keys, values)
+            h = embed_frame(model, prev, weights.offsets)
+            last, keys, values = backbone_math(model.backbone, weights, h, positions, keys, values)
             hidden.insert(0, last)
         last = mx.concatenate(hidden) if len(hidden) > 1 else hidden[0]
         noise, rng = draw_noise(rng, args.audio_num_codebooks, args.audio_vocab_size)
+        noise = mx.split(noise, args.audio_num_codebooks, axis=1)  # one node for the 32 codebooks' views
         codes: list[mx.array] = []
 
         def next_input(i: int, logits: mx.array) -> Optional[mx.array]:
-            codes.append(sample(logits, noise[:, i], inv_temperature, top_k))
-            return embed_code(model, i, codes[-1][:, None]) if i + 1 < args.audio_num_codebooks else None
+            codes.append(sample(logits, noise[i].squeeze(1), inv_temperature, kth))
+            return embed_code(model, i, codes[-1]) if i + 1 < args.audio_num_codebooks else None
 
-        depth_frame(model, self.decoder_tables, last, next_input)
+        depth_frame(model, weights, last, next_input)
         return mx.stack(codes, axis=1).astype(mx.int32), rng, keys, values

@@ -1,13 +1,13 @@
 """Continuous batching: requests join and leave one batched forward pass between frames.
 
-Every step computes one frame for every request in the batch: the rows already generating take one
-backbone step together; rows that start a text chunk (a new request, or the next chunk of one already in
-the batch) are prefilled on their own and join; then one depth-decoder pass samples all 32 codebooks for
-every row at once, all of it one function (frame.py) the scheduler calls once per frame. While rows are generating, a joining prompt is prefilled at most PREFILL_STEP_POSITIONS
-per step, so a long context joining never stalls the streams already running for more than that. Each
-request keeps its own backbone cache row, PRNG key, stop rule, frame cap, Mimi state and output (see
-session.py), so a request that ends, fails or is cancelled leaves without disturbing the others. It all runs
-on the replica's one MLX thread (worker.py).
+Every step computes one frame for every request in the batch: the rows already generating take one backbone
+step together; rows that start a text chunk (a new request, or the next chunk of one already in the batch)
+are prefilled on their own and join; then one depth-decoder pass samples all 32 codebooks for every row at
+once, all of it one function (frame.py) the scheduler calls once per frame. While rows are generating, a
+joining prompt is prefilled at most PREFILL_STEP_POSITIONS per step, so a long context joining never stalls
+the streams already running for more than that. Each request keeps its own backbone cache row, PRNG key,
+stop rule, frame cap, Mimi state and output (see session.py), so a request that ends, fails or is cancelled
+leaves without disturbing the others. It all runs on the replica's one MLX thread (worker.py).
 
 The loop is pipelined, as mlx-lm's generator is: a step first builds and launches the next frame
 (`mx.async_eval`) on the codes of the frame still in flight, which stay on the device, and only then reads
@@ -96,8 +96,8 @@ class BatchScheduler:
         self._kv = BatchKV(len(engine.model.backbone.layers))
         self._last = None  # the rows' newest frame (rows, K), on the device
         self._in_flight: Optional[LaunchedFrame] = None  # launched, not read yet (pipelined)
-        # The rows' PRNG keys (rows, 2), inverse temperatures and top-k for the next launch: kept on the device
-        # from frame to frame while the rows stay the same, made again from the sessions when they change.
+        # The rows' PRNG keys (rows, 2), inverse temperatures and top-k places (vocab - top_k) for the next
+        # launch: kept on the device while the rows stay the same, made again from the sessions when they change.
         self._sampling: Optional[tuple[mx.array, mx.array, mx.array]] = None
         self.stats = LoopStats()
         self.trace: Optional[Callable[[list], None]] = None  # the benchmark's look at each launched graph
@@ -227,9 +227,9 @@ class BatchScheduler:
             self._sampling = (
                 mx.stack([s.key for s in self.rows]),
                 mx.array([[s.inv_temperature] for s in self.rows], dtype=mx.float32),
-                mx.array([[s.top_k] for s in self.rows], dtype=mx.int32),
+                mx.array([[self.engine.vocab_size - s.top_k] for s in self.rows], dtype=mx.int32),  # kth
             )
-        rng, inv_temperature, top_k = self._sampling
+        rng, inv_temperature, kth = self._sampling
         kv = self._kv
         self._last, rng, keys, values = self.engine.frame_step(
             self._last if generating else None,
@@ -239,13 +239,13 @@ class BatchScheduler:
             joined,
             rng,
             inv_temperature,
-            top_k,
+            kth,
         )
         if generating:
             kv.keys, kv.values, kv.lengths = keys, values, kv.lengths + 1
         for cache in caches:
             kv.add(cache)
-        self._sampling = (rng, inv_temperature, top_k)
+        self._sampling = (rng, inv_temperature, kth)
         for i, session in enumerate(self.rows):
             session.advance(rng[i])
         return [self._last, rng, *kv.keys, *kv.values]

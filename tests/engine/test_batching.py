@@ -144,12 +144,12 @@ def test_batched_backbone_step_matches_mlx_audio_backbone(tiny_checkpoint, voice
     for _ in range(3):
         codes = mx.array(rng.integers(0, 2048, size=(2, k)), dtype=mx.int32)
         kv.prepare_step()
-        tables = engine.frame_step.backbone_tables
-        h = embed_frame(model, codes)
-        ours, kv.keys, kv.values = backbone_math(model.backbone, tables, h, mx.array(kv.lengths), kv.keys, kv.values)
+        weights = engine.frame_step.weights
+        h = embed_frame(model, codes, weights.offsets)
+        ours, kv.keys, kv.values = backbone_math(model.backbone, weights, h, mx.array(kv.lengths), kv.keys, kv.values)
         kv.lengths = kv.lengths + 1
         for row, cache in enumerate(reference):
-            h = embed_frame(model, codes[row : row + 1])
+            h = embed_frame(model, codes[row : row + 1], weights.offsets)[:, None, :]
             theirs = model.backbone(h, cache=cache)[:, -1, :]
             np.testing.assert_allclose(np.array(ours[row]), np.array(theirs[0]), rtol=1e-4, atol=1e-4)
     assert list(kv.lengths) == [cache[0].offset for cache in reference]

@@ -1,7 +1,11 @@
 """The frame as the loop computed it before the one-function frame (commit a1c44ca's engine/batch.py), kept
 to prove the new one computes the same bits: mlx-audio's RoPE with its stack, mlx-audio's depth decoder with
 its own KVCache, each row's noise drawn on its own, the backbone step and the depth decoder as two calls.
-`ReferenceFrameStep` takes FrameStep's arguments, so the scheduler runs either."""
+`ReferenceFrameStep` takes FrameStep's arguments, so the scheduler runs either.
+
+`python -m tests.support.reference_frame CHECKPOINT` prints, for the old frame and the new, compiled and not,
+at batch 1 and 4: the kernels a GPU launches per steady frame (Mimi excluded) and the host's median time to
+build that frame's graph (README, Performance: the before/after table)."""
 
 from __future__ import annotations
 
@@ -88,7 +92,8 @@ class ReferenceFrameStep:
         noise, keys = draw_noise(keys, args.audio_num_codebooks, args.audio_vocab_size)
         return frame_codes(self.model, last, noise, inv_temperature, top_k), keys
 
-    def __call__(self, prev, positions, keys, values, joined, rng, inv_temperature, top_k):
+    def __call__(self, prev, positions, keys, values, joined, rng, inv_temperature, kth):
+        top_k = self.model.args.audio_vocab_size - kth  # FrameStep takes the k-th place, the old loop top-k
         hidden = []
         if prev is not None:
             last, keys, values = self._backbone(embed_frame(self.model, prev), positions, keys, values)
@@ -97,3 +102,48 @@ class ReferenceFrameStep:
         row_keys = [rng[i] for i in range(rng.shape[0])]
         codes, row_keys = self._decoder(mx.concatenate(hidden), row_keys, inv_temperature, top_k)
         return codes, mx.stack(row_keys), keys, values
+
+
+def main(checkpoint: str) -> None:
+    import json
+    import statistics
+    import time
+
+    from serve_app.core.settings import Settings
+    from serve_app.engine.frame import FrameStep
+    from serve_app.model.loading import load_engine
+    from serve_app.tools.bench import kernels
+    from serve_app.tools.bench.frame_kernels import _flat, steady_inputs
+
+    engine = load_engine(Settings(model_id=checkpoint, mlx_compile="off"))
+    out = {}
+    for name, cls in (("before", ReferenceFrameStep), ("after", FrameStep)):
+        for compiled in (False, True):
+            for batch in (1, 4):
+                inputs = steady_inputs(engine, batch)
+                with kernels.gpu_fast_ops():
+                    names = kernels.primitives(_flat(cls(engine.model, compiled)(*inputs)))
+                step = cls(engine.model, compiled)
+                step(*inputs)  # traced (compiled) once, untimed
+                times = []
+                for _ in range(30):
+                    started = time.perf_counter()
+                    step(*inputs)
+                    times.append(time.perf_counter() - started)
+                out[f"{name} compiled={compiled} batch={batch}"] = {
+                    "frame_kernels": kernels.kernels(names),
+                    "graph_nodes": len(names),
+                    "graph_build_ms": round(1000 * statistics.median(times), 2),
+                }
+                print(
+                    json.dumps(
+                        {f"{name} compiled={compiled} batch={batch}": out[f"{name} compiled={compiled} batch={batch}"]}
+                    ),
+                    flush=True,
+                )
+
+
+if __name__ == "__main__":
+    import sys
+
+    main(sys.argv[1])

@@ -19,9 +19,10 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from serve_app.engine.batch import CAPACITY_STEP
-from serve_app.engine.codec import MimiStream, decode_graph
-from serve_app.engine.frame import FrameStep, backbone_math, depth_frame, draw_noise, embed_code, embed_frame, sample
 from serve_app.tools.bench import kernels
+
+# (engine.frame and codec.decode_graph are imported where used: `count_launched` also runs on a baseline tree
+# from before them, `python -m serve_app.tools.bench.loop --baseline`.)
 
 POSITION = 100  # where the rows are in the backbone's cache (any position of the first capacity bucket)
 
@@ -43,7 +44,7 @@ def steady_inputs(engine, batch: int, capacity: int = CAPACITY_STEP) -> tuple:
         [],
         mx.stack([mx.random.key(i) for i in range(batch)]),
         mx.ones((batch, 1), dtype=mx.float32),
-        mx.full((batch, 1), 50, dtype=mx.int32),
+        mx.full((batch, 1), engine.vocab_size - 50, dtype=mx.int32),  # kth: top-k 50
     )
     mx.eval(args)
     return args
@@ -61,9 +62,19 @@ def _flat(tree) -> list[mx.array]:
 def count_frame(engine, batch: int) -> dict:
     """The steady frame's kernels in all, by component, and by primitive (fused groups as `Compiled`), compiled
     as the engine's frame is."""
+    from serve_app.engine.frame import (
+        FrameStep,
+        backbone_math,
+        depth_frame,
+        draw_noise,
+        embed_code,
+        embed_frame,
+        sample,
+    )
+
     model, args, compiled = engine.model, engine.model.args, engine.frame_step.compiled
     codebooks, vocab = args.audio_num_codebooks, args.audio_vocab_size
-    prev, positions, keys, values, joined, rng, inv_temperature, top_k = inputs = steady_inputs(engine, batch)
+    prev, positions, keys, values, joined, rng, inv_temperature, kth = inputs = steady_inputs(engine, batch)
     with kernels.gpu_fast_ops():
         step = FrameStep(model, compiled)  # traced here, with the fast ops as a GPU runs them
         outputs = _flat(step(*inputs))
@@ -71,10 +82,11 @@ def count_frame(engine, batch: int) -> dict:
         total, primitives = kernels.kernels(names), kernels.by_primitive(outputs)
         # Each component alone, on evaluated inputs of its shapes.
         last = mx.zeros((batch, model.backbone.norm.weight.shape[0]), dtype=model.audio_head.dtype)
-        embedded = [embed_code(model, i, prev[:, i : i + 1]) for i in range(codebooks - 1)]
+        weights = step.weights
+        embedded = [embed_code(model, i, prev[:, i]) for i in range(codebooks - 1)]
         logits = [mx.zeros((batch, vocab), dtype=model.audio_head.dtype) for _ in range(codebooks)]
         noise, _ = draw_noise(rng, codebooks, vocab)
-        h = embed_frame(model, prev, step.offsets)
+        h = embed_frame(model, prev, weights.offsets)
         mx.eval(last, embedded, logits, noise, h)
 
         def depth(last, embedded):
@@ -84,20 +96,20 @@ def count_frame(engine, batch: int) -> dict:
                 seen.append(out)
                 return embedded[i] if i < len(embedded) else None
 
-            depth_frame(model, step.decoder_tables, last, next_input)
+            depth_frame(model, weights, last, next_input)
             return seen
 
         components = {
             "embeddings": _counted(
                 lambda prev: (
-                    [embed_frame(model, prev, step.offsets)]
-                    + [embed_code(model, i, prev[:, i : i + 1]) for i in range(codebooks - 1)]
+                    [embed_frame(model, prev, weights.offsets)]
+                    + [embed_code(model, i, prev[:, i]) for i in range(codebooks - 1)]
                 ),
                 compiled,
                 prev,
             ),
             "backbone": _counted(
-                lambda h, p, k, v: backbone_math(model.backbone, step.backbone_tables, h, p, k, v),
+                lambda h, p, k, v: backbone_math(model.backbone, weights, h, p, k, v),
                 compiled,
                 h,
                 positions,
@@ -114,7 +126,7 @@ def count_frame(engine, batch: int) -> dict:
                 logits,
                 noise,
                 inv_temperature,
-                top_k,
+                kth,
             ),
         }
         mimi = count_mimi_group(engine, batch)
@@ -131,6 +143,8 @@ def count_frame(engine, batch: int) -> dict:
 
 def count_mimi_group(engine, batch: int) -> dict:
     """One steady group's Mimi decode for `batch` aligned streams (after a first group, as in a request)."""
+    from serve_app.engine.codec import MimiStream, decode_graph
+
     first, group = engine.options.first_group_frames, engine.options.group_frames
     streams = [MimiStream(engine.mimi_decoder) for _ in range(batch)]
     codes = np.random.default_rng(0).integers(0, 2048, size=(batch, engine.num_codebooks, first + group))
@@ -152,3 +166,63 @@ def graph_build_ms(engine, batch: int, repeats: int = 20) -> float:
         engine.frame_step(*inputs)
         times.append(time.perf_counter() - started)
     return round(1000 * statistics.median(times), 3)
+
+
+def count_launched(engine, batch: int) -> dict:
+    """Kernels per steady frame as the loop launches them, counted on a short run's own graphs (the last
+    launch's, with every row generating) and Mimi's share from its steady group decodes: the same counting
+    as `count_frame`, for any tree whose scheduler has a `trace` hook, the loop before the one-function
+    frame included (`--baseline`). The run evaluates stand-in graphs: its audio is not CSM's."""
+    from serve_app.core.messages import SynthesisRequest, VoiceParams
+    from serve_app.engine import codec
+    from serve_app.engine.scheduler import BatchScheduler, GenerationJob
+
+    launched, mimi = [], []
+    decode, launch = codec._decode_batch, mx.async_eval
+
+    def counted_decode(streams, codes):
+        steady = streams[0].frames > 0  # a first group restarts the streams' state: not the steady cost
+        if steady:
+            mx.async_eval = lambda *outputs: mimi.append((kernels.count(list(outputs)), codes.shape[-1]))
+        try:
+            return decode(streams, codes)
+        finally:
+            mx.async_eval = launch
+
+    with kernels.gpu_fast_ops():
+        for name, cls_args in _step_objects(engine).items():  # compiled functions traced inside the block
+            setattr(engine, name, cls_args[0](*cls_args[1:]))
+        codec._decode_batch = counted_decode
+        try:
+            scheduler = BatchScheduler(engine, batch)
+            scheduler.trace = lambda outputs: launched.append(kernels.count(outputs))
+            frames = engine.options.first_group_frames + engine.options.group_frames + 1
+            for seed in range(batch):
+                preset = VoiceParams(name="count")
+                request = SynthesisRequest(["Hello there."], preset, seed=seed, max_frames_per_chunk=frames)
+                scheduler.add(GenerationJob(request, lambda item: None))
+            while scheduler.active:
+                scheduler.step()
+        finally:
+            codec._decode_batch = decode
+            for name, cls_args in _step_objects(engine).items():  # back to compiled functions traced outside
+                setattr(engine, name, cls_args[0](*cls_args[1:]))
+    count, group = max(mimi, key=lambda m: m[1])
+    frame = int(statistics.median(launched[1:]))  # the first launch starts the batch (no backbone step)
+    return {
+        "kernels_per_frame": round(frame + count / group),
+        "frame_kernels": frame,
+        "mimi_group": {"frames": group, "kernels": count, "per_frame": round(count / group, 1)},
+    }
+
+
+def _step_objects(engine) -> dict:
+    """The engine's compiled-or-not frame objects, as (class, its arguments) to build anew: this tree's one
+    FrameStep, or the two calls of the loop before it."""
+    if hasattr(engine, "frame_step"):
+        return {"frame_step": (type(engine.frame_step), engine.model, engine.frame_step.compiled)}
+    compiled = engine.frame_decoder.compiled
+    return {
+        "frame_decoder": (type(engine.frame_decoder), engine.model, compiled),
+        "backbone_step": (type(engine.backbone_step), engine.model.backbone, compiled),
+    }

@@ -84,7 +84,7 @@ def loop_part(
     stats_kept = "pipeline" in Settings.model_fields  # the baseline commit's loop has no stats
     out = {
         "part": "loop",
-        "compiled": engine.frame_step.compiled,
+        "compiled": (getattr(engine, "frame_step", None) or engine.frame_decoder).compiled,  # a baseline's too
         "pipelined": pipeline and stats_kept,
         "frames": frames,
         "batches": {},
@@ -118,12 +118,10 @@ def loop_part(
 
 
 def _count(engine, batch: int) -> dict:
-    """The steady frame's kernels (frame_kernels.py); none for a baseline tree from before the counter."""
-    if not hasattr(engine, "frame_step"):
-        return {}
-    from serve_app.tools.bench.frame_kernels import count_frame
+    """The steady frame's kernels (frame_kernels.py): by component on this tree, as launched on a baseline's."""
+    from serve_app.tools.bench.frame_kernels import count_frame, count_launched
 
-    return count_frame(engine, batch)
+    return count_frame(engine, batch) if hasattr(engine, "frame_step") else count_launched(engine, batch)
 
 
 def reference_part(checkpoint: str, frames: int, repeats: int) -> dict:
@@ -191,8 +189,8 @@ def run(cmd: list[str], cwd: Path) -> dict:
 
 
 def baseline_tree(rev: str) -> Path:
-    """The baseline commit, checked out once in a worktree beside the repository's own, with this file added
-    (untracked) so the same loop harness runs on its engine."""
+    """The baseline commit, checked out once in a worktree beside the repository's own, with this harness and
+    its kernel counter written over its own (untracked) so the same loop harness runs on its engine."""
     sha = subprocess.run(
         ["git", "rev-parse", "--short", rev], cwd=PROJECT_ROOT, capture_output=True, text=True, check=True
     ).stdout.strip()
@@ -204,7 +202,10 @@ def baseline_tree(rev: str) -> Path:
             check=True,
             capture_output=True,
         )
-    (tree / "serve_app" / "bench" / "loop.py").write_text(Path(__file__).read_text())
+    bench = tree / "serve_app" / "tools" / "bench"
+    bench = bench if bench.is_dir() else tree / "serve_app" / "bench"  # the layout before the layers
+    for name in ("loop.py", "loop_report.py", "kernels.py", "frame_kernels.py"):
+        (bench / name).write_text((Path(__file__).parent / name).read_text())
     return tree
 
 
