@@ -9,7 +9,10 @@ same dtypes, so the same bits: tests/engine/test_frame_math.py runs it against t
 - One function, compiled (`mx.compile`) once per shape: the rows with a previous frame, the rows joining
   from their prefill, and the backbone cache's capacity bucket. Elementwise runs fuse into one kernel each
   across what used to be separate calls (embedding, backbone, depth decoder), and the host launches the
-  whole frame with one call instead of building ~18,000 primitives in Python.
+  whole frame with one call instead of building its graph op by op in Python.
+- The linear layers run on 2-D rows against their weights' transposed views, made once with the heads and
+  the depth decoder's RoPE rows (FrameWeights): no transpose, flatten or unflatten node per matmul for the
+  host to build every frame, and the matmuls read the very arrays they read before.
 - RoPE as two products and a sum on the interleaved pairs (the rotated pair is a view), instead of four
   products, a difference, a sum and a stack: `x_even*cos - x_odd*sin` is `x_even*cos + x_odd*(-sin)` to the
   bit, as negation is exact.

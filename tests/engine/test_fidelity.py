@@ -22,6 +22,7 @@ from serve_app.engine.runners import run_jobs
 from serve_app.engine.scheduler import END, GenerationJob
 from serve_app.engine.session import SpeechSession
 from serve_app.model.loading import load_engine
+from tests.support.generation import accepted_codes
 
 FRAMES = 12
 TEXTS = ["Hello there, friend.", "How are you today?"]
@@ -55,14 +56,7 @@ def mlx_audio_codes(engine: CSMEngine, voice: str, text: str) -> np.ndarray:
 
 def our_codes(engine: CSMEngine, voices, requests: list[tuple[str, str]], monkeypatch) -> list[np.ndarray]:
     """The codes each request's session accepts, the requests generating together in one batch."""
-    seen: dict[int, list] = {}
-    original = SpeechSession.accept
-
-    def record(session, codes):
-        seen.setdefault(id(session.request), []).append(codes.copy())
-        return original(session, codes)
-
-    monkeypatch.setattr(SpeechSession, "accept", record)
+    seen = accepted_codes(monkeypatch)
     built = [
         SynthesisRequest(
             [text], voices.resolve(voice).model_copy(update={"top_k": 1}), seed=i, max_frames_per_chunk=FRAMES

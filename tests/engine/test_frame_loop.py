@@ -8,33 +8,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from serve_app.core.messages import END, SynthesisRequest, Usage
 from serve_app.core.settings import Settings
 from serve_app.engine.codec import MimiStream, decode_streams
-from serve_app.engine.scheduler import BatchScheduler, GenerationJob
+from serve_app.engine.scheduler import BatchScheduler
 from serve_app.model.loading import load_engine
 from tests.support.backend import assert_same_pcm
 from tests.support.forcing import end_of_speech_at
+from tests.support.generation import generate
 from tests.support.reference_frame import ReferenceFrameStep
 
 CHUNKS = ["Hello there, how are you?", "Second chunk."]
-
-
-def generate(engine, voices, specs, pipelined=True, max_batch=4):
-    """Run (voice, chunks, seed, frames) requests together; each one's PCM bytes and Usage, and the loop."""
-    scheduler = BatchScheduler(engine, max_batch, pipelined=pipelined)
-    posts: list[list] = [[] for _ in specs]
-    for out, (voice, chunks, seed, frames) in zip(posts, specs):
-        request = SynthesisRequest(chunks, voices.resolve(voice), seed=seed, max_frames_per_chunk=frames)
-        scheduler.add(GenerationJob(request, out.append))
-    while scheduler.active:
-        scheduler.step()
-    for out in posts:
-        assert out[-1] is END, out[-1]
-    return [
-        (b"".join(i for i in out if isinstance(i, bytes)), next(i for i in out if isinstance(i, Usage)))
-        for out in posts
-    ], scheduler
 
 
 def test_pipelined_equals_unpipelined(engine, voices):

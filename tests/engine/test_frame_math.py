@@ -14,10 +14,10 @@ from serve_app.core.messages import SynthesisRequest, Usage
 from serve_app.engine import frame
 from serve_app.engine.batch import CAPACITY_STEP
 from serve_app.engine.codec import MimiDecoder, MimiStream, decode_streams
-from serve_app.engine.scheduler import BUCKET_LOOKAHEAD, END, BatchScheduler, GenerationJob
-from serve_app.engine.session import SpeechSession
+from serve_app.engine.scheduler import BUCKET_LOOKAHEAD, BatchScheduler, GenerationJob
 from tests.support import reference_frame
 from tests.support.forcing import end_of_speech_at
+from tests.support.generation import accepted_codes, generate
 
 # Four requests, two at a time: the third and fourth join while others generate; different voices, prompts,
 # temperatures, top-k and chunk counts.
@@ -31,32 +31,9 @@ SPECS = [
 
 def run(engine, voices, monkeypatch, specs, max_batch, pipelined=True) -> list[tuple[bytes, Usage, np.ndarray]]:
     """Each request's PCM, Usage and the codes its session accepted."""
-    seen: dict[int, list] = {}
-    accept = SpeechSession.accept
-
-    def record(session, codes):
-        seen.setdefault(id(session.request), []).append(codes.copy())
-        return accept(session, codes)
-
-    monkeypatch.setattr(SpeechSession, "accept", record)
-    scheduler = BatchScheduler(engine, max_batch, pipelined=pipelined)
-    posts: list[list] = [[] for _ in specs]
-    requests = []
-    for out, (voice, chunks, seed, frames) in zip(posts, specs):
-        requests.append(SynthesisRequest(chunks, voices.resolve(voice), seed=seed, max_frames_per_chunk=frames))
-        scheduler.add(GenerationJob(requests[-1], out.append))
-    while scheduler.active:
-        scheduler.step()
-    monkeypatch.setattr(SpeechSession, "accept", accept)
-    assert all(out[-1] is END for out in posts)
-    return [
-        (
-            b"".join(i for i in out if isinstance(i, bytes)),
-            next(i for i in out if isinstance(i, Usage)),
-            np.stack(seen[id(r)]),
-        )
-        for out, r in zip(posts, requests)
-    ]
+    seen, requests = accepted_codes(monkeypatch), []
+    outputs, _ = generate(engine, voices, specs, pipelined, max_batch, requests)
+    return [(pcm, usage, np.stack(seen[id(r)])) for (pcm, usage), r in zip(outputs, requests)]
 
 
 def with_reference(engine, monkeypatch) -> None:
