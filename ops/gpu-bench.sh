@@ -9,8 +9,8 @@
 #   device call 2, carry [".gpu/b"], at once (the machine stays warm ~30 s):  ops/gpu-bench.sh
 #
 # On any machine with MLX installed (CPU included) it runs as it is: `OUT=/tmp/out ops/gpu-bench.sh --tiny`
-# tries it end to end on the tiny checkpoint in well under a minute. FRAMES, REPEATS and COMPILE (off,on)
-# change the run.
+# tries it end to end on the tiny checkpoint in well under a minute. FRAMES, REPEATS, COMPILE (off,on) and
+# PIPELINES (on,off) change the run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
@@ -32,9 +32,9 @@ else
 fi
 export CACHE_DIR=${CACHE_DIR:-/tmp/sesame-tts-gpu-bench}  # the full-size checkpoint is written here once
 
-checkpoint=full frames=${FRAMES:-32} repeats=${REPEATS:-2} batches=1,4 extra=""
+checkpoint=full frames=${FRAMES:-32} repeats=${REPEATS:-2} batches=1,4
 if [ "${1:-}" = "--tiny" ]; then
-  checkpoint=tiny frames=${FRAMES:-3} repeats=${REPEATS:-1} batches=1,2 extra="--skip-reference"
+  checkpoint=tiny frames=${FRAMES:-3} repeats=${REPEATS:-1} batches=1,2
 fi
 
 "$PYTHON" - <<'PY' 2>&1 | tee -a "$log"
@@ -45,8 +45,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>
 
 say "loop benchmark: $checkpoint checkpoint, $frames frames x $repeats repeats, batches $batches"
 set -o pipefail
-# shellcheck disable=SC2086  # $extra is empty or one flag
 "$PYTHON" -m serve_app.tools.bench.loop --checkpoint "$checkpoint" --frames "$frames" --repeats "$repeats" \
-  --rounds 1 --batches "$batches" --compile "${COMPILE:-off,on}" --pipelines on,off --skip-engine-part $extra \
-  --out "$OUT/bench" 2>&1 | tee -a "$log"
+  --rounds 1 --batches "$batches" --compile "${COMPILE:-off,on}" --pipelines "${PIPELINES:-on,off}" \
+  --skip-engine-part --out "$OUT/bench" 2>&1 | tee -a "$log"
 say "done: $(find "$OUT/bench" -name 'loop-*.json' | head -1)"
