@@ -12,8 +12,9 @@ import pytest
 
 from serve_app.core.messages import SynthesisRequest, Usage
 from serve_app.engine import frame
-from serve_app.engine.batch import CAPACITY_STEP
+from serve_app.engine.batch import CAPACITY_STEP, bucket_for
 from serve_app.engine.codec import MimiDecoder, MimiStream, decode_streams
+from serve_app.engine.runners import compile_shapes
 from serve_app.engine.scheduler import BUCKET_LOOKAHEAD, BatchScheduler, GenerationJob
 from tests.support import reference_frame
 from tests.support.forcing import end_of_speech_at
@@ -143,3 +144,18 @@ def test_prepare_traces_without_evaluating(engine):
     assert compiled.prepare(0, 3, CAPACITY_STEP) and (0, 3, 0) in compiled.shapes  # a batch starting
     assert mx.get_active_memory() <= before + (1 << 20)  # nothing computed: no cache of 512 positions made
     assert not frame.FrameStep(engine.model, compiled=False).prepare(1, 0, CAPACITY_STEP)
+
+
+def test_warm_up_traces_every_shape_a_first_request_meets(engine):
+    """Batches starting with 1..MAX_BATCH_SIZE rows, rows joining any batch of the first bucket, and every
+    bucket up to the longest voice prompt with the longest chunk, at every batch size."""
+    most = engine.options.max_batch_size
+    shapes = compile_shapes(engine)
+    longest = max(len(tokens) for tokens in engine._prompts.values())
+    last = bucket_for(longest + engine.longest_chunk_positions() + 1)
+    assert {(0, n, CAPACITY_STEP) for n in range(1, most + 1)} <= set(shapes)
+    assert {(rows, most - rows, CAPACITY_STEP) for rows in range(1, most)} <= set(shapes)
+    assert {(rows, 0, last) for rows in range(1, most + 1)} <= set(shapes)
+    assert max(capacity for _, _, capacity in shapes) == last > CAPACITY_STEP
+    step = frame.FrameStep(engine.model, compiled=True)
+    assert sum(step.prepare(*shape) for shape in shapes) == len(shapes)  # each traced once, none evaluated
