@@ -169,8 +169,8 @@ def graph_build_ms(engine, batch: int, repeats: int = 20) -> float:
 
 
 def count_launched(engine, batch: int) -> dict:
-    """Kernels per steady frame as the loop launches them, counted on a short run's own graphs (the last
-    launch's, with every row generating) and Mimi's share from its steady group decodes: the same counting
+    """Kernels per steady frame as the loop launches them, counted on a short run's own graphs (the median
+    launch after the first, every row generating) and Mimi's share from its steady group decode: the same counting
     as `count_frame`, for any tree whose scheduler has a `trace` hook, the loop before the one-function
     frame included (`--baseline`). The run evaluates stand-in graphs: its audio is not CSM's."""
     from serve_app.core.messages import SynthesisRequest, VoiceParams
