@@ -227,8 +227,8 @@ class FrameStep:
     prefill (possibly none), rng (B0 + B1, 2) keys, inv_temperature and kth (vocab - top_k) (B0 + B1, 1) ->
     (codes (B0 + B1, K), next rng, keys, values).
 
-    A shape met for the first time is traced and compiled in that call (~0.1-0.2 s for CSM-1B on this
-    project's CPU, README Performance), so `prepare` does it ahead of need: at warm-up for the shapes a first
+    A shape met for the first time is traced and compiled in that call (~0.1 s for CSM-1B on this project's
+    CPU, README Performance), so `prepare` does it ahead of need: at warm-up for the shapes a first
     request meets, and in the loop for the next cache bucket while the device runs the frame in flight."""
 
     def __init__(self, model, compiled: bool):
