@@ -6,10 +6,10 @@ a few microseconds on Metal and tens of microseconds on MLX's CUDA backend, and 
 So the frame is written for few kernels, every value computed exactly as before (the same operations in the
 same dtypes, so the same bits: tests/engine/test_frame_math.py runs it against the loop it replaced):
 
-- One function, compiled (`mx.compile`) once per shape: the rows with a previous frame, the rows joining
-  from their prefill, and the backbone cache's capacity bucket. Elementwise runs fuse into one kernel each
-  across what used to be separate calls (embedding, backbone, depth decoder), and the host launches the
-  whole frame with one call instead of building its graph op by op in Python.
+- One function, compiled (`mx.compile`) once per steady shape: the rows and the backbone cache's capacity
+  bucket. Elementwise runs fuse into one kernel each across what used to be separate calls (embedding,
+  backbone, depth decoder), and the host launches the whole frame with one call instead of building its
+  graph op by op in Python.
 - The linear layers run on 2-D rows against their weights' transposed views, made once with the heads and
   the depth decoder's RoPE rows (FrameWeights): no transpose, flatten or unflatten node per matmul for the
   host to build every frame, and the matmuls read the very arrays they read before.
@@ -219,50 +219,51 @@ def depth_frame(model, weights: FrameWeights, last: mx.array, next_input: NextIn
 
 
 class FrameStep:
-    """The whole frame for every row, compiled when `compiled` is set, once per shape: rows with a previous
-    frame, rows joining, the backbone cache's capacity (`mx.compile` keeps a graph per shape it meets).
+    """The whole frame for every row, compiled when `compiled` is set.
 
     Call: prev (B0, K) codes of the rows that generated last frame or None, positions (B0,), the backbone's
     keys and values per layer for those rows, joined [(1, D)] last hidden states of rows joining from their
     prefill (possibly none), rng (B0 + B1, 2) keys, inv_temperature and kth (vocab - top_k) (B0 + B1, 1) ->
     (codes (B0 + B1, K), next rng, keys, values).
 
-    A shape met for the first time is traced and compiled in that call (~0.1 s for CSM-1B on this project's
-    CPU, README Performance), so `prepare` does it ahead of need: at warm-up for the shapes a first
-    request meets, and in the loop for the next cache bucket while the device runs the frame in flight."""
+    Only steady frames (nobody joining) run compiled, once per shape: the rows and the backbone cache's
+    capacity bucket. `mx.compile` keeps every graph it traces, ~6 MB each at full size, and a frame with rows
+    joining would add one per (rows, joining, bucket) met over a server's life; such a frame, one per text
+    chunk, runs uncompiled instead: the same bits (tested), some more kernels once per chunk. A steady shape
+    met for the first time is traced in that call (~0.1 s for CSM-1B on this project's CPU, README
+    Performance), so `prepare` does it ahead of need: at warm-up, and in the loop for the next cache bucket
+    while the device runs the frame in flight."""
 
     def __init__(self, model, compiled: bool):
         self.model = model
         self.compiled = compiled
         self.weights = FrameWeights(model)
         self._fn = mx.compile(self._frame) if compiled else self._frame
-        self.shapes: set[tuple[int, int, int]] = set()  # (rows, joining, capacity) traced so far
+        self.shapes: set[tuple[int, int]] = set()  # (rows, capacity) traced so far
 
     def __call__(self, prev, positions, keys, values, joined, rng, inv_temperature, kth):
-        rows = 0 if prev is None else prev.shape[0]
-        self.shapes.add((rows, len(joined), keys[0].shape[2] if rows else 0))
+        if joined or prev is None:
+            return self._frame(prev, positions, keys, values, joined, rng, inv_temperature, kth)
+        self.shapes.add((prev.shape[0], keys[0].shape[2]))
         return self._fn(prev, positions, keys, values, joined, rng, inv_temperature, kth)
 
-    def prepare(self, rows: int, joining: int, capacity: int) -> bool:
-        """Trace and compile the frame for `rows` generating, `joining` joining and the cache's `capacity` now,
-        evaluating nothing (no memory is taken), unless done already or not compiled; True if it did."""
-        capacity = capacity if rows else 0
-        if not self.compiled or (rows, joining, capacity) in self.shapes:
+    def prepare(self, rows: int, capacity: int) -> bool:
+        """Trace and compile the steady frame for `rows` and the cache's `capacity` now, evaluating nothing
+        (no memory is taken but the graph's), unless done already or not compiled; True if it did."""
+        if not self.compiled or (rows, capacity) in self.shapes:
             return False
         attn = self.model.backbone.layers[0].self_attn
         cache = (rows, attn.n_kv_heads, capacity, attn.head_dim)
         layers, dtype = len(self.model.backbone.layers), self.weights.dtype
-        width = self.model.backbone.norm.weight.shape[0]
-        batch = rows + joining
         self(
-            mx.zeros((rows, self.model.args.audio_num_codebooks), mx.int32) if rows else None,
-            mx.zeros((rows,), mx.int32) if rows else None,
-            [mx.zeros(cache, dtype) for _ in range(layers)] if rows else None,
-            [mx.zeros(cache, dtype) for _ in range(layers)] if rows else None,
-            [mx.zeros((1, width), dtype) for _ in range(joining)],
-            mx.zeros((batch, 2), mx.uint32),
-            mx.zeros((batch, 1), mx.float32),
-            mx.zeros((batch, 1), mx.int32),
+            mx.zeros((rows, self.model.args.audio_num_codebooks), mx.int32),
+            mx.zeros((rows,), mx.int32),
+            [mx.zeros(cache, dtype) for _ in range(layers)],
+            [mx.zeros(cache, dtype) for _ in range(layers)],
+            [],
+            mx.zeros((rows, 2), mx.uint32),
+            mx.zeros((rows, 1), mx.float32),
+            mx.zeros((rows, 1), mx.int32),
         )
         return True
 

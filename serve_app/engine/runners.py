@@ -52,8 +52,8 @@ def synthesize(
 
 def warm_up(engine: CSMEngine) -> int:
     """Short generations, so requests do not pay for first-call kernel setup; with a compiled frame, one per
-    batch size up to MAX_BATCH_SIZE (it compiles once per shape), then the frame traced for the other shapes
-    a first request meets (`compile_shapes`). Returns how many shapes that traced."""
+    batch size up to MAX_BATCH_SIZE (it compiles once per shape), then the steady frame traced for the other
+    shapes a first request meets (`compile_shapes`). Returns how many shapes that traced."""
     preset = VoiceParams(name="warm-up")
     frames = engine.options.first_group_frames + 1
     sizes = range(1, engine.options.max_batch_size + 1) if engine.frame_step.compiled else (1,)
@@ -76,14 +76,11 @@ def warm_up(engine: CSMEngine) -> int:
     return traced
 
 
-def compile_shapes(engine: CSMEngine) -> list[tuple[int, int, int]]:
-    """(rows, joining, cache capacity) of the frames a first request can meet: a batch starting with any
-    number of rows, rows joining any batch of the first bucket, and every bucket up to the one a voice's
-    prompt with the longest chunk and its frame cap needs, for every batch size. Later buckets are traced
-    while the loop runs, a few frames ahead of need (scheduler.BUCKET_LOOKAHEAD)."""
-    most = engine.options.max_batch_size
+def compile_shapes(engine: CSMEngine) -> list[tuple[int, int]]:
+    """(rows, cache capacity) of the steady frames a first request can meet beyond the warm-up's generations
+    (which ran every batch size in the first bucket): one request alone in every bucket up to the one a voice's
+    prompt with the longest chunk and its frame cap needs. Later buckets, and bigger batches in them, are
+    traced while the loop runs, a few frames ahead of need (scheduler.BUCKET_LOOKAHEAD)."""
     longest = max((len(tokens) for tokens in engine._prompts.values()), default=0)
     last = min(bucket_for(longest + engine.longest_chunk_positions() + 1), bucket_for(MAX_POSITIONS + 1))
-    joins = [(rows, joining, CAPACITY_STEP) for rows in range(most) for joining in range(1, most - rows + 1)]
-    steady = [(rows, 0, cap) for cap in range(CAPACITY_STEP, last + 1, CAPACITY_STEP) for rows in range(1, most + 1)]
-    return joins + steady
+    return [(1, capacity) for capacity in range(CAPACITY_STEP, last + 1, CAPACITY_STEP)]

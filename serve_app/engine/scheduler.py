@@ -208,7 +208,7 @@ class BatchScheduler:
         if self.rows and getattr(step, "compiled", False):
             capacity = bucket_for(int(self._kv.lengths.max()) + 1 + BUCKET_LOOKAHEAD)
             if capacity > self._kv.capacity:
-                step.prepare(len(self.rows), 0, capacity)
+                step.prepare(len(self.rows), capacity)
 
     def _build_frame(self, joined: list[mx.array], caches: list[list]) -> Optional[list[mx.array]]:
         """The frame's graph (frame.py's one function) for the rows generating and those joining now, the

@@ -116,8 +116,8 @@ def test_the_next_cache_bucket_is_traced_ahead_of_need(engine, voices, monkeypat
         def __call__(self, *args):
             return step(*args)
 
-        def prepare(self, rows, joining, capacity):
-            calls.append((rows, joining, capacity, scheduler._kv.capacity, int(scheduler._kv.lengths.max())))
+        def prepare(self, rows, capacity):
+            calls.append((rows, capacity, scheduler._kv.capacity, int(scheduler._kv.lengths.max())))
             return True
 
     monkeypatch.setattr(engine, "frame_step", Spy())
@@ -130,8 +130,8 @@ def test_the_next_cache_bucket_is_traced_ahead_of_need(engine, voices, monkeypat
     while scheduler.active and not calls:
         scheduler.step()
         started_in = started_in or (scheduler._kv.capacity if scheduler.rows else None)
-    rows, joining, capacity, had, length = calls[0]
-    assert (rows, joining, had, capacity) == (1, 0, started_in, started_in + CAPACITY_STEP)
+    rows, capacity, had, length = calls[0]
+    assert (rows, had, capacity) == (1, started_in, started_in + CAPACITY_STEP)
     # Traced at the first frame it could be, BUCKET_LOOKAHEAD frames before the row needs the new bucket.
     assert length + 1 + BUCKET_LOOKAHEAD > had >= length + BUCKET_LOOKAHEAD
 
@@ -139,23 +139,38 @@ def test_the_next_cache_bucket_is_traced_ahead_of_need(engine, voices, monkeypat
 def test_prepare_traces_without_evaluating(engine):
     compiled = frame.FrameStep(engine.model, compiled=True)
     before = mx.get_active_memory()
-    assert compiled.prepare(2, 1, 2 * CAPACITY_STEP) and (2, 1, 2 * CAPACITY_STEP) in compiled.shapes
-    assert not compiled.prepare(2, 1, 2 * CAPACITY_STEP)  # once per shape
-    assert compiled.prepare(0, 3, CAPACITY_STEP) and (0, 3, 0) in compiled.shapes  # a batch starting
+    assert compiled.prepare(2, 2 * CAPACITY_STEP) and compiled.shapes == {(2, 2 * CAPACITY_STEP)}
+    assert not compiled.prepare(2, 2 * CAPACITY_STEP)  # once per shape
     assert mx.get_active_memory() <= before + (1 << 20)  # nothing computed: no cache of 512 positions made
-    assert not frame.FrameStep(engine.model, compiled=False).prepare(1, 0, CAPACITY_STEP)
+    assert not frame.FrameStep(engine.model, compiled=False).prepare(1, CAPACITY_STEP)
 
 
-def test_warm_up_traces_every_shape_a_first_request_meets(engine):
-    """Batches starting with 1..MAX_BATCH_SIZE rows, rows joining any batch of the first bucket, and every
-    bucket up to the longest voice prompt with the longest chunk, at every batch size."""
-    most = engine.options.max_batch_size
+def test_only_steady_frames_take_the_compiled_path(engine, voices, monkeypatch):
+    """A frame with rows joining (a batch starting, a request's next chunk, a request arriving) runs the plain
+    function, so the compiled one keeps a graph per (rows, bucket) only."""
+    step = frame.FrameStep(engine.model, compiled=False)
+    through, plain = [], step._fn
+
+    def compiled_path(prev, positions, keys, values, joined, *rest):
+        through.append((prev.shape[0], len(joined)))
+        return plain(prev, positions, keys, values, joined, *rest)
+
+    step._fn = compiled_path
+    monkeypatch.setattr(engine, "frame_step", step)
+    specs = [("fast", ["Hi.", "Two."], 1, 3), ("fast", ["Hello there."], 2, 6), ("fast", ["x"], 3, 2)]
+    _, scheduler = generate(engine, voices, specs, max_batch=2)
+    assert through and {joining for _, joining in through} == {0}
+    assert scheduler.stats.launches > len(through)  # the frames with rows joining went the plain way
+    assert step.shapes == {(rows, CAPACITY_STEP) for rows, _ in through} == {(1, CAPACITY_STEP), (2, CAPACITY_STEP)}
+
+
+def test_warm_up_traces_a_request_alone_in_every_bucket_its_voice_can_reach(engine):
+    """The generations of warm-up ran every batch size in the first bucket; one request alone can then reach
+    every bucket up to the longest voice prompt with the longest chunk."""
     shapes = compile_shapes(engine)
     longest = max(len(tokens) for tokens in engine._prompts.values())
     last = bucket_for(longest + engine.longest_chunk_positions() + 1)
-    assert {(0, n, CAPACITY_STEP) for n in range(1, most + 1)} <= set(shapes)
-    assert {(rows, most - rows, CAPACITY_STEP) for rows in range(1, most)} <= set(shapes)
-    assert {(rows, 0, last) for rows in range(1, most + 1)} <= set(shapes)
-    assert max(capacity for _, _, capacity in shapes) == last > CAPACITY_STEP
+    assert shapes == [(1, capacity) for capacity in range(CAPACITY_STEP, last + 1, CAPACITY_STEP)]
+    assert last > CAPACITY_STEP
     step = frame.FrameStep(engine.model, compiled=True)
     assert sum(step.prepare(*shape) for shape in shapes) == len(shapes)  # each traced once, none evaluated
