@@ -48,11 +48,10 @@ class FrameWeights:
         # The dtype activations have (quantized layers too): `audio_head` is a plain array of the model's dtype.
         self.dtype = model.audio_head.dtype
         self.backbone_tables = rope_tables(model.backbone.layers[0].self_attn.rope, self.dtype)
-        self.decoder_tables = rope_tables(model.decoder.layers[0].self_attn.rope, self.dtype)
         self.offsets = mx.arange(model.args.audio_num_codebooks, dtype=mx.int32) * model.args.audio_vocab_size
         self.heads = [model.audio_head[i] for i in range(model.audio_head.shape[0])]
         # The depth decoder's positions are the same every frame: its RoPE rows per step, as views made once.
-        cos, sin = self.decoder_tables
+        cos, sin = rope_tables(model.decoder.layers[0].self_attn.rope, self.dtype)
         starts = [(0, 2)] + [(start, start + 1) for start in range(2, model.args.audio_num_codebooks + 1)]
         self.decoder_steps = {
             start: (cos[start:end][None, :, None], sin[start:end][None, :, None]) for start, end in starts
@@ -252,10 +251,16 @@ class FrameStep:
         (no memory is taken but the graph's), unless done already or not compiled; True if it did."""
         if not self.compiled or (rows, capacity) in self.shapes:
             return False
+        self(*self.steady_arguments(rows, capacity))
+        return True
+
+    def steady_arguments(self, rows: int, capacity: int) -> tuple:
+        """Arguments of a steady frame's shape (zeros, not evaluated: no memory until something evaluates
+        them): `rows` generating, the backbone cache at `capacity`, nobody joining."""
         attn = self.model.backbone.layers[0].self_attn
         cache = (rows, attn.n_kv_heads, capacity, attn.head_dim)
         layers, dtype = len(self.model.backbone.layers), self.weights.dtype
-        self(
+        return (
             mx.zeros((rows, self.model.args.audio_num_codebooks), mx.int32),
             mx.zeros((rows,), mx.int32),
             [mx.zeros(cache, dtype) for _ in range(layers)],
@@ -265,7 +270,6 @@ class FrameStep:
             mx.zeros((rows, 1), mx.float32),
             mx.zeros((rows, 1), mx.int32),
         )
-        return True
 
     def _frame(self, prev, positions, keys, values, joined, rng, inv_temperature, kth):
         model, args, weights = self.model, self.model.args, self.weights

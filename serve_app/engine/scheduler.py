@@ -205,7 +205,7 @@ class BatchScheduler:
         """A compiled frame meets a new shape when the rows outgrow the cache's bucket: trace it a few frames
         ahead, right after a launch, so the host does it while the device runs that frame."""
         step = self.engine.frame_step
-        if self.rows and getattr(step, "compiled", False):
+        if self.rows and step.compiled:
             capacity = bucket_for(int(self._kv.lengths.max()) + 1 + BUCKET_LOOKAHEAD)
             if capacity > self._kv.capacity:
                 step.prepare(len(self.rows), capacity)

@@ -24,28 +24,10 @@ from serve_app.tools.bench import kernels
 # (engine.frame and codec.decode_graph are imported where used: `count_launched` also runs on a baseline tree
 # from before them, `python -m serve_app.tools.bench.loop --baseline`.)
 
-POSITION = 100  # where the rows are in the backbone's cache (any position of the first capacity bucket)
-
 
 def steady_inputs(engine, batch: int, capacity: int = CAPACITY_STEP) -> tuple:
     """FrameStep's arguments for `batch` rows in steady state, evaluated (they are the frame's inputs)."""
-    model, k = engine.model, engine.num_codebooks
-    rng = np.random.default_rng(0)
-    attn = model.backbone.layers[0].self_attn
-    dtype = model.audio_head.dtype
-    shape = (batch, attn.n_kv_heads, capacity, attn.head_dim)
-    keys = [mx.zeros(shape, dtype) for _ in model.backbone.layers]
-    values = [mx.zeros(shape, dtype) for _ in model.backbone.layers]
-    args = (
-        mx.array(rng.integers(0, 2048, size=(batch, k)), dtype=mx.int32),
-        mx.full((batch,), POSITION, dtype=mx.int32),
-        keys,
-        values,
-        [],
-        mx.stack([mx.random.key(i) for i in range(batch)]),
-        mx.ones((batch, 1), dtype=mx.float32),
-        mx.full((batch, 1), engine.vocab_size - 50, dtype=mx.int32),  # kth: top-k 50
-    )
+    args = engine.frame_step.steady_arguments(batch, capacity)
     mx.eval(args)
     return args
 
