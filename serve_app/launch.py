@@ -22,6 +22,7 @@ import yaml
 from dotenv import dotenv_values
 
 from serve_app import service
+from serve_app.api.proxy import PROXY_CALLBACK, PROXY_CALLBACK_VARIABLE
 from serve_app.core.constants import PROJECT_ROOT
 from serve_app.core.settings import SECRET_SETTINGS, Settings, find_env_file
 from serve_app.service import running_pid
@@ -102,7 +103,18 @@ def prepare_ray_environment(environ=os.environ) -> None:
     In a cluster: Ray refuses `ray start --address` on macOS unless RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=1, and
     without it a Mac's Ray process advertises 127.0.0.1, which no other machine can reach; on Linux the
     variable is Ray's default. A cluster without token authentication runs anyone's code on every node:
-    refused here."""
+    refused here.
+
+    Either way Serve's HTTP proxy applies the write deadline (api/proxy.py): Ray reads the variable
+    when the proxy starts, from the environment of the Ray node it runs on. Alone that is this process's;
+    in a cluster it is the head's `ray start` (the README's recipe exports it there too)."""
+    callback = environ.setdefault(PROXY_CALLBACK_VARIABLE, PROXY_CALLBACK)
+    if callback != PROXY_CALLBACK:
+        print(
+            f"sesame-tts: warning: {PROXY_CALLBACK_VARIABLE}={callback} replaces {PROXY_CALLBACK}: a client "
+            "that stops reading keeps its response in memory as long as its connection lasts",
+            file=sys.stderr,
+        )
     address = environ.get("RAY_ADDRESS", "").strip()
     if address in ("", "local"):
         environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")

@@ -29,20 +29,26 @@ def modules(folder: Path) -> list[Path]:
     return sorted(p for p in folder.glob("*.py") if p.name != "__init__.py")
 
 
+def _row(depth: int, name: str, text: str) -> str:
+    """One line of the map: the summaries line up at column 24, at least two spaces after a long name."""
+    indent = "  " * depth
+    return f"{indent}{name.ljust(22 - len(indent))}  {text}"
+
+
 def render(root: Path = PROJECT_ROOT) -> str:
     package = root / "serve_app"
     lines = ["serve_app/"]
     for path in modules(package):
-        lines.append(f"  {path.name:<22}{summary(path)}")
+        lines.append(_row(1, path.name, summary(path)))
     for layer in LAYERS:
         folder = package / layer
-        lines.append(f"  {layer + '/':<22}{summary(folder / '__init__.py')}")
+        lines.append(_row(1, layer + "/", summary(folder / "__init__.py")))
         for path in modules(folder):
-            lines.append(f"    {path.name:<20}{summary(path)}")
+            lines.append(_row(2, path.name, summary(path)))
         for sub in sorted(p for p in folder.iterdir() if p.is_dir() and (p / "__init__.py").exists()):
-            lines.append(f"    {sub.name + '/':<20}{summary(sub / '__init__.py')}")
+            lines.append(_row(2, sub.name + "/", summary(sub / "__init__.py")))
             for path in modules(sub):
-                lines.append(f"      {path.name:<18}{summary(path)}")
+                lines.append(_row(3, path.name, summary(path)))
     return "\n".join(line.rstrip() for line in lines)
 
 

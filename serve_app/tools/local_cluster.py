@@ -18,6 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from serve_app.api.proxy import PROXY_CALLBACK, PROXY_CALLBACK_VARIABLE
 from serve_app.core.processes import kill_session
 from serve_app.tools.local_server import free_port
 
@@ -31,8 +32,14 @@ class LocalCluster:
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
         # RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER: Ray refuses `ray start --address` on macOS without it (Linux's
-        # default), as the README's "Several machines" recipe says.
-        self.env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1"}
+        # default), and the head's proxy applies the write deadline, as the README's "Several machines" recipe
+        # says.
+        self.env = {
+            **os.environ,
+            "RAY_AUTH_MODE": "token",
+            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1",
+            PROXY_CALLBACK_VARIABLE: PROXY_CALLBACK,
+        }
         self.env.pop("RAY_ADDRESS", None)
         # A cluster with token authentication needs a token before its head starts; `ray start` makes none.
         # `ray get-auth-token --generate` writes ~/.ray/auth_token only if there is none (the README's recipe).

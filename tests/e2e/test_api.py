@@ -180,6 +180,25 @@ def test_openai_voice_alias_object_voice_and_unknown_field(openai_client):
     assert_audible(decode(response.content))
 
 
+def test_a_responses_id_names_it_in_the_next_request(openai_client):
+    """Through Serve's real proxy a response carries one `x-request-id`, the app's (the proxy's own is taken
+    off), so what a client reads there names the response in the next request's `previous_request_ids`."""
+    first = openai_client.audio.speech.with_raw_response.create(
+        model="tts-1", voice="alloy", input=TEXT, response_format="wav"
+    )
+    (request_id,) = first.headers.get_list("x-request-id")
+    assert_audible(decode(first.content))
+    second = openai_client.audio.speech.with_raw_response.create(
+        model="tts-1",
+        voice="alloy",
+        input="And this follows it.",
+        response_format="wav",
+        extra_body={"previous_request_ids": [request_id]},
+    )
+    assert second.http_response.status_code == 200
+    assert_audible(decode(second.content))
+
+
 def test_voices_change_the_audio(server):
     a = speech(server, response_format="pcm", seed=2, voice="conversational").content
     b = speech(server, response_format="pcm", seed=2, voice="fast").content

@@ -1,10 +1,11 @@
-"""The real server on a LAN footing (API_KEY set, a short body deadline): slow bodies over real sockets,
-secrets in no file Ray or Serve writes, Ray's ports on loopback. The header-level checks themselves (Host,
-Origin, lists, /health, docs, log escaping) are tested in-process in test_guard.py."""
+"""The real server on a LAN footing (API_KEY set, short body and write deadlines): slow bodies and a reader that stops,
+over real sockets; secrets in no file Ray or Serve writes; Ray's ports on loopback. The header-level checks
+themselves (Host, Origin, lists, /health, docs, log escaping) are tested in-process in test_guard.py."""
 
 from __future__ import annotations
 
 import ipaddress
+import json
 import shutil
 import socket
 import stat
@@ -18,7 +19,9 @@ import psutil
 import pytest
 
 from serve_app.core import processes
+from tests.support.audio import decode, duration, probe, rms
 from tests.support.servers import healthy, launch_server
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.server
 
@@ -42,6 +45,7 @@ def lan_server(tiny_checkpoint, tmp_path_factory, ray_dir):
         HF_TOKEN=HF_TOKEN,
         BODY_TIMEOUT_S="2",
         BODY_MIN_RATE="1024",
+        WRITE_TIMEOUT_S="2",
         RAY_TMPDIR=str(ray_dir),
     )
     try:
@@ -148,3 +152,64 @@ def test_rays_ports_listen_on_loopback_only(lan_server):
     assert listening > 5
     print("listening beyond loopback:", wide)
     assert all("ServeReplica" in command for _, _, command in wide), wide
+
+
+def _headers_then_stop(port: int, body: bytes) -> tuple[socket.socket, dict]:
+    """POST a speech request, read its status line and headers, then read nothing more."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 * 1024)
+    sock.connect(("127.0.0.1", port))
+    sock.sendall(
+        f"POST /v1/audio/speech HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nAuthorization: Bearer {API_KEY}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+        + body
+    )
+    sock.settimeout(120)
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += sock.recv(1)  # byte by byte: nothing of the body is read
+    status, *lines = head.decode("latin-1").split("\r\n")
+    headers: dict = {}
+    for line in filter(None, lines):
+        name, _, value = line.partition(":")
+        headers.setdefault(name.strip().lower(), []).append(value.strip())
+    assert " 200 " in status, head
+    return sock, headers
+
+
+def test_a_client_that_stops_reading_is_cut_off_and_its_generation_cancelled(lan_server):
+    """~66 s of speech as PCM at speed 0.25 (four times the bytes per second generated): far more than the
+    kernel's socket buffers hold (4 MiB). The client reads the headers and stops. Serve's proxy (the write
+    guard) aborts the connection 2 s (WRITE_TIMEOUT_S) after the client's last read, and the request is
+    cancelled along the chain while the model is still generating it; the server serves the next one."""
+    port = int(lan_server.base_url.rsplit(":", 1)[1])
+    text = "The quick brown fox jumps over the lazy dog near the river bank. " * 20
+    body = json.dumps({"model": "tts-1", "input": text, "voice": "alloy", "response_format": "pcm", "speed": 0.25})
+    sock, headers = _headers_then_stop(port, body.encode())
+    (request_id,) = headers["x-request-id"]  # the app's own id, once (Serve's proxy adds its own otherwise)
+    log = wait_for(
+        lambda: (t := lan_server.log_text()) and f"request id={request_id} " in t and t,
+        timeout=240,
+        what="the request's end in the server log",
+    )
+    line = next(line for line in log.splitlines() if f"request id={request_id} " in line)
+    assert "status=cancelled" in line, line
+    assert f"request {request_id}: the client took no response bytes for 2 s" in log
+    sock.settimeout(30)
+    received, reset = 0, False
+    try:
+        while chunk := sock.recv(1 << 16):
+            received += len(chunk)
+    except ConnectionResetError:
+        reset = True
+    sock.close()
+    assert reset, received  # aborted, never ended as a complete body
+    ok = httpx.post(
+        f"{lan_server.api}/audio/speech",
+        json={"input": "Hi.", "response_format": "wav"},
+        headers={"Authorization": f"Bearer {API_KEY}"},
+        timeout=120,
+    )
+    samples = decode(ok.content)
+    assert ok.status_code == 200 and probe(ok.content)["stream"]["codec_name"] == "pcm_s16le"
+    assert duration(samples) > 0.1 and rms(samples) > 0
