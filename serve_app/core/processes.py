@@ -89,13 +89,18 @@ def tree_rss_bytes(pid: int) -> tuple[int, int]:
         procs = [root, *root.children(recursive=True)]
     except psutil.NoSuchProcess:
         return 0, 0
+    return rss_bytes(procs), len(procs)
+
+
+def rss_bytes(procs: list[psutil.Process]) -> int:
+    """Resident memory of `procs` together (those gone meanwhile count 0)."""
     total = 0
     for proc in procs:
         try:
             total += proc.memory_info().rss
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             pass
-    return total, len(procs)
+    return total
 
 
 def cpu_seconds(pid: int) -> float:

@@ -5,7 +5,6 @@ themselves (Host, Origin, lists, /health, docs, log escaping) are tested in-proc
 from __future__ import annotations
 
 import ipaddress
-import json
 import shutil
 import socket
 import stat
@@ -19,6 +18,7 @@ import psutil
 import pytest
 
 from serve_app.core import processes
+from serve_app.tools.bench.stalled_readers import speech_body, stalled_request
 from tests.support.audio import decode, duration, probe, rms
 from tests.support.servers import healthy, launch_server
 from tests.support.waiting import wait_for
@@ -154,38 +154,13 @@ def test_rays_ports_listen_on_loopback_only(lan_server):
     assert all("ServeReplica" in command for _, _, command in wide), wide
 
 
-def _headers_then_stop(port: int, body: bytes) -> tuple[socket.socket, dict]:
-    """POST a speech request, read its status line and headers, then read nothing more."""
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 * 1024)
-    sock.connect(("127.0.0.1", port))
-    sock.sendall(
-        f"POST /v1/audio/speech HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nAuthorization: Bearer {API_KEY}\r\n"
-        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode()
-        + body
-    )
-    sock.settimeout(120)
-    head = b""
-    while b"\r\n\r\n" not in head:
-        head += sock.recv(1)  # byte by byte: nothing of the body is read
-    status, *lines = head.decode("latin-1").split("\r\n")
-    headers: dict = {}
-    for line in filter(None, lines):
-        name, _, value = line.partition(":")
-        headers.setdefault(name.strip().lower(), []).append(value.strip())
-    assert " 200 " in status, head
-    return sock, headers
-
-
 def test_a_client_that_stops_reading_is_cut_off_and_its_generation_cancelled(lan_server):
     """~66 s of speech as PCM at speed 0.25 (four times the bytes per second generated): far more than the
     kernel's socket buffers hold (4 MiB). The client reads the headers and stops. Serve's proxy (the write
     guard) aborts the connection 2 s (WRITE_TIMEOUT_S) after the client's last read, and the request is
     cancelled along the chain while the model is still generating it; the server serves the next one."""
     port = int(lan_server.base_url.rsplit(":", 1)[1])
-    text = "The quick brown fox jumps over the lazy dog near the river bank. " * 20
-    body = json.dumps({"model": "tts-1", "input": text, "voice": "alloy", "response_format": "pcm", "speed": 0.25})
-    sock, headers = _headers_then_stop(port, body.encode())
+    sock, headers = stalled_request(port, speech_body(66), {"Authorization": f"Bearer {API_KEY}"})
     (request_id,) = headers["x-request-id"]  # the app's own id, once (Serve's proxy adds its own otherwise)
     log = wait_for(
         lambda: (t := lan_server.log_text()) and f"request id={request_id} " in t and t,

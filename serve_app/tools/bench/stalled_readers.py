@@ -21,8 +21,7 @@ import socket
 import tempfile
 import time
 from pathlib import Path
-
-import psutil
+from typing import Optional
 
 from serve_app.api.proxy import PROXY_CALLBACK_VARIABLE
 from serve_app.core import processes
@@ -35,34 +34,39 @@ SENTENCE = "The quick brown fox jumps over the lazy dog near the river bank. "
 CHARS_PER_S = 20  # MAX_AUDIO_S_PER_CHAR=0.05: the tiny model (never ending by itself) speaks to this cap
 
 
-def _rss(procs: list[psutil.Process]) -> int:
-    total = 0
-    for proc in procs:
-        try:
-            total += proc.memory_info().rss
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            pass
-    return total
-
-
-def _stalled_request(port: int, seconds: float) -> tuple[socket.socket, str]:
-    """A speech request whose client reads the status line and headers, then nothing; its request id."""
-    text = SENTENCE * max(1, round(seconds * CHARS_PER_S / len(SENTENCE)))
-    body = json.dumps({"input": text, "voice": "alloy", "response_format": "pcm", "speed": 0.25}).encode()
+def stalled_request(port: int, body: dict, headers: Optional[dict] = None) -> tuple[socket.socket, dict]:
+    """POST `body` to /v1/audio/speech over a socket with a small receive window, read the status line and
+    headers (a 200, else RuntimeError), then nothing more; the socket and the headers by lower-case name
+    (each a list: a header may come more than once)."""
+    data = json.dumps(body).encode()
+    extra = "".join(f"{name}: {value}\r\n" for name, value in (headers or {}).items())
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 * 1024)
     sock.connect(("127.0.0.1", port))
     sock.sendall(
-        f"POST /v1/audio/speech HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
-        f"Content-Length: {len(body)}\r\n\r\n".encode()
-        + body
+        f"POST /v1/audio/speech HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n{extra}Content-Type: application/json\r\n"
+        f"Content-Length: {len(data)}\r\n\r\n".encode()
+        + data
     )
     sock.settimeout(300)
     head = b""
     while b"\r\n\r\n" not in head:
-        head += sock.recv(1)
-    found = re.search(rb"(?im)^x-request-id:\s*([^\r,]+)", head)
-    return sock, found.group(1).decode() if found else "?"
+        head += sock.recv(1)  # byte by byte: nothing of the body is read
+    status, *lines = head.decode("latin-1").split("\r\n")
+    if " 200 " not in status:
+        sock.close()
+        raise RuntimeError(f"the server answered {head!r}")
+    found: dict = {}
+    for line in filter(None, lines):
+        name, _, value = line.partition(":")
+        found.setdefault(name.strip().lower(), []).append(value.strip())
+    return sock, found
+
+
+def speech_body(seconds: float) -> dict:
+    """A request for about `seconds` of speech, as raw PCM at speed 0.25: four times its bytes per second."""
+    text = SENTENCE * max(1, round(seconds * CHARS_PER_S / len(SENTENCE)))
+    return {"input": text, "voice": "alloy", "response_format": "pcm", "speed": 0.25}
 
 
 def _ended(server: LocalServer, request_id: str) -> str | None:
@@ -88,7 +92,7 @@ def run_mode(guard: bool, checkpoint: Path, waves: int, seconds: float, write_ti
         session = processes.session_processes(server.proc.pid)
         proxy = [p for p in session if "ProxyActor" in " ".join(p.cmdline())]  # within our own server only
         time.sleep(3)
-        base_proxy, base_all = _rss(proxy), _rss(session)
+        base_proxy, base_all = processes.rss_bytes(proxy), processes.rss_bytes(session)
         samples, ends = [], []
         started = time.monotonic()
 
@@ -96,13 +100,16 @@ def run_mode(guard: bool, checkpoint: Path, waves: int, seconds: float, write_ti
             samples.append(
                 {
                     "t": round(time.monotonic() - started, 1),
-                    "proxy_mb": round((_rss(proxy) - base_proxy) / 1e6, 1),
-                    "all_mb": round((_rss(processes.session_processes(server.proc.pid)) - base_all) / 1e6, 1),
+                    "proxy_mb": round((processes.rss_bytes(proxy) - base_proxy) / 1e6, 1),
+                    "all_mb": round(
+                        (processes.rss_bytes(processes.session_processes(server.proc.pid)) - base_all) / 1e6, 1
+                    ),
                 }
             )
 
         for _ in range(waves):
-            sock, request_id = _stalled_request(int(server.base_url.rsplit(":", 1)[1]), seconds)
+            sock, headers = stalled_request(int(server.base_url.rsplit(":", 1)[1]), speech_body(seconds))
+            request_id = headers["x-request-id"][0]
             sockets.append(sock)
             while (status := _ended(server, request_id)) is None:
                 sample()
