@@ -190,11 +190,12 @@ class _Response:
         aborted = self._connection.abort()
         self._dropped.set()
         logger.warning(
-            "request %s: the client took no response bytes for %.0f s (after %d bytes); %s, request cancelled",
+            "request %s: the client took no response bytes for %.0f s (after %d bytes); %s, the rest of the "
+            "response dropped (and its generation cancelled if it was still running)",
             self.request_id,
             self._timeout_s,
             self.sent,
-            "connection aborted" if aborted else "response ended",
+            "connection reset" if aborted else "response ended",
         )
 
     async def receive(self) -> Message:
