@@ -69,7 +69,7 @@ class Settings(BaseModel):
     # A request's body must arrive within BODY_TIMEOUT_S plus its length at BODY_MIN_RATE bytes/s (408).
     body_timeout_s: float = Field(10.0, ge=1.0, le=600.0)
     body_min_rate: int = Field(64 * 1024, ge=1024)
-    # A response the client takes no bytes of for WRITE_TIMEOUT_S ends: Serve's proxy aborts the connection
+    # A response the client takes no bytes of for WRITE_TIMEOUT_S ends: Serve's proxy resets the connection
     # and cancels the request (api/proxy.py), so a reader that stops cannot pin the response's memory.
     write_timeout_s: float = Field(30.0, ge=1.0, le=3600.0)
 

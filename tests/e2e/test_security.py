@@ -155,12 +155,15 @@ def test_rays_ports_listen_on_loopback_only(lan_server):
 
 
 def test_a_client_that_stops_reading_is_cut_off_and_its_generation_cancelled(lan_server):
-    """~66 s of speech as PCM at speed 0.25 (four times the bytes per second generated): far more than the
-    kernel's socket buffers hold (4 MiB). The client reads the headers and stops. Serve's proxy (the write
-    guard) aborts the connection 2 s (WRITE_TIMEOUT_S) after the client's last read, and the request is
-    cancelled along the chain while the model is still generating it; the server serves the next one."""
+    """~200 s of speech (4,030 characters) as PCM at speed 0.25, four times the bytes per second generated:
+    ~38 MB, far more than the kernel's socket buffers hold (4 MiB), and long in the making even on a fast
+    machine. The client reads the headers and stops. Serve's proxy (the guard) resets the connection 2 s
+    (WRITE_TIMEOUT_S) after the client's last read, and the request is cancelled along the chain while the
+    model is still generating it; the server serves the next one."""
     port = int(lan_server.base_url.rsplit(":", 1)[1])
-    sock, headers = stalled_request(port, speech_body(66), {"Authorization": f"Bearer {API_KEY}"})
+    body = speech_body(200)
+    assert len(body["input"]) <= 4096  # MAX_INPUT_LENGTH
+    sock, headers = stalled_request(port, body, {"Authorization": f"Bearer {API_KEY}"})
     (request_id,) = headers["x-request-id"]  # the app's own id, once (Serve's proxy adds its own otherwise)
     log = wait_for(
         lambda: (t := lan_server.log_text()) and f"request id={request_id} " in t and t,
