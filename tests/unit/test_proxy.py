@@ -1,7 +1,8 @@
 """The write deadline (api/proxy.py) on a real uvicorn server and real sockets, as Serve's proxy runs
 it: a client that stops reading is cut off and the app behind it learns that the client left; a client that
-reads slowly but steadily gets every byte. Both of uvicorn's HTTP implementations (Serve's proxy takes
-whichever is installed). Through the real Serve proxy: tests/e2e/test_security.py."""
+reads slowly but steadily gets every byte; a response carries one request id. Both of uvicorn's HTTP
+implementations (Serve's proxy takes whichever is installed). Through the real Serve proxy:
+tests/e2e/test_security.py and test_api.py."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import asyncio
 import socket
 import threading
 import time
+from importlib.util import find_spec
 
 import pytest
 import uvicorn
@@ -19,7 +21,7 @@ from serve_app.tools.local_server import free_port
 CHUNK = 64 * 1024
 IMPLEMENTATIONS = [
     "h11",
-    pytest.param("httptools", marks=pytest.mark.skipif(not uvicorn.config.HTTP_PROTOCOLS, reason="no httptools")),
+    pytest.param("httptools", marks=pytest.mark.skipif(find_spec("httptools") is None, reason="no httptools")),
 ]
 
 
