@@ -69,10 +69,24 @@ def speech_body(seconds: float) -> dict:
     return {"input": text, "voice": "alloy", "response_format": "pcm", "speed": 0.25}
 
 
-def _ended(server: LocalServer, request_id: str) -> str | None:
+def request_status(server: LocalServer, request_id: str) -> str | None:
     """The request's status in the ingress's log line, once it has one."""
     found = re.search(rf"request id={re.escape(request_id)} .* status=(\w+)", server.log_text())
     return found.group(1) if found else None
+
+
+def was_reset(sock: socket.socket, wait_s: float) -> bool:
+    """Read what is left until the server ends the connection: True if it reset it; False if it closed it,
+    or if nothing more came within `wait_s` (0: only what has arrived by now)."""
+    sock.settimeout(wait_s)
+    try:
+        while sock.recv(1 << 20):
+            pass
+    except ConnectionResetError:
+        return True
+    except (BlockingIOError, TimeoutError):
+        pass
+    return False
 
 
 def run_mode(guard: bool, checkpoint: Path, waves: int, seconds: float, write_timeout: float, tail: float) -> dict:
@@ -111,7 +125,7 @@ def run_mode(guard: bool, checkpoint: Path, waves: int, seconds: float, write_ti
             sock, headers = stalled_request(int(server.base_url.rsplit(":", 1)[1]), speech_body(seconds))
             request_id = headers["x-request-id"][0]
             sockets.append(sock)
-            while (status := _ended(server, request_id)) is None:
+            while (status := request_status(server, request_id)) is None:
                 sample()
                 time.sleep(1)
             sample()
@@ -127,16 +141,7 @@ def run_mode(guard: bool, checkpoint: Path, waves: int, seconds: float, write_ti
         while time.monotonic() < deadline:
             sample()
             time.sleep(1)
-        reset = 0
-        for sock in sockets:
-            sock.setblocking(False)
-            try:
-                while sock.recv(1 << 20):
-                    pass
-            except ConnectionResetError:
-                reset += 1
-            except BlockingIOError:
-                pass
+        reset = sum(was_reset(sock, 0) for sock in sockets)
         return {
             "guard": guard,
             "proxy_rss_before_mb": round(base_proxy / 1e6, 1),
