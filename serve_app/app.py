@@ -86,6 +86,9 @@ def deployment_options(settings: Settings, replicas: int = 1, needs_mlx: bool = 
     inner = streams + CONTROL_HEADROOM
     per_node = dict(num_replicas=replicas, max_replicas_per_node=1) if replicas > 1 else dict(num_replicas=1)
     model_actor = {"num_cpus": 0.5, **({"resources": {MLX_RESOURCE: 1}} if needs_mlx else {})}
+    # Serve's access lines (one per call in every deployment: five for each /health poll) only with ACCESS_LOG;
+    # every speech request has its own line either way (core/observability.py).
+    logs = {"logging_config": {"enable_access_log": settings.access_log}}
     return {
         "SpeechIngress": dict(
             num_replicas=1,
@@ -93,6 +96,7 @@ def deployment_options(settings: Settings, replicas: int = 1, needs_mlx: bool = 
             max_queued_requests=INGRESS_QUEUE,
             backpressure_config=BackpressureConfig(status_code=503, retry_after_s=INGRESS_RETRY_AFTER_S),
             ray_actor_options={"num_cpus": 0.1},
+            **logs,
         ),
         # One text frontend, on the head: it owns the custom-voice store (voices/store.py), and its work per
         # request (checks and chunking) takes well under a millisecond.
@@ -100,12 +104,14 @@ def deployment_options(settings: Settings, replicas: int = 1, needs_mlx: bool = 
             num_replicas=1,
             max_ongoing_requests=inner,
             ray_actor_options={"num_cpus": 0.1, **({"resources": {HEAD_RESOURCE: 0.001}} if replicas > 1 else {})},
+            **logs,
         ),
         "AudioEncoder": dict(
             **per_node,
             max_ongoing_requests=inner,
             ray_actor_options={"num_cpus": 0.2},
             graceful_shutdown_timeout_s=STOP_GRACE_S,
+            **logs,
         ),
         # The MLX model: one replica per machine, each serialising its requests on one MLX thread. Serve calls
         # its check_health every period; a dead or hung MLX thread fails it and Serve replaces the replica.
@@ -117,6 +123,7 @@ def deployment_options(settings: Settings, replicas: int = 1, needs_mlx: bool = 
             health_check_period_s=10,
             health_check_timeout_s=30,
             graceful_shutdown_timeout_s=STOP_GRACE_S,
+            **logs,
         ),
     }
 

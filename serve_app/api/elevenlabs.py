@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictStr
 
 from serve_app.api.errors import install_error_handlers
 from serve_app.api.protocol import SpeechRequest
+from serve_app.api.request_ids import request_id_of
 from serve_app.api.routing import Route, add_routes
 from serve_app.core.constants import LOGGER_NAME, MODEL_NAME
 from serve_app.core.errors import APIError, InvalidRequestError, NotFoundError
@@ -101,6 +102,7 @@ class ElevenLabsRoutes:
         self,
         voice_id: str,
         body: TextToSpeechRequest,
+        http: Request,
         output_format: ElevenLabsFormat = Query(DEFAULT_OUTPUT_FORMAT),  # type: ignore[valid-type]
         optimize_streaming_latency: Optional[int] = Query(None, ge=0, le=4),
         enable_logging: Optional[bool] = None,
@@ -122,7 +124,7 @@ class ElevenLabsRoutes:
             previous_request_ids=body.previous_request_ids or None,
         )
         try:
-            stream = await self._start_speech(request, output_format, body.previous_text)
+            stream = await self._start_speech(request, output_format, request_id_of(http.scope), body.previous_text)
         except APIError as exc:
             if exc.code == "invalid_voice":  # a path parameter: ElevenLabs answers 404
                 raise NotFoundError(

@@ -80,7 +80,7 @@ def install_error_handlers(app: FastAPI, dialect: Dialect, on_bad_request=None) 
     """Every error of `app` leaves in the dialect's shape: our typed errors, Ray's replica deaths, body
     guards, routing (404/405), unreadable bodies and anything unexpected. OpenAI's validation errors are
     400s with a `param`; ElevenLabs keeps FastAPI's 422 (what ElevenLabs itself answers).
-    `on_bad_request` is called for each 400 that never reached a route (the request log counts them)."""
+    `on_bad_request(request)` is called for each 400 that never reached a route (the request log counts them)."""
 
     def respond(exc: BaseException) -> JSONResponse:
         return create_error_response(exc, dialect)
@@ -90,7 +90,7 @@ def install_error_handlers(app: FastAPI, dialect: Dialect, on_bad_request=None) 
         @app.exception_handler(RequestValidationError)
         async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
             if on_bad_request:
-                on_bad_request()
+                on_bad_request(request)
             return respond(validation_error(exc))
 
     @app.exception_handler(StarletteHTTPException)
@@ -101,7 +101,7 @@ def install_error_handlers(app: FastAPI, dialect: Dialect, on_bad_request=None) 
             return JSONResponse({"detail": exc.detail}, status_code=exc.status_code)
         if exc.status_code == 400:  # FastAPI could not read the body at all (e.g. it is not UTF-8)
             if on_bad_request:
-                on_bad_request()
+                on_bad_request(request)
             return respond(
                 InvalidRequestError(
                     "We could not parse the JSON body of your request: it must be UTF-8 encoded JSON.",

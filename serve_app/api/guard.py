@@ -13,9 +13,12 @@ middleware runs first and decides, in this order:
    request", sent without asking). A state-changing request whose `Origin` is neither this server itself nor
    in CORS_ORIGINS is 403 `origin_not_allowed`. Clients that send no Origin (SDKs, curl, OpenClaw, Open
    WebUI's backend) are not affected.
-3. **API key**: with API_KEY set, the routes that need it (`ROUTES` in the ingress decides which) get 401
-   on the headers alone. What the request may see is left in `scope["state"]` for the handlers: whether it
-   carried the key (`api_key_ok`), and whether it may see details (`trusted`: the key, or loopback).
+3. **API key**: with API_KEY set, the routes that need it (`ROUTE_ACCESS` in the ingress decides which) get
+   401 on the headers alone. Without API_KEY, the routes that write what the server keeps (voices and
+   consents: "write") are this machine's alone: a LAN client gets 403 `api_key_required`, since anyone on
+   the network could otherwise store or delete a person's voice. What the request may see is left in
+   `scope["state"]` for the handlers: whether it carried the key (`api_key_ok`), and whether it may see
+   details (`trusted`: the key, or loopback).
 4. **Body deadline**: the body's bytes are due within BODY_TIMEOUT_S of the start plus what has arrived at
    BODY_MIN_RATE bytes per second; a client that falls behind gets 408 `request_timeout`, and its slot is
    free again.
@@ -36,6 +39,7 @@ from fastapi import HTTPException
 from starlette.datastructures import Headers
 
 from serve_app.api.errors import to_error_response
+from serve_app.api.request_ids import request_id_of
 from serve_app.core.errors import APIError, AuthenticationError, PermissionDeniedError
 from serve_app.core.settings import Settings
 
@@ -123,7 +127,7 @@ class RequestGuard:
         access: Callable[[str, str], Optional[str]],
         respond: Callable[[str, APIError], object] = lambda path, error: None,
         alternative_key_header: Callable[[str], Optional[str]] = lambda path: None,
-        on_unauthorized: Callable[[str, str], None] = lambda method, path: None,
+        on_unauthorized: Callable[[str, str, str], None] = lambda method, path, request_id: None,
     ):
         self.app = app
         self.settings = settings
@@ -144,8 +148,10 @@ class RequestGuard:
         state = scope.setdefault("state", {})
         state["api_key_ok"] = key_ok
         state["trusted"] = trusted = _is_loopback(client) or key_given
-        error = self._refusal(headers, method, path, key_ok, trusted)
+        error = self._refusal(headers, method, path, key_ok, trusted, _is_loopback(client))
         if error is not None:
+            if isinstance(error, AuthenticationError):
+                self.on_unauthorized(method, path, request_id_of(scope))
             response = self.respond(path, error) or to_error_response(error)
             return await response(scope, receive, send)
         await self.app(scope, self._timed(receive), send)
@@ -162,7 +168,9 @@ class RequestGuard:
         valid = bool(given) and hmac.compare_digest(given.encode(), expected.get_secret_value().encode())
         return valid, valid
 
-    def _refusal(self, headers: Headers, method: str, path: str, key_ok: bool, trusted: bool) -> Optional[APIError]:
+    def _refusal(
+        self, headers: Headers, method: str, path: str, key_ok: bool, trusted: bool, loopback: bool
+    ) -> Optional[APIError]:
         if not self.hosts.allows(headers.get("host")):
             return PermissionDeniedError(
                 "This server does not answer to that host name. Use its address or a name in ALLOWED_HOSTS.",
@@ -175,8 +183,16 @@ class RequestGuard:
                 code="origin_not_allowed",
             )
         needs = self.access(method, path)
+        if needs == "write":
+            if self.settings.api_key is None and not loopback:
+                return PermissionDeniedError(
+                    "Creating or deleting voices and consents is allowed from this server's own machine only, "
+                    "because API_KEY is not set. Set API_KEY on the server and send it as 'Authorization: Bearer "
+                    "<API_KEY>' to do this from another machine.",
+                    code="api_key_required",
+                )
+            needs = "key"
         if needs == "key" and not key_ok or needs == "trusted" and not trusted:
-            self.on_unauthorized(method, path)
             if (header := self.alternative_key_header(path)) is not None:
                 return AuthenticationError(f"Invalid API key: send it in the '{header}' header.")
             return AuthenticationError("Incorrect or missing API key. Send 'Authorization: Bearer <API_KEY>'.")

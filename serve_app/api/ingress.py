@@ -12,7 +12,6 @@ import asyncio
 import logging
 import re
 import time
-import uuid
 from typing import Optional
 
 from fastapi import FastAPI, Request
@@ -25,6 +24,7 @@ from serve_app.api.errors import create_error_response, install_error_handlers
 from serve_app.api.guard import RequestGuard
 from serve_app.api.limits import Admission, BodySizeLimit
 from serve_app.api.protocol import AudioModel, AudioModelList, ModelCard, ModelList, SpeechRequest, VoiceList
+from serve_app.api.request_ids import RequestIds, request_id_of
 from serve_app.api.routing import Route, add_routes
 from serve_app.api.streaming import CLIENT_GONE, SpeechStream
 from serve_app.api.voice_routes import UPLOAD_BODY_BYTES, UPLOAD_PATHS, VoiceRoutes
@@ -79,9 +79,12 @@ SPEECH_PATH = "/v1/audio/speech"
 
 # Who may call what, decided on the headers by RequestGuard: (method, path pattern, access). "lists": open
 # unless LISTS_NEED_API_KEY (Open WebUI fetches them without a key; custom voices are listed only with the
-# key); "trusted": the key or a loopback client (details of this machine); anything else under /v1/ and
+# key); "trusted": the key or a loopback client (details of this machine); "write": the key, or without
+# API_KEY a loopback client (what the server stores: voices and consents); anything else under /v1/ and
 # /elevenlabs/ needs the key; other paths are open (they are 404s).
 ROUTE_ACCESS = [
+    ("POST", re.compile(r"/v1/audio/(voices|voice_consents)(/[^/]+)?"), "write"),
+    ("DELETE", re.compile(r"/v1/audio/(voices|voice_consents)/[^/]+"), "write"),
     ("GET", re.compile(r"/health"), None),
     ("GET", re.compile(r"/(docs|docs/oauth2-redirect|redoc|openapi\.json)"), "trusted"),
     ("GET", re.compile(r"/v1/models(/[^/]+)?|/v1/audio/models|/v1/audio/voices"), "lists"),
@@ -97,10 +100,6 @@ def route_access(settings: Settings, method: str, path: str) -> Optional[str]:
         if (method == route_method or method == "HEAD" and route_method == "GET") and pattern.fullmatch(path):
             return ("key" if settings.lists_need_api_key else None) if access == "lists" else access
     return "key" if path.startswith(GUARDED_PREFIXES) else None
-
-
-def new_request_id() -> str:
-    return uuid.uuid4().hex[:12]
 
 
 class SpeechIngress:
@@ -127,7 +126,9 @@ class SpeechIngress:
 
     def build_asgi_app(self) -> FastAPI:
         app = FastAPI(title="Sesame TTS", description="OpenAI-compatible text-to-speech with Sesame CSM-1B on MLX.")
-        install_error_handlers(app, "openai", on_bad_request=lambda: RequestRecord(new_request_id()).finish("400"))
+        install_error_handlers(
+            app, "openai", on_bad_request=lambda request: RequestRecord(request_id_of(request.scope)).finish("400")
+        )
         app.add_middleware(
             BodySizeLimit,
             max_bytes=self._settings.max_request_bytes,
@@ -151,6 +152,8 @@ class SpeechIngress:
             on_unauthorized=self._unauthorized,
             alternative_key_header=lambda path: "xi-api-key" if path.startswith(elevenlabs.PREFIX) else None,
         )
+        # Outside even the guard, so a refusal carries the request's id too.
+        app.add_middleware(RequestIds, respond=self._dialect_error)
         add_routes(app, self.routes())
         # ElevenLabs' API under its own prefix (its routes clash with OpenAI's; its errors have another shape).
         app.mount(
@@ -189,22 +192,26 @@ class SpeechIngress:
         return create_error_response(error, "elevenlabs") if path.startswith(elevenlabs.PREFIX) else None
 
     @staticmethod
-    def _unauthorized(method: str, path: str) -> None:
+    def _unauthorized(method: str, path: str, request_id: str) -> None:
         if path == SPEECH_PATH:  # a speech request turned away: logged and counted as one
-            RequestRecord(new_request_id()).finish("401")
+            RequestRecord(request_id).finish("401")
         else:
             logger.info("unauthorized %s %s", method, path)  # escaped by the log filter
 
-    async def create_speech(self, body: SpeechRequest):
-        """OpenAI createSpeech: streamed audio (chunked) or server-sent events."""
-        stream = await self.start_speech(body, body.response_format or self._settings.default_format)
-        return stream.response(body.stream_format == "sse", {"Cache-Control": "no-cache"}, "x-request-id")
+    async def create_speech(self, body: SpeechRequest, request: Request):
+        """OpenAI createSpeech: streamed audio (chunked) or server-sent events. The `x-request-id` header
+        comes from Serve's proxy, or from `RequestIds` where there is none."""
+        fmt = body.response_format or self._settings.default_format
+        stream = await self.start_speech(body, fmt, request_id_of(request.scope))
+        return stream.response(body.stream_format == "sse", {"Cache-Control": "no-cache"})
 
-    async def start_speech(self, body: SpeechRequest, fmt: str, previous_text: Optional[str] = None) -> SpeechStream:
+    async def start_speech(
+        self, body: SpeechRequest, fmt: str, request_id: str, previous_text: Optional[str] = None
+    ) -> SpeechStream:
         """Admit, plan, start the encoder and wait for its first chunk: any failure before audio is raised
         here (for the caller's error shape); after it, the stream holds the lease and the request's record.
         Every dialect's speech route comes through here (the same admission, log line and metrics)."""
-        record = RequestRecord(new_request_id(), characters=len(body.input), speed=float(body.speed))
+        record = RequestRecord(request_id, characters=len(body.input), speed=float(body.speed))
         started = time.perf_counter()
         await self.model_replicas()  # keeps the admission's slots in step with the replicas that serve
         try:

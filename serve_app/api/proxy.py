@@ -1,13 +1,10 @@
-"""What runs of ours in Serve's HTTP proxy: the write deadline, and one request id per response.
+"""What runs of ours in Serve's HTTP proxy: the write deadline.
 
 Serve applies the Starlette middlewares that `RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH` names
 (`proxy_middlewares` below; the launcher sets it) around its own ASGI app, right on uvicorn. `ProxyGuard`
 is that middleware:
-- **Write deadline** (WRITE_TIMEOUT_S): a response the client stops reading ends.
-- **One `x-request-id`**: Serve's proxy appends its own `X-Request-ID` to every response, so a speech
-  response carried two (the app's, which later requests name in `previous_request_ids`, and Serve's), and
-  clients that read one header got both joined by a comma. The app's is kept; Serve's stays where the app
-  sets none.
+- **Write deadline** (WRITE_TIMEOUT_S): a response the client stops reading ends. Its log line names the
+  request by the response's `x-request-id` (Serve's own id, which the app adopts: api/request_ids.py).
 
 The write deadline, why here: in Ray Serve 2.60 the ingress replica never sees the client's socket. Its
 ASGI `send` appends to an unbounded queue, and the replica streams that queue to the proxy as a Ray
@@ -44,6 +41,7 @@ import sys
 import termios
 from typing import Optional
 
+from starlette.datastructures import Headers
 from starlette.middleware import Middleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -141,23 +139,12 @@ class _Response:
             await asyncio.sleep(0)
             return
         if message["type"] == "http.response.start":
-            message = self._one_request_id(message)
+            self.request_id = Headers(raw=message.get("headers", [])).get("x-request-id", "-")
         if not await self._taken(message):
             self._drop()
             return
         if message["type"] == "http.response.body":
             self.sent += len(message.get("body", b""))
-
-    def _one_request_id(self, message: Message) -> Message:
-        """The start message with only its first `x-request-id` (the app's; Serve's own comes after)."""
-        headers = list(message.get("headers", ()))
-        ids = [i for i, (name, _) in enumerate(headers) if name.lower() == b"x-request-id"]
-        if not ids:
-            return message
-        self.request_id = headers[ids[0]][1].decode("latin-1")
-        if len(ids) == 1:
-            return message
-        return {**message, "headers": [h for i, h in enumerate(headers) if i not in ids[1:]]}
 
     async def _taken(self, message: Message) -> bool:
         """Send `message`; False if the client took no bytes for the whole deadline while it waited."""
@@ -221,8 +208,7 @@ class _Response:
 
 
 class ProxyGuard:
-    """ASGI middleware (in Serve's proxy): the write deadline of `timeout_s` and one request id (see the
-    module's docstring)."""
+    """ASGI middleware (in Serve's proxy): the write deadline of `timeout_s` (see the module's docstring)."""
 
     def __init__(self, app: ASGIApp, timeout_s: float):
         self.app = app

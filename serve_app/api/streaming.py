@@ -77,9 +77,11 @@ class SpeechStream:
         self._times = times
         self._on_said = on_said  # the utterance memory's remember
 
-    def response(self, sse: bool, headers: dict, id_header: str) -> StreamingResponse:
-        """The committed response; `id_header` carries the request id (the dialect's name for it)."""
-        headers = {**headers, id_header: self._record.request_id}
+    def response(self, sse: bool, headers: dict, id_header: Optional[str] = None) -> StreamingResponse:
+        """The committed response; `id_header`, if given, carries the request id under a dialect's own name
+        (`x-request-id` is every response's already: api/request_ids.py)."""
+        if id_header is not None:
+            headers = {**headers, id_header: self._record.request_id}
         if self._times is not None and self._times.stages:
             headers = {**headers, "Server-Timing": self._times.header()}
         if sse:

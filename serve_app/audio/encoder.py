@@ -13,12 +13,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import tempfile
 import time
 from collections.abc import AsyncIterator
 
 import numpy as np
 
-from serve_app.audio.ffmpeg import atempo_chain, decode_command, ffmpeg_command, find_ffmpeg
+from serve_app.audio.ffmpeg import atempo_chain, decode_command, ffmpeg_command, find_ffmpeg, is_mp4, upload_kind
 from serve_app.audio.pool import WarmProcesses, kill, start
 from serve_app.core.constants import LOGGER_NAME
 from serve_app.core.errors import APIError, GenerationError, InvalidRequestError, ServiceUnavailableError
@@ -135,30 +137,40 @@ class AudioEncoder:
             return ServiceUnavailableError(
                 f"Audio decoding is unavailable: {self._ffmpeg_info}", code="ffmpeg_unavailable"
             )
-        proc = await start(decode_command(self._ffmpeg, max_s + 0.08))
+        pcm, reason = await self._decode(decode_command(self._ffmpeg, max_s + 0.08), data)
+        if pcm is None and is_mp4(data):  # an MP4 whose index comes after the audio: a pipe cannot seek to it
+            with tempfile.TemporaryDirectory(prefix="sesame-upload-") as folder:  # 0700, removed at once
+                path = os.path.join(folder, "upload.mp4")
+                with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as file:
+                    file.write(data)
+                pcm, reason = await self._decode(decode_command(self._ffmpeg, max_s + 0.08, seekable=path), b"")
+                reason = reason.replace(path, "upload")
+        if pcm is None:
+            received = f"{len(data):,} bytes of {upload_kind(data)}"
+            logger.info("upload in %r not decoded (%s): %s", param, received, reason[:200])
+            return InvalidRequestError(
+                f"The file in '{param}' is not audio this server can read: it received {received} ({reason[:200]}). "
+                "Send mpeg, wav, ogg, aac, flac, webm or mp4 audio.",
+                param=param,
+                code="invalid_audio",
+            )
+        return pcm
+
+    async def _decode(self, command: list[str], data: bytes) -> tuple[np.ndarray | None, str]:
+        """(PCM, "") from one ffmpeg run, or (None, why it failed)."""
+        proc = await start(command)
         self._running += 1
         try:
             out, err = await asyncio.wait_for(proc.communicate(data), DECODE_TIMEOUT_S)
         except asyncio.TimeoutError:
-            return InvalidRequestError(
-                f"The file in '{param}' could not be decoded in {DECODE_TIMEOUT_S} s.",
-                param=param,
-                code="invalid_audio",
-            )
+            return None, f"not decoded in {DECODE_TIMEOUT_S} s"
         finally:
             await kill(proc)
             self._running -= 1
         pcm = np.frombuffer(out[: len(out) // 4 * 4], dtype="<f4")
         if proc.returncode != 0 or not len(pcm) or not np.isfinite(pcm).all():
-            reason = err.decode(errors="replace").strip().splitlines()[-1:] or ["no audio in it"]
-            logger.info("upload in %r not decoded: %s", param, reason[0][:200])
-            return InvalidRequestError(
-                f"The file in '{param}' is not audio this server can read (send mpeg, wav, ogg, aac, flac, webm "
-                "or mp4 audio).",
-                param=param,
-                code="invalid_audio",
-            )
-        return pcm.copy()
+            return None, (err.decode(errors="replace").strip().splitlines()[-1:] or ["no audio in it"])[0]
+        return pcm.copy(), ""
 
     @staticmethod
     async def _feed(pcm, proc: asyncio.subprocess.Process, first_pcm: list) -> list:

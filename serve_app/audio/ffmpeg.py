@@ -75,10 +75,24 @@ def ffmpeg_command(ffmpeg: str, fmt: str, speed: float = 1.0) -> list[str]:
 UPLOAD_DEMUXERS = "mp3,wav,ogg,aac,flac,matroska,webm,mov,mp4,m4a,3gp,3g2,mj2"
 
 
-def decode_command(ffmpeg: str, max_s: float) -> list[str]:
+# The MP4 family, the one upload type whose index (the `moov` atom) may come after the audio: ffmpeg's own
+# default layout. A pipe cannot seek back to it, so such a file is decoded from a private temporary file.
+MP4_DEMUXER = "mov"
+
+
+def decode_command(ffmpeg: str, max_s: float, seekable: Optional[str] = None) -> list[str]:
     """Any accepted upload on stdin -> float32 24 kHz mono on stdout. Only the pipe protocol and the upload
     demuxers are allowed; the first audio stream is decoded and output stops at `max_s` seconds, so a small
-    file that decodes to hours (a decompression bomb) costs at most that much."""
+    file that decodes to hours (a decompression bomb) costs at most that much.
+
+    `seekable`: the path of an MP4-family upload written to a private temporary file instead. Then only the
+    file protocol and the MP4 demuxer are allowed, with its external data references off (`-enable_drefs 0`,
+    ffmpeg's default, made explicit): the one file is all ffmpeg may open."""
+    if seekable is None:
+        source = ["-protocol_whitelist", "pipe", "-format_whitelist", UPLOAD_DEMUXERS, "-i", "pipe:0"]
+    else:
+        source = ["-protocol_whitelist", "file", "-format_whitelist", UPLOAD_DEMUXERS, "-f", MP4_DEMUXER]
+        source += ["-enable_drefs", "0", "-i", seekable]
     return [
         ffmpeg,
         "-hide_banner",
@@ -87,12 +101,7 @@ def decode_command(ffmpeg: str, max_s: float) -> list[str]:
         "error",
         "-threads",
         "1",
-        "-protocol_whitelist",
-        "pipe",
-        "-format_whitelist",
-        UPLOAD_DEMUXERS,
-        "-i",
-        "pipe:0",
+        *source,
         "-map",
         "0:a:0",
         "-vn",
@@ -108,6 +117,38 @@ def decode_command(ffmpeg: str, max_s: float) -> list[str]:
         "f32le",
         "pipe:1",
     ]
+
+
+# What an upload's first bytes say it is, for the message when it cannot be decoded: (prefix, offset, kind).
+_SIGNATURES = (
+    (b"ftyp", 4, "an MP4/M4A container"),
+    (b"RIFF", 0, "a RIFF (WAV) file"),
+    (b"OggS", 0, "an Ogg file"),
+    (b"fLaC", 0, "a FLAC file"),
+    (b"ID3", 0, "an MP3 with an ID3 tag"),
+    (b"\x1aE\xdf\xa3", 0, "a Matroska/WebM file"),
+    (b"%PDF", 0, "a PDF document"),
+    (b"\x89PNG", 0, "a PNG image"),
+    (b"\xff\xd8\xff", 0, "a JPEG image"),
+    (b"PK\x03\x04", 0, "a ZIP archive"),
+)
+
+
+def upload_kind(data: bytes) -> str:
+    """What an upload looks like from its first bytes ("unrecognised data" when nothing matches)."""
+    for prefix, offset, kind in _SIGNATURES:
+        if data[offset : offset + len(prefix)] == prefix:
+            return kind
+    if len(data) > 1 and data[0] == 0xFF and data[1] & 0xF6 == 0xF0:
+        return "AAC (ADTS) audio"
+    if len(data) > 1 and data[0] == 0xFF and data[1] & 0xE0 == 0xE0:
+        return "MPEG audio"
+    return "unrecognised data"
+
+
+def is_mp4(data: bytes) -> bool:
+    """An ISO base media file (mp4, m4a, mov, 3gp): its first box is `ftyp`."""
+    return data[4:8] == b"ftyp"
 
 
 def find_ffmpeg(name: str) -> tuple[Optional[str], str]:

@@ -114,7 +114,8 @@ class ModelNotReadyError(ServiceUnavailableError):
 
 
 class ModelLoadError(ModelNotReadyError):
-    """The checkpoint could not be found, downloaded or loaded; the message names the file and the problem."""
+    """The checkpoint could not be found, downloaded or loaded; the message names the file and the problem.
+    It stays so until the server is restarted with that fixed, so it carries no `Retry-After`."""
 
     default_code = "model_load_failed"
 
@@ -174,7 +175,66 @@ def as_api_error(exc: BaseException) -> APIError:
 
 
 def retry_after(error: APIError) -> Optional[str]:
-    """The `Retry-After` a client should get with this error (429: its own; 503: a few seconds), or None."""
+    """The `Retry-After` a client should get with this error (429: its own; 503: a few seconds), or None: a
+    failed load stays failed, and SDKs that honour the header would only retry it for nothing."""
     if isinstance(error, RateLimitError):
         return str(error.retry_after)
+    if isinstance(error, ModelLoadError) or error.code == ModelLoadError.default_code:
+        return None
     return "5" if error.status_code == 503 else None
+
+
+# Every error code a client can get, with what it means: docs/reference/errors.md is generated from this table,
+# and a test reads the source for every code raised and fails when the two differ. (status, meaning)
+ERROR_CODES: dict[str, tuple[int, str]] = {
+    "empty_input": (400, "`input` is empty or blank."),
+    "invalid_input": (400, "Text that cannot be spoken: lone surrogates, or only invisible characters."),
+    "string_above_max_length": (400, "`input` (or `transcript`) is longer than allowed (MAX_INPUT_LENGTH)."),
+    "invalid_voice": (400, "Unknown voice; the message lists the voices."),
+    "invalid_value": (400, "A field's value is out of range or not one of its choices; `param` names it."),
+    "invalid_type": (400, "A field has the wrong type; `param` names it."),
+    "missing_required_parameter": (400, "A required field is missing; `param` names it."),
+    "invalid_json": (400, "The body is not a UTF-8 JSON object."),
+    "invalid_request": (400, "ElevenLabs dialect: more than 3 `previous_request_ids` or `next_request_ids`."),
+    "invalid_request_id": (400, "The request's `x-request-id` header is not 1-128 letters, digits or `._:-`."),
+    "unknown_request_id": (400, "A `previous_request_ids` entry is unknown or expired (UTTERANCE_MAX_AGE_S)."),
+    "invalid_multipart": (400, "An upload route got a body that is not multipart/form-data."),
+    "invalid_audio": (400, "An upload is not audio this server can read, or is truncated."),
+    "empty_file": (400, "An uploaded file is empty."),
+    "unsupported_file_type": (400, "An upload's declared type is not audio."),
+    "unsupported_value": (400, 'A voice of `type: "prompt"`: CSM clones from audio only.'),
+    "audio_too_short": (400, "A voice sample or consent recording is shorter than 1 s."),
+    "audio_too_long": (400, "A voice sample or consent recording is longer than CUSTOM_VOICE_MAX_S."),
+    "audio_silent": (400, "A voice sample or consent recording is silent."),
+    "voice_name_taken": (400, "A custom voice of that name (or a preset or alias) exists already."),
+    "voice_limit_reached": (400, "MAX_CUSTOM_VOICES custom voices are stored already."),
+    "consent_limit_reached": (400, "MAX_CUSTOM_VOICES consents are stored already."),
+    "consent_not_found": (404, "Unknown consent id (400 when a new voice names it)."),
+    "invalid_api_key": (401, "API_KEY is set and the request's key is missing or wrong."),
+    "host_not_allowed": (403, "The `Host` header is not this machine nor in ALLOWED_HOSTS (DNS rebinding)."),
+    "origin_not_allowed": (403, "A state-changing request from a web page whose origin is not in CORS_ORIGINS."),
+    "api_key_required": (403, "Creating or deleting voices or consents from another machine while API_KEY is unset."),
+    "custom_voices_disabled": (403, "CUSTOM_VOICES is off: no new consents or voices."),
+    "voice_not_found": (404, "Unknown custom voice id (ElevenLabs dialect: unknown voice)."),
+    "model_not_found": (404, "`GET /v1/models/{id}` for another model than `csm-1b`."),
+    "request_timeout": (408, "The body did not arrive in time (BODY_TIMEOUT_S, BODY_MIN_RATE)."),
+    "request_too_large": (413, "The body is over MAX_REQUEST_BYTES, or an upload over 10 MiB."),
+    "rate_limit_exceeded": (429, "The server is full; `Retry-After` says when to come back (the SDKs retry)."),
+    "internal_error": (500, "A bug: the details are in the server's log only."),
+    "generation_failed": (
+        500,
+        "ffmpeg failed while encoding; after audio has started, the stream is aborted (SSE: an `error` event) instead.",
+    ),
+    "insufficient_storage": (507, "The disk is full: the voice or consent was not stored."),
+    "model_not_ready": (503, "The model is still loading (or reloading after an idle unload); `Retry-After`."),
+    "model_load_failed": (
+        503,
+        "The model failed to load: the message names the file and the problem. "
+        "It stays so until the server restarts: no `Retry-After`.",
+    ),
+    "model_restarting": (503, "The model process died and Serve is starting another; `Retry-After`."),
+    "model_worker_stopped": (503, "The model's MLX thread stopped; Serve replaces the replica; `Retry-After`."),
+    "out_of_memory": (503, "The request pushed MLX past MLX_MEMORY_LIMIT_MB (or MLX could not allocate)."),
+    "ffmpeg_unavailable": (503, "ffmpeg is missing or broken (FFMPEG_PATH); the message says what was found."),
+    "shutting_down": (503, "The server is stopping; in-flight responses finish; `Retry-After`."),
+}

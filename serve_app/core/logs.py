@@ -11,6 +11,9 @@ import logging
 import re
 
 from serve_app.core.constants import LOGGER_NAME
+from serve_app.core.errors import APIError, unwrap
+
+SERVE_LOGGER = "ray.serve"  # Ray Serve's own logger (ray.serve._private.constants.SERVE_LOGGER_NAME)
 
 # C0 controls but tab, DEL, C1 controls, and the bidirectional embedding/override/isolate characters.
 _CONTROLS = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
@@ -32,8 +35,26 @@ class _EscapeControls(logging.Filter):
         return True
 
 
+class _QuietRefusals(logging.Filter):
+    """Drops Ray Serve's "Request failed." record (with its traceback, ~30 lines) for an expected refusal: a
+    typed error that is not a bug (a 4xx, or a 503 such as a model still loading or a failed load). Such a
+    refusal travels from the model or encoder replica back to the ingress, which answers it and logs it in
+    the request's one line; Ray would log the traceback in every replica it passed. Bugs (500s and any other
+    exception) keep their traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info is None or record.exc_info[1] is None:
+            return True
+        error = unwrap(record.exc_info[1])
+        return not (isinstance(error, APIError) and error.status_code != 500)
+
+
 def configure_logging(level: str) -> logging.Logger:
-    """Set the app logger's level; give it a handler only where nothing upstream prints it."""
+    """Set the app logger's level; give it a handler only where nothing upstream prints it; keep expected
+    refusals out of Serve's log as tracebacks (`_QuietRefusals`)."""
+    serve_logger = logging.getLogger(SERVE_LOGGER)
+    if not any(isinstance(f, _QuietRefusals) for f in serve_logger.filters):
+        serve_logger.addFilter(_QuietRefusals())
     logger = logging.getLogger(LOGGER_NAME)
     logger.setLevel(level.upper())
     if not any(isinstance(f, _EscapeControls) for f in logger.filters):

@@ -41,162 +41,203 @@ class ConfigError(ValueError):
 class Settings(BaseModel):
     """Validated server settings. Field names are the environment variable names, lower-cased."""
 
-    model_config = ConfigDict(extra="ignore", frozen=True, validate_default=True)
+    # Each field's docstring is its documentation: docs/reference/configuration.md is generated from them
+    # (`python -m serve_app.tools.docs --write`), and a test fails when the page and this class differ.
+    model_config = ConfigDict(extra="ignore", frozen=True, validate_default=True, use_attribute_docstrings=True)
 
-    # The brief's R7 settings.
+    # The server.
     host: str = "0.0.0.0"
+    """Listen address. `0.0.0.0` serves your network (every device on it can ask for speech; only this machine
+    can create or delete voices unless API_KEY is set); `127.0.0.1` keeps the server to this machine."""
     port: int = Field(8880, ge=1, le=65535)
+    """Listen port (HTTP)."""
     model_id: str = Field("mlx-community/csm-1b", min_length=1)
+    """A Hugging Face repo id, downloaded once into CACHE_DIR, or a local checkpoint folder (never completed from
+    the network). `sesame/csm-1b` is gated: it needs HF_TOKEN."""
     cache_dir: Path = Path("~/.cache/sesame-tts")
+    """Downloads, the log, the PID file, custom voices and generated files."""
     default_voice: str = "conversational"
+    """The voice of a request that names none: a preset or an alias."""
     default_format: ResponseFormat = "mp3"
+    """The `response_format` of a request that names none."""
     max_input_length: int = Field(4096, ge=1, le=100_000)
+    """The longest accepted `input`, in characters (as sent, before markdown is taken out)."""
     log_level: Literal["debug", "info", "warning", "error", "critical"] = "info"
+    """How much the server logs."""
+    access_log: bool = False
+    """Ray Serve's access lines: one per call in every deployment (five for each `/health` poll). Off by
+    default; every speech request has its own `request id=...` line either way."""
 
-    # When set, speech (and every other /v1 call but the lists) needs `Authorization: Bearer <API_KEY>`;
-    # /health stays open.
+    # Who may call.
     api_key: Optional[SecretStr] = None
-    # Whether the lists (/v1/models, /v1/audio/models, /v1/audio/voices) need the key too. Off by default:
-    # Open WebUI and similar clients fetch them without a key and silently fall back to OpenAI's names,
-    # and they reveal only the model and preset names.
+    """When set, speech and every other `/v1` call but the lists need `Authorization: Bearer <API_KEY>`
+    (ElevenLabs routes: `xi-api-key` too), checked on the headers before any body is read (else 401). `/health`
+    stays open, with details only with the key or from this machine. Never logged, never handed to Ray. Set
+    but empty is refused at start. Unset: voices and consents can be created or deleted from this machine
+    only."""
     lists_need_api_key: bool = False
-    # Host names this server answers to besides its own names and addresses (DNS rebinding guard), comma-
-    # separated: a reverse proxy's public name, say; "*" turns the check off.
+    """Whether `/v1/models`, `/v1/audio/models` and `/v1/audio/voices` need the key too. Off: Open WebUI
+    fetches these lists without a key and silently falls back to OpenAI's voice names when refused. Without
+    the key they list the presets only, never custom voices."""
     allowed_hosts: tuple[str, ...] = ()
-    # Browser origins (scheme://host[:port]) allowed to make state-changing requests and read responses
-    # (CORS), comma-separated; "*": any. Requests without an Origin (SDKs, curl) are not affected.
+    """Host names the server answers to besides its own names and addresses (comma-separated), e.g. a reverse
+    proxy's public name; `*` turns the check off. Any other `Host` gets 403 `host_not_allowed` (DNS
+    rebinding)."""
     cors_origins: tuple[str, ...] = ()
-    # A request's body must arrive within BODY_TIMEOUT_S plus its length at BODY_MIN_RATE bytes/s (408).
+    """Browser origins (`https://app.example:3000`, comma-separated; `*`: any) that may make state-changing
+    requests and read the answers (CORS). Other pages' origins get 403 `origin_not_allowed`; clients that
+    send no `Origin` (SDKs, curl, OpenClaw) are not affected."""
     body_timeout_s: float = Field(10.0, ge=1.0, le=600.0)
+    """A request's body is due within this many seconds of its first byte, plus what has arrived at
+    BODY_MIN_RATE; a client that falls behind gets 408 `request_timeout`."""
     body_min_rate: int = Field(64 * 1024, ge=1024)
-    # A response the client takes no bytes of for WRITE_TIMEOUT_S ends: Serve's proxy resets the connection
-    # and cancels the request (api/proxy.py), so a reader that stops cannot pin the response's memory.
+    """The slowest body upload accepted after BODY_TIMEOUT_S, in bytes per second."""
     write_timeout_s: float = Field(30.0, ge=1.0, le=3600.0)
+    """A response the client takes no bytes of for this long ends: Serve's proxy resets the connection and the
+    request is cancelled, so a client that stops reading cannot keep its response in memory. A client that
+    reads at all (a player taking opus in real time) is never cut off."""
 
     # The model.
     dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    """Weight dtype; bfloat16 keeps CSM-1B at ~3.1 GB."""
     mlx_device: Literal["auto", "cpu", "gpu"] = "auto"
-    # The Mimi codec's dtype. float32 is how Sesame's reference runs it (kyutai's bf16 weights in a float32
-    # model); bfloat16 halves its memory (~0.2 GB) and decodes faster on this CPU, with slightly different codes.
+    """`auto`: the GPU where MLX has one (Metal on a Mac), else the CPU."""
     mimi_dtype: Literal["float32", "bfloat16"] = "float32"
-    # Weight quantization at load (0 = off): less memory and, on Apple GPUs, less bandwidth per frame.
+    """The Mimi codec's dtype. `float32` is how Sesame's reference runs it; `bfloat16` saves ~0.24 GB and
+    decodes faster on a CPU, with slightly different prompt codes and audio (~36 dB SNR against float32)."""
     quantize: Literal[0, 4, 8] = 0
-    # Compile the whole frame (engine/frame.py) once per shape (rows generating, rows joining, cache capacity
-    # bucket) and Mimi's codebook decode per batch size. "auto": on a GPU only; MLX's CPU backend compiles
-    # with a C++ compiler (~30 s per new shape, cold) for a few % at full size.
+    """`8` or `4`: quantize the backbone, depth decoder and embeddings at load (less memory and, on Apple
+    GPUs, less bandwidth per frame; no speed on MLX's CPU backend). `0`: off."""
     mlx_compile: Literal["auto", "on", "off"] = "auto"
-    # Pipelined frame loop: launch frame N+1 before reading frame N on the host (same output; off for checks).
+    """Compile each steady frame as one function per shape, and Mimi's codebook decode per batch size. `auto`:
+    on a GPU only (MLX's CPU backend compiles with a C++ compiler, ~30 s per new shape when cold). The audio is
+    byte-identical either way (tested)."""
     pipeline: bool = True
-    # Model replicas, at most one per machine (Ray node): a number, or "auto" for one on every node of the Ray
-    # cluster that can run MLX (the nodes started with the custom resource {"mlx": 1}; all nodes if none is).
-    # Counted when the app is deployed: after adding a machine, restart (or redeploy) the app.
+    """Pipelined frame loop: frame N+1 is launched on the device before frame N is read on the host. The audio
+    is byte-identical either way (tested)."""
     model_replicas: str = "1"
-    # Requests generating together in one batched forward pass; more wait (up to MAX_QUEUED_REQUESTS).
+    """Model replicas, at most one per machine of a Ray cluster; `auto`: one on every node that declares the
+    `mlx` resource (all nodes if none does). Counted when the app starts: restart after adding a machine."""
     max_batch_size: int = Field(8, ge=1, le=64)
+    """Requests that generate together in one batched forward pass (continuous batching); `1` generates one at
+    a time."""
     hf_token: Optional[SecretStr] = None
-    # Where the replicas read API_KEY and HF_TOKEN (a 0600 file the launcher writes into CACHE_DIR), so the
-    # secrets never travel in the app's arguments or runtime_env, which Ray stores and logs. Set by the launcher.
+    """Hugging Face token, only for gated repos such as `sesame/csm-1b`. Never logged, never handed to Ray."""
     secrets_file: Optional[Path] = None
-    # The hub's address (a mirror, say); None: huggingface_hub's default.
+    """Set by the launcher: the 0600 file in CACHE_DIR where the replicas read API_KEY and HF_TOKEN, so the
+    secrets never travel in the app's arguments or runtime_env, which Ray stores and logs."""
     hf_endpoint: Optional[str] = None
-    # Where a hub checkpoint's missing pieces are fetched from (a local MODEL_ID never fetches).
+    """The hub's address (a mirror); unset: huggingface_hub's default."""
     tokenizer_id: str = "unsloth/Llama-3.2-1B"
+    """Where a hub checkpoint without `tokenizer.json` gets its Llama 3.2 tokenizer (tokenizer files only)."""
     mimi_id: str = "kyutai/moshiko-pytorch-bf16"
+    """Where a hub checkpoint without `mimi/` gets the Mimi codec."""
     mimi_file: str = "tokenizer-e351c8d8-checkpoint125.safetensors"
+    """The Mimi weights file in MIMI_ID."""
 
-    # Text ready to speak: markdown (emphasis, headings, lists, links, code blocks, tables) and emoji are taken
-    # out before chunking (markdown.py); MAX_INPUT_LENGTH applies to the text as sent.
+    # Text.
     strip_markdown: bool = True
-
-    # Text chunking: the first chunk is short so speech starts early.
+    """Take markdown and emoji out before speaking: emphasis, headings, bullets, links (their text stays),
+    inline code (its text stays), fenced code blocks (dropped), tables (cells read with commas), HTML tags,
+    emoji. Every word of plain prose stays, in order. Its old name NORMALIZE_TEXT is still read."""
     first_chunk_max_chars: int = Field(100, ge=20)
+    """The first text chunk's longest length: short, so speech starts early."""
     chunk_max_chars: int = Field(220, ge=20, le=1000)
+    """Every later text chunk's longest length."""
 
-    # Backbone KV reuse: a voice's reference clip is prefilled once at load and requests start from it; a
-    # request's next text chunk continues its own cache row instead of re-prefilling voice and history.
-    # Off: every chunk re-prefills its whole context (the reference behaviour, for comparisons).
+    # Context and caches.
     prefix_cache: bool = True
-    # The voices' cached prefixes may hold this much memory (least recently used out first). A prefix costs
-    # ~32 KB per position with CSM-1B in bf16 (16 layers x 8 KV heads x 64 dims x keys and values).
+    """Backbone KV reuse: each voice's reference clip is prefilled once at load and requests start from it; a
+    request's next text chunk continues its own cache row. `false`: every chunk re-prefills its whole context
+    (the reference path; the same codes, slower)."""
     voice_cache_mb: int = Field(512, ge=0)
-
-    # Conversation context across requests (text/memory.py): what each response said (its text and Mimi codes,
-    # ~48 KB per minute of speech) is kept under its request id in this much memory (0: off), least recently
-    # used out first, for at most UTTERANCE_MAX_AGE_S; a `conversation` keeps its last CONVERSATION_TURNS turns
-    # for CONVERSATION_MAX_AGE_S after its latest one.
+    """Memory the voices' prefilled prefixes may hold, least recently used out first (~32 KB per position with
+    CSM-1B in bf16, ~11 MB for a 350-position clip)."""
     utterance_memory_mb: float = Field(64.0, ge=0.0)
+    """What each response said (text and Mimi codes, ~48 KB per minute of speech), kept under its request id
+    for conversation context, least recently used out first; `0`: off."""
     utterance_max_age_s: float = Field(3600.0, gt=0.0)
+    """How long a remembered utterance can be named in `previous_request_ids`."""
     conversation_turns: int = Field(3, ge=1, le=16)
+    """A `conversation` keeps its last this many turns as context."""
     conversation_max_age_s: float = Field(1800.0, gt=0.0)
-
-    # While other requests stream, a joining prompt is prefilled at most this many positions per batch step
-    # (between their frames), so a long context never stalls them for long.
+    """A `conversation` is forgotten this long after its latest turn."""
     prefill_step_positions: int = Field(128, ge=8, le=2048)
+    """While other requests stream, a joining prompt is prefilled at most this many positions per batch step,
+    between their frames, so a long context never stalls them for long."""
 
-    # Streaming: frames decoded per PCM group; the first group is small for a fast first byte.
+    # Streaming.
     first_group_frames: int = Field(2, ge=1, le=50)
+    """Frames (80 ms each) in a response's first streamed piece: small, for a fast first byte."""
     group_frames: int = Field(6, ge=1, le=100)
+    """Frames (80 ms each) in every later streamed piece."""
 
-    # Runaway guard: a text chunk may produce at most base + per_char * len(text) seconds of audio. The default
-    # allows the text at a slow speaking rate (10 characters a second) plus 2 s: 22 s for 200 characters. The
-    # cap before guards existed: MAX_AUDIO_S_PER_CHAR=0.12 (26 s for 200 characters).
+    # Runaway and failure-mode guards (engine/guards.py; docs/internals.md).
     max_audio_base_s: float = Field(2.0, ge=0.08)
+    """Frame cap: a text chunk stops after this many seconds plus MAX_AUDIO_S_PER_CHAR per character, even if
+    CSM never ends it (22 s for 200 characters by default)."""
     max_audio_s_per_char: float = Field(round(1.0 / SLOW_CHARS_PER_S, 4), ge=0.0)
-
-    # Guards against CSM's known failure modes (engine/guards.py, README "Guards"); each off with its setting.
-    # Every chunk ends with terminal punctuation before it reaches CSM (a chunk without one tends to lose its
-    # last word).
+    """Frame cap per character: the default allows the text at a slow 10 characters a second. `0.12` is the
+    cap from before the guards (26 s for 200 characters)."""
     terminal_punctuation: bool = True
-    # A chunk whose codebook-0 codes repeat over GUARD_LOOP_WINDOW_S ends there.
+    """Every chunk ends with terminal punctuation before CSM sees it (a chunk without one tends to lose its last
+    word)."""
     guard_loop: bool = True
+    """A chunk whose codebook-0 codes repeat over GUARD_LOOP_WINDOW_S ends there."""
     guard_loop_window_s: float = Field(2.0, ge=0.4, le=10.0)
-    # Once a chunk has spoken, a quiet run (each 80 ms frame's RMS below GUARD_SILENCE_DBFS) of
-    # GUARD_SILENT_TAIL_S ends it, and only GUARD_PAUSE_S of that run is kept; the pause between two chunks
-    # (one's trailing quiet frames and the next one's leading ones) is also kept to at most GUARD_PAUSE_S.
+    """How long a repetition must last before the loop guard ends a chunk."""
     guard_silent_tail: bool = True
+    """After a chunk has spoken, a quiet run of GUARD_SILENT_TAIL_S ends it and only GUARD_PAUSE_S of it is
+    kept; the pause between two chunks is also kept to at most GUARD_PAUSE_S."""
     guard_silence_dbfs: float = Field(-45.0, ge=-120.0, le=0.0)
+    """An 80 ms frame is quiet below this RMS level."""
     guard_silent_tail_s: float = Field(1.5, ge=0.24, le=30.0)
+    """How long a quiet run after speech ends a chunk."""
     guard_pause_s: float = Field(0.4, ge=0.0, le=5.0)
-    # An end-of-speech sooner than a third of the time the chunk's text takes at a slow speaking rate (an end
-    # at frame 0 included) is generated again once with the request's next seed; the longer take is kept.
-    # To allow the retry, a chunk's audio is held back until it passes that point or GUARD_HOLD_S, whichever
-    # comes first (an end after that is kept: its audio is playing); the first chunk holds at most its first
-    # group, or GUARD_FIRST_CHUNK_HOLD_S when that is longer (each 80 ms held there is 80 ms more first audio).
+    """The longest pause kept at a chunk's end and between chunks."""
     guard_too_short: bool = True
+    """An end-of-speech sooner than a third of the time the chunk's text takes at a slow speaking rate (an end
+    at frame 0 included) is generated again once with the request's next seed; the longer take is kept."""
     guard_hold_s: float = Field(3.0, ge=0.0, le=30.0)
+    """How long a later chunk's start is held back so that a too-early end can be retried unheard."""
     guard_first_chunk_hold_s: float = Field(0.0, ge=0.0, le=10.0)
+    """How long the first chunk is held back (at least its first group); each 80 ms more is 80 ms more first
+    audio."""
 
-    # Overload and hostile input. Up to MAX_BATCH_SIZE requests generate together; up to
-    # MAX_QUEUED_REQUESTS more wait, and beyond that a request gets 429 with Retry-After before any audio.
+    # Overload and hostile input.
     max_queued_requests: int = Field(16, ge=0, le=200)
-    # Request bodies over this many bytes get 413 (4,096 characters of input are at most ~50 KB of JSON).
+    """Requests that may wait while MAX_BATCH_SIZE generate; beyond that a request gets 429 with
+    `Retry-After`, before any audio."""
     max_request_bytes: int = Field(256 * 1024, ge=1024)
-    # MLX memory the model replica may use (MB, 0 = no limit beyond the machine's). A request that would
-    # pass it fails with 503 out_of_memory and the replica releases MLX's cache; the others carry on.
+    """The largest request body; bigger gets 413 (4,096 characters of input are at most ~50 KB of JSON)."""
     mlx_memory_limit_mb: int = Field(0, ge=0)
-    # Release the model's weights (memory back to the OS) after this many seconds without a request; the next
-    # request reloads them first (see README "Idle unload" for the time that takes). 0: never.
+    """MLX memory the model replica may use (`0`: no limit beyond the machine's). A request that pushes it past
+    the limit fails with 503 `out_of_memory`, MLX's cache is released, and the next request runs normally."""
     idle_unload_s: float = Field(0.0, ge=0.0)
-    # The model replica's MLX thread is taken as hung when one task (a batch step, a call) runs longer than
-    # this; Serve's health check then fails and Serve replaces the replica. A step takes milliseconds on a
-    # GPU; a long prefill with full-size weights on a slow CPU can take minutes. Loading is exempt.
+    """After this many seconds without a request the model replica releases its weights; the next request
+    reloads them first and waits for it. `0`: never."""
     worker_stall_timeout_s: float = Field(300.0, ge=1.0)
+    """The model replica's MLX thread counts as hung when one task runs longer than this: its health check
+    fails and Serve replaces the replica. Loading (and a first download) is exempt."""
 
-    # Custom voices (POST /v1/audio/voice_consents, /v1/audio/voices): stored under CACHE_DIR. Off: no new
-    # consents or voices (stored ones still speak and can be deleted).
+    # Custom voices.
     custom_voices: bool = True
-    # At most this many custom voices, and this many consents, are kept.
+    """Whether clients may create custom voices (403 `custom_voices_disabled` when off). Stored voices keep
+    speaking and can be deleted either way."""
     max_custom_voices: int = Field(50, ge=1, le=10_000)
-    # The longest reference clip accepted. Its frames share CSM's 2,048 positions with the longest text chunk
-    # and the conversation; a 30 s clip takes ~400 (the model replica checks the exact fit).
+    """At most this many custom voices, and this many consents, are stored."""
     custom_voice_max_s: float = Field(30.0, ge=2.0, le=100.0)
+    """The longest voice sample (and consent recording) accepted; longer gets 400 `audio_too_long`. A 30 s
+    clip takes ~400 of CSM's 2,048 positions."""
 
     # Presets and ffmpeg.
     voices_dir: Path = PROJECT_ROOT / "voices"
+    """The voice preset folder (read at start: restart after adding or changing a preset)."""
     ffmpeg_path: str = "ffmpeg"
-    # Idle ffmpeg processes kept started per output format in use (0: start one per response): ffmpeg takes
-    # ~55 ms to start, which a response's first byte would otherwise wait for.
+    """The ffmpeg binary."""
     ffmpeg_warm: int = Field(1, ge=0, le=4)
+    """Idle ffmpeg processes kept started per output format in use, so a response's first byte does not wait
+    ~55 ms for ffmpeg to start; `0`: one started per response."""
 
     @property
     def pid_file(self) -> Path:

@@ -118,7 +118,7 @@ def offline_message(repo_id: str, options: EngineOptions, reason: str) -> str:
         f"cannot download {repo_id} from the Hugging Face hub ({reason}). The first start needs the network "
         f"once (about 6 GB for the full model); later starts load offline from {options.cache_dir / 'hub'}. "
         f"Or set MODEL_ID to a local CSM checkpoint folder. To try the server offline with a tiny random-weight "
-        f"checkpoint: python -m serve_app.tools.tiny_checkpoint /tmp/csm-tiny, then MODEL_ID=/tmp/csm-tiny."
+        f"checkpoint, run in the checkout: ./ops/serve.sh --tiny /tmp/csm-tiny"
     )
 
 

@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 from typing import Any, Optional
 
-from serve_app.core.errors import ModelNotReadyError
+from serve_app.core.errors import ModelLoadError, ModelNotReadyError
 
 
 class ModelState(str, enum.Enum):
@@ -71,7 +71,7 @@ class Lifecycle:
         if engine is not None:
             return engine
         if self.error is not None:
-            raise ModelNotReadyError(f"The model failed to load: {self.error}")
+            raise ModelLoadError(f"The model failed to load: {self.error}")
         raise ModelNotReadyError("The model is still loading; retry shortly.")
 
     # --- requests in and out ----------------------------------------------------------------------------

@@ -8,6 +8,7 @@ used out first) and by age; a conversation keeps its last few turns, for a while
 
 from __future__ import annotations
 
+import logging
 import re
 import threading
 import time
@@ -15,8 +16,11 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Optional
 
+from serve_app.core.constants import LOGGER_NAME
 from serve_app.core.errors import InvalidRequestError
 from serve_app.core.messages import ContextSegment, Utterance
+
+logger = logging.getLogger(LOGGER_NAME)
 
 
 @dataclass
@@ -45,7 +49,12 @@ class UtteranceMemory:
             return
         with self._lock:
             now = self._clock()
-            self._drop(request_id)
+            if self._get(request_id, now) is not None:
+                # A client may choose its request id (Serve keeps the one it sends): a later request never
+                # replaces what an earlier one said under the same id.
+                logger.warning("request %s: an utterance is kept under this id already; not remembered", request_id)
+                return
+            self._drop(request_id)  # an expired one
             self._kept[request_id] = _Kept(utterance, now)
             self._bytes += utterance.nbytes
             while self._bytes > self.max_bytes:

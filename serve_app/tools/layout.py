@@ -1,6 +1,6 @@
 """The package's layout map, generated from the tree: every package and module with the first line of its
-docstring. `python -m serve_app.tools.layout` prints it; `--write` puts it into README.md between its
-markers; tests/unit/test_layering.py fails when the README's copy is not the tree's."""
+docstring. `python -m serve_app.tools.layout` prints it; `--write` puts it into docs/development.md between
+its markers; tests/unit/test_layering.py fails when the page's copy is not the tree's."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from pathlib import Path
 
 from serve_app.core.constants import PROJECT_ROOT
 
+PAGE = PROJECT_ROOT / "docs" / "pages" / "development.md"
 START, END = "<!-- layout:start (python -m serve_app.tools.layout --write) -->", "<!-- layout:end -->"
 # The layers in the order they stack (core at the bottom); each one's role is its package docstring.
 LAYERS = ("core", "voices", "text", "audio", "engine", "model", "api", "tools")
@@ -52,23 +53,22 @@ def render(root: Path = PROJECT_ROOT) -> str:
     return "\n".join(line.rstrip() for line in lines)
 
 
-def readme_block(text: str) -> str:
+def page_block(text: str) -> str:
     start, end = text.index(START) + len(START), text.index(END)
     return text[start:end].strip().removeprefix("```").removesuffix("```").strip()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--write", action="store_true", help="update README.md's layout map in place")
+    parser.add_argument("--write", action="store_true", help="update docs/development.md's layout map in place")
     args = parser.parse_args()
     tree = render()
     if not args.write:
         print(tree)
         return
-    readme = PROJECT_ROOT / "README.md"
-    text = readme.read_text()
+    text = PAGE.read_text()
     start, end = text.index(START) + len(START), text.index(END)
-    readme.write_text(text[:start] + "\n```\n" + tree + "\n```\n" + text[end:])
+    PAGE.write_text(text[:start] + "\n```\n" + tree + "\n```\n" + text[end:])
 
 
 if __name__ == "__main__":

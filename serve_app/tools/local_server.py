@@ -14,6 +14,7 @@ import sys
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Optional
 
 import httpx
 
@@ -31,9 +32,10 @@ def free_port() -> int:
 
 
 class LocalServer:
-    """One server process group; `env` is laid over this process's environment and the local defaults."""
+    """One server process group; `env` is laid over this process's environment and the local defaults.
+    `command(port)`, if given, is what runs instead of the launcher (a bare `serve run`, say)."""
 
-    def __init__(self, work: Path, env: Mapping[str, str]):
+    def __init__(self, work: Path, env: Mapping[str, str], command: Optional[Callable[[int], list[str]]] = None):
         work.mkdir(parents=True, exist_ok=True)
         env_file = work / "empty.env"
         env_file.write_text("")
@@ -52,7 +54,7 @@ class LocalServer:
         self.log = work / "server.log"
         with open(self.log, "wb") as out:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "serve_app.launch"],
+                command(port) if command else [sys.executable, "-m", "serve_app.launch"],
                 cwd=PROJECT_ROOT,
                 env=full_env,
                 stdout=out,

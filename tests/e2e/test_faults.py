@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import shutil
+import subprocess
 import time
 
 import httpx
@@ -24,7 +25,9 @@ from serve_app.model.loading import load_engine
 from serve_app.model.replica import CSMModel
 from serve_app.text.chunking import chunk_text
 from serve_app.voices.presets import VoiceLibrary
+from tests.support.docs import first_request
 from tests.support.servers import launch_server, settled
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.server
 
@@ -73,6 +76,25 @@ def test_missing_ffmpeg_is_named_by_health_and_requests_get_503(fault_servers):
     assert httpx.get(f"{server.api}/models", timeout=10).status_code == 200  # the rest of the API still works
 
 
+def test_the_docs_first_request_shows_a_not_ready_servers_error_and_its_output_has_no_traceback(
+    fault_servers, tmp_path
+):
+    """What a newcomer runs first, exactly as the getting-started page prints it, against a server whose model
+    did not load: curl exits non-zero, prints the server's message and leaves no bogus test.mp3. The server's
+    output (the terminal of `./ops/serve.sh`) holds one line per refused request and no traceback."""
+    server = fault_servers["bad_model"]
+    command = first_request().replace("http://localhost:8880", server.base_url)
+    assert server.base_url in command
+    for _ in range(2):
+        run = subprocess.run(["bash", "-c", command], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+        assert run.returncode != 0
+        assert "model_load_failed" in run.stdout and "model.safetensors" in run.stdout, run
+        assert not (tmp_path / "test.mp3").exists()
+    wait_for(lambda: server.log_text().count("status=503") >= 2, "a log line per refused request")
+    assert "Traceback" not in server.log_text()
+    assert "CALL health" not in server.log_text()  # Serve's access lines are off by default (ACCESS_LOG)
+
+
 def test_model_load_failure_names_the_file_and_does_not_spin(fault_servers):
     server = fault_servers["bad_model"]
     health = server.health()
@@ -80,8 +102,10 @@ def test_model_load_failure_names_the_file_and_does_not_spin(fault_servers):
     body = health.json()
     assert body["model"]["status"] == "failed"
     assert "model.safetensors" in body["reason"]
-    error = assert_503(httpx.post(f"{server.api}/audio/speech", json={"input": "hi"}, timeout=30), "model_not_ready")
-    assert "model.safetensors" in error["message"]
+    refused = httpx.post(f"{server.api}/audio/speech", json={"input": "hi"}, timeout=30)
+    assert refused.status_code == 503 and refused.json()["error"]["code"] == "model_load_failed"
+    assert "model.safetensors" in refused.json()["error"]["message"]
+    assert "retry-after" not in refused.headers  # it stays failed until a restart: nothing to retry
     # The failed replica stays up, idle, reporting why: no restart loop, no busy thread.
     pid = body["model"]["memory"]["pid"]
     cpu_before = cpu_seconds(pid)

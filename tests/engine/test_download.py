@@ -11,14 +11,14 @@ import time
 
 import pytest
 
-from serve_app.core.errors import ModelLoadError, ModelNotReadyError
+from serve_app.core.errors import ModelLoadError
 from serve_app.core.messages import SynthesisRequest, Usage
 from serve_app.core.settings import Settings
 from serve_app.engine.checkpoint import MODEL_FILES
 from serve_app.engine.hub import fetch_repo
 from serve_app.model.replica import CSMModel
 from tests.support.fake_hub import FakeHub
-from tests.support.servers import ENGINE_CAPS, settled
+from tests.support.servers import ENGINE_CAPS, ROOT, settled
 
 REPO = "test-org/csm-tiny"
 
@@ -90,13 +90,14 @@ def test_no_network_on_first_start_is_a_503_that_says_what_to_do(tmp_path, voice
     for words in (
         "needs the network once",
         "MODEL_ID to a local CSM checkpoint folder",
-        "serve_app.tools.tiny_checkpoint",
+        "./ops/serve.sh --tiny /tmp/csm-tiny",  # a command that runs as printed, in the checkout
     ):
         assert words in state["error"]
+    assert '"--tiny"' in (ROOT / "ops" / "serve.sh").read_text()
     assert "LocalEntryNotFoundError" not in state["error"] and "ConnectError" not in state["error"]
-    with pytest.raises(ModelNotReadyError, match="needs the network once") as info:
+    with pytest.raises(ModelLoadError, match="needs the network once") as info:
         asyncio.run(_collect(model, SynthesisRequest(["hi"], voices.resolve("fast"))))
-    assert info.value.status_code == 503
+    assert info.value.status_code == 503 and info.value.code == "model_load_failed"
     # An expected failure: one clear log line, no traceback.
     failures = [r for r in caplog.records if "failed to load" in r.getMessage()]
     assert len(failures) == 1 and failures[0].exc_info is None

@@ -27,7 +27,9 @@ def clips() -> dict[str, bytes]:
     return {
         "wav": make_audio(tone, 3, "wav"),
         "mp3": make_audio(tone, 3, "mp3"),
-        "m4a": make_audio(tone, 3, "ipod", "-c:a", "aac"),  # moov at the end: read from a pipe all the same
+        "m4a": make_audio(tone, 3, "ipod", "-c:a", "aac"),  # moov at the end, small: read from a pipe all the same
+        # ffmpeg's default mp4 layout (moov at the end) past what a pipe holds: ffmpeg must seek back to read it.
+        "m4a_default": make_audio(tone, 10, "mp4", "-c:a", "aac"),
         "flac": make_audio(tone, 3, "flac"),
         "short": make_audio(tone, 0.3, "wav"),
         "long": make_audio(tone, 40, "mp3"),
@@ -177,6 +179,61 @@ def test_hostile_uploads_get_openai_errors_and_change_nothing(
     assert stored(app) == before
     speech = app.request("POST", "/v1/audio/speech", json={"input": "Still here.", "response_format": "wav"})
     assert speech.status_code == 200 and rms(decode(speech.content)) > 0.01
+
+
+def test_an_m4a_written_with_ffmpegs_defaults_clones_and_speaks(app, consent_id, clips):
+    """ffmpeg writes an mp4's index (`moov`) after the audio unless told otherwise; a pipe cannot seek back to
+    it, so the upload is decoded from a private temporary file instead, and is then refused only if it truly
+    cannot be read (the message says what arrived)."""
+    data = clips["m4a_default"]
+    assert data.find(b"moov") > data.find(b"mdat") > 0  # the index really is at the end
+    response = create(app, consent_id, data, "audio/mp4", name="Jo default m4a", transcript=TRANSCRIPT)
+    assert response.status_code == 200, response.text
+    voice = response.json()
+    assert 9.9 < voice["duration_s"] < 10.1
+    speech = app.request(
+        "POST", "/v1/audio/speech", json={"input": "Hello.", "voice": voice["id"], "response_format": "wav"}
+    )
+    assert speech.status_code == 200 and rms(decode(speech.content)) > 0.01
+    assert app.request("DELETE", f"/v1/audio/voices/{voice['id']}").status_code == 200
+    cut = create(app, consent_id, data[: len(data) * 3 // 4], "audio/mp4")  # the index cut off: unreadable
+    error = assert_error(cut, 400, "audio_sample", "invalid_audio")
+    assert f"{len(data) * 3 // 4:,} bytes of an MP4/M4A container" in error["message"]
+    text = assert_error(create(app, consent_id, b"plain text " * 20, "audio/wav"), 400, "audio_sample", "invalid_audio")
+    assert "220 bytes of unrecognised data" in text["message"]
+
+
+def test_without_a_key_only_this_machine_may_create_or_delete_voices(app, consent_id, clips):
+    """With API_KEY unset, the routes that store or delete a person's voice answer a LAN client 403
+    `api_key_required`, saying to set API_KEY; reading and speaking stay open; this machine may write."""
+    lan = "192.168.1.50"  # the transport only pretends; nothing leaves this process
+    voice_id = create(app, consent_id, clips["wav"], name="Mine").json()["id"]
+    before = stored(app)
+    form = {"name": "Intruder", "consent": consent_id}
+    attempts = [
+        (
+            "POST",
+            "/v1/audio/voice_consents",
+            {"data": {"name": "x", "language": "en"}, "files": {"recording": ("c.wav", clips["wav"], "audio/wav")}},
+        ),
+        ("POST", "/v1/audio/voices", {"data": form, "files": {"audio_sample": ("x.wav", clips["wav"], "audio/wav")}}),
+        ("POST", f"/v1/audio/voice_consents/{consent_id}", {"json": {"name": "renamed"}}),
+        ("DELETE", f"/v1/audio/voice_consents/{consent_id}", {}),
+        ("DELETE", f"/v1/audio/voices/{voice_id}", {}),
+    ]
+    for method, path, kw in attempts:
+        error = assert_error(app.request(method, path, client_address=lan, **kw), 403, None, "api_key_required")
+        assert "API_KEY" in error["message"]
+    assert stored(app) == before
+    assert app.request("GET", f"/v1/audio/voice_consents/{consent_id}", client_address=lan).json()["name"] == "Owner"
+    speech = app.request(
+        "POST",
+        "/v1/audio/speech",
+        client_address=lan,
+        json={"input": "Hi.", "voice": voice_id, "response_format": "wav"},
+    )
+    assert speech.status_code == 200 and rms(decode(speech.content)) > 0.01
+    assert app.request("DELETE", f"/v1/audio/voices/{voice_id}").json()["deleted"] is True  # from this machine
 
 
 # OpenAI's accepted upload types, each as a real file of that type (stereo 48 kHz where the codec allows).

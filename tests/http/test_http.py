@@ -303,3 +303,28 @@ def test_a_guard_that_acts_is_in_the_request_log_and_the_audio(local, caplog, mo
     [line] = [r.getMessage() for r in caplog.records if r.getMessage().startswith("request id=")]
     assert "guards=silent_tail:1" in line and "audio_s=1.04" in line
     assert any(r.getMessage().startswith("guard silent_tail fired") for r in caplog.records)
+
+
+def test_one_request_id_in_the_header_the_log_line_and_error_responses(local, keyed, caplog):
+    """Each response carries exactly one `x-request-id`, and the request's log line names the same id: for
+    audio, for a 400, and for a 401 turned away on the headers. An id the client sends (Serve's proxy keeps
+    it) is adopted; one that is not a short token is refused. Serve's proxy itself: tests/e2e/test_serve_run.py."""
+
+    def ids(response) -> list[str]:
+        return [value for name, value in response.headers.multi_items() if name.lower() == "x-request-id"]
+
+    with caplog.at_level(logging.INFO, logger="sesame_tts"):
+        audio = local.request("POST", SPEECH, json={"input": TEXT, "response_format": "pcm"})
+        bad = local.request("POST", SPEECH, json={"input": TEXT, "voice": "nobody"})
+        unauthorized = keyed.request("POST", SPEECH, json={"input": TEXT})
+        chosen = local.request("POST", SPEECH, json={"input": ""}, headers={"x-request-id": "client-chosen.1"})
+    assert audio.status_code == 200 and len(audio.content) > 0
+    assert_error(bad, 400, "voice", "invalid_voice")
+    assert_error(unauthorized, 401, None, "invalid_api_key")
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("request id=")]
+    for response, status in ((audio, "ok"), (bad, "400"), (unauthorized, "401")):
+        (request_id,) = ids(response)
+        assert [line for line in lines if f"id={request_id} " in line and f"status={status}" in line], lines
+    assert ids(chosen) == [] and any("id=client-chosen.1 " in line for line in lines)  # the proxy echoes it
+    refused = local.request("POST", SPEECH, json={"input": TEXT}, headers={"x-request-id": "a b/" + "x" * 200})
+    assert_error(refused, 400, "x-request-id", "invalid_request_id")

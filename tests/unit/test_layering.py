@@ -1,6 +1,6 @@
 """The package's layers, read from the imports themselves (every `import`, module-level or inside a
 function, TYPE_CHECKING included): which layer may import which, no import cycle between modules, FastAPI
-in api/ only, MLX in engine/ and tools/ only, nothing importing tools/, and the README's layout map equal
+in api/ only, MLX in engine/ and tools/ only, nothing importing tools/, and docs/development.md's layout map equal
 to the tree's. (What a process loads at run time is tests/unit/test_launch.py's check.)"""
 
 from __future__ import annotations
@@ -142,21 +142,22 @@ def test_every_module_says_what_it_is_for(name):
     assert ast.get_docstring(ast.parse(path.read_text())), f"{path} has no docstring (the layout map shows it)"
 
 
-def test_the_readme_layout_map_is_the_trees():
-    readme = (PROJECT_ROOT / "README.md").read_text()
-    assert layout.readme_block(readme) == layout.render(), (
-        "README.md's layout map is stale: run `python -m serve_app.tools.layout --write`"
+def test_the_development_pages_layout_map_is_the_trees():
+    page = layout.PAGE.read_text()
+    assert layout.page_block(page) == layout.render(), (
+        "docs/development.md's layout map is stale: run `python -m serve_app.tools.layout --write`"
     )
 
 
 @pytest.mark.parametrize("command", [["check"], ["format", "--check"]], ids=["lint", "format"])
 def test_ruff_finds_nothing(command):
-    """The code stays as ruff (configured in pyproject.toml) wants it: lint and format."""
+    """The code (and the docs' Python snippets) stay as the pinned ruff (pyproject.toml) wants them: the lint
+    and format commands docs/development.md gives, over the whole checkout."""
     import subprocess
     import sys
 
     done = subprocess.run(
-        [sys.executable, "-m", "ruff", *command, "serve_app", "tests"],
+        [sys.executable, "-m", "ruff", *command, "."],  # exactly the documented lint commands
         cwd=PROJECT_ROOT,
         capture_output=True,
         text=True,

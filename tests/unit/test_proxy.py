@@ -1,8 +1,8 @@
 """The write deadline (api/proxy.py) on a real uvicorn server and real sockets, as Serve's proxy runs
 it: a client that stops reading is cut off and the app behind it learns that the client left; a client that
-reads slowly but steadily gets every byte; a response carries one request id. Both of uvicorn's HTTP
+reads slowly but steadily gets every byte. Both of uvicorn's HTTP
 implementations (Serve's proxy takes whichever is installed). Through the real Serve proxy:
-tests/e2e/test_security.py and test_api.py."""
+tests/e2e/test_security.py; one request id per response: tests/e2e/test_serve_run.py."""
 
 from __future__ import annotations
 
@@ -136,29 +136,6 @@ def test_a_slow_but_steady_reader_gets_every_byte():
     head, _, body = data.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200") and body.endswith(b"0\r\n\r\n")
     assert body.count(b"\x01") == total
-
-
-def test_a_response_carries_one_request_id_the_apps():
-    """Serve's proxy appends its own X-Request-ID after the app's: the client gets the app's alone (the one
-    later requests name in `previous_request_ids`); a response without one keeps Serve's."""
-
-    async def app(scope, receive, send):
-        ids = [(b"x-request-id", b"app-id")] if scope["path"] == "/app" else []
-        headers = [(b"content-type", b"text/plain"), *ids, (b"x-request-id", b"serve-id")]
-        await send({"type": "http.response.start", "status": 200, "headers": headers})
-        await send({"type": "http.response.body", "body": b"ok"})
-
-    with Server(ProxyGuard(app, timeout_s=5.0), "auto") as server:
-        for path, expected in (("/app", [b"app-id"]), ("/serve", [b"serve-id"])):
-            with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
-                sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
-                data, _ = _read_all(sock)
-            found = [
-                line.split(b":", 1)[1].strip()
-                for line in data.split(b"\r\n")
-                if line.lower().startswith(b"x-request-id:")
-            ]
-            assert found == expected, data
 
 
 def test_serve_proxy_gets_the_guard_from_the_settings(monkeypatch, tmp_path):
