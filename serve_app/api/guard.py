@@ -147,8 +147,9 @@ class RequestGuard:
         client = (scope.get("client") or ("", 0))[0]
         state = scope.setdefault("state", {})
         state["api_key_ok"] = key_ok
-        state["trusted"] = trusted = _is_loopback(client) or key_given
-        error = self._refusal(headers, method, path, key_ok, trusted, _is_loopback(client))
+        loopback = _is_loopback(client)
+        state["trusted"] = trusted = loopback or key_given
+        error = self._refusal(headers, method, path, key_ok, trusted, loopback)
         if error is not None:
             if isinstance(error, AuthenticationError):
                 self.on_unauthorized(method, path, request_id_of(scope))

@@ -179,12 +179,12 @@ def retry_after(error: APIError) -> Optional[str]:
     failed load stays failed, and SDKs that honour the header would only retry it for nothing."""
     if isinstance(error, RateLimitError):
         return str(error.retry_after)
-    if isinstance(error, ModelLoadError) or error.code == ModelLoadError.default_code:
+    if isinstance(error, ModelLoadError):
         return None
     return "5" if error.status_code == 503 else None
 
 
-# Every error code a client can get, with what it means: docs/reference/errors.md is generated from this table,
+# Every error code a client can get, with what it means: docs/pages/reference/errors.md is generated from this table,
 # and a test reads the source for every code raised and fails when the two differ. (status, meaning)
 ERROR_CODES: dict[str, tuple[int, str]] = {
     "empty_input": (400, "`input` is empty or blank."),

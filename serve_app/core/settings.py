@@ -41,7 +41,7 @@ class ConfigError(ValueError):
 class Settings(BaseModel):
     """Validated server settings. Field names are the environment variable names, lower-cased."""
 
-    # Each field's docstring is its documentation: docs/reference/configuration.md is generated from them
+    # Each field's docstring is its documentation: docs/pages/reference/configuration.md is generated from them
     # (`python -m serve_app.tools.docs --write`), and a test fails when the page and this class differ.
     model_config = ConfigDict(extra="ignore", frozen=True, validate_default=True, use_attribute_docstrings=True)
 

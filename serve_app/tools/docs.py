@@ -133,7 +133,7 @@ def stale() -> list[Path]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--write", action="store_true", help="write docs/reference/*.md from the code")
+    parser.add_argument("--write", action="store_true", help="write docs/pages/reference/*.md from the code")
     args = parser.parse_args()
     if args.write:
         REFERENCE.mkdir(parents=True, exist_ok=True)
@@ -142,7 +142,7 @@ def main() -> None:
         return
     if outdated := stale():
         sys.exit("stale: " + ", ".join(str(p.relative_to(PROJECT_ROOT)) for p in outdated))
-    print("docs/reference is current")
+    print("docs/pages/reference is current")
 
 
 if __name__ == "__main__":

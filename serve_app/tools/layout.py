@@ -1,5 +1,5 @@
 """The package's layout map, generated from the tree: every package and module with the first line of its
-docstring. `python -m serve_app.tools.layout` prints it; `--write` puts it into docs/development.md between
+docstring. `python -m serve_app.tools.layout` prints it; `--write` puts it into docs/pages/development.md between
 its markers; tests/unit/test_layering.py fails when the page's copy is not the tree's."""
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ def page_block(text: str) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--write", action="store_true", help="update docs/development.md's layout map in place")
+    parser.add_argument("--write", action="store_true", help="update docs/pages/development.md's layout map in place")
     args = parser.parse_args()
     tree = render()
     if not args.write:

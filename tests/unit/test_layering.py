@@ -1,6 +1,6 @@
 """The package's layers, read from the imports themselves (every `import`, module-level or inside a
 function, TYPE_CHECKING included): which layer may import which, no import cycle between modules, FastAPI
-in api/ only, MLX in engine/ and tools/ only, nothing importing tools/, and docs/development.md's layout map equal
+in api/ only, MLX in engine/ and tools/ only, nothing importing tools/, and docs/pages/development.md's layout map equal
 to the tree's. (What a process loads at run time is tests/unit/test_launch.py's check.)"""
 
 from __future__ import annotations
@@ -145,14 +145,14 @@ def test_every_module_says_what_it_is_for(name):
 def test_the_development_pages_layout_map_is_the_trees():
     page = layout.PAGE.read_text()
     assert layout.page_block(page) == layout.render(), (
-        "docs/development.md's layout map is stale: run `python -m serve_app.tools.layout --write`"
+        "docs/pages/development.md's layout map is stale: run `python -m serve_app.tools.layout --write`"
     )
 
 
 @pytest.mark.parametrize("command", [["check"], ["format", "--check"]], ids=["lint", "format"])
 def test_ruff_finds_nothing(command):
     """The code (and the docs' Python snippets) stay as the pinned ruff (pyproject.toml) wants them: the lint
-    and format commands docs/development.md gives, over the whole checkout."""
+    and format commands docs/pages/development.md gives, over the whole checkout."""
     import subprocess
     import sys
 
