@@ -222,7 +222,8 @@ def main(argv: list[str] | None = None) -> None:
         if args.pid or args.stop is not None or args.wait_stopped is not None or args.render or args.check_paths:
             sys.exit(control(args, settings))
         prepare_ray_environment()
-        VoiceLibrary.load(settings.voices_dir).resolve(settings.default_voice)
+        voices = VoiceLibrary.load(settings.voices_dir)
+        voices.resolve(settings.default_voice)
     except SystemExit:
         raise
     except Exception as exc:
@@ -243,6 +244,11 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit("sesame-tts: cannot start: the `serve` command (ray[serve]) is not installed")
     lan = " (and this machine's network addresses)" if settings.host in ("0.0.0.0", "::") else ""
     print(f"sesame-tts: serving {settings.model_id} on {base_url(settings)}/v1{lan}", file=sys.stderr)
+    print(
+        f"sesame-tts: voice presets {', '.join(voices.names())} from {settings.voices_dir} (read at start: restart "
+        "after changing them)",
+        file=sys.stderr,
+    )
     os.chdir(PROJECT_ROOT)
     command = [serve, "run", str(config)]
     if args.service:
