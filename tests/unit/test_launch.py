@@ -58,6 +58,12 @@ def test_builder_derives_serve_options_from_settings(tmp_path):
     assert sum(d.ray_actor_options["num_cpus"] for d in found.values()) < 1.5
     bigger = _deployments(build_application(Settings(cache_dir=tmp_path, max_batch_size=8, max_queued_requests=100)))
     assert bigger["CSMModel"]._deployment_config.max_ongoing_requests > 108
+    # Serve's access lines (five per /health poll) only with ACCESS_LOG, in every deployment.
+    for access_log, built in (
+        (False, found),
+        (True, _deployments(build_application(Settings(cache_dir=tmp_path, access_log=True)))),
+    ):
+        assert {d._deployment_config.logging_config["enable_access_log"] for d in built.values()} == {access_log}
 
 
 def test_processes_that_run_no_mlx_never_import_it():
