@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from tests.support.audio import decode, duration, probe, rms
-from tests.support.servers import session_processes
+from tests.support.servers import one_request_id_names_the_next, session_processes
 
 pytestmark = pytest.mark.server
 
@@ -181,22 +181,9 @@ def test_openai_voice_alias_object_voice_and_unknown_field(openai_client):
 
 
 def test_a_responses_id_names_it_in_the_next_request(openai_client):
-    """Through Serve's real proxy a response carries one `x-request-id`, the app's (the proxy's own is taken
-    off), so what a client reads there names the response in the next request's `previous_request_ids`."""
-    first = openai_client.audio.speech.with_raw_response.create(
-        model="tts-1", voice="alloy", input=TEXT, response_format="wav"
-    )
-    (request_id,) = first.headers.get_list("x-request-id")
-    assert_audible(decode(first.content))
-    second = openai_client.audio.speech.with_raw_response.create(
-        model="tts-1",
-        voice="alloy",
-        input="And this follows it.",
-        response_format="wav",
-        extra_body={"previous_request_ids": [request_id]},
-    )
-    assert second.http_response.status_code == 200
-    assert_audible(decode(second.content))
+    """Under the launcher (our proxy middleware in Serve's proxy) as under a bare `serve run`
+    (test_serve_run.py): one `x-request-id`, which names the response in the next request."""
+    one_request_id_names_the_next(openai_client)
 
 
 def test_voices_change_the_audio(server):

@@ -16,8 +16,7 @@ from openai import OpenAI
 from serve_app.api.proxy import PROXY_CALLBACK_VARIABLE
 from serve_app.core.constants import PROJECT_ROOT
 from serve_app.launch import prepare_ray_environment
-from tests.support.audio import decode, duration, rms
-from tests.support.servers import TEST_ENV, Server, healthy
+from tests.support.servers import TEST_ENV, Server, healthy, one_request_id_names_the_next
 from tests.support.waiting import wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -58,24 +57,9 @@ def request_ids(response: httpx.Response) -> list[str]:
 
 def test_one_request_id_that_the_next_request_can_name(bare_serve_run):
     client = OpenAI(base_url=bare_serve_run.api, api_key="unused", max_retries=0, timeout=120)
-    first = client.audio.speech.with_raw_response.create(
-        model="csm-1b", voice="conversational", input="Did you get my message?", response_format="wav"
-    )
-    (request_id,) = request_ids(first.http_response)
-    samples = decode(first.content)
-    assert duration(samples) > 0.1 and rms(samples) > 0.01
-    logged(bare_serve_run, request_id)  # the log line names the same id
-
-    header_value = first.headers["x-request-id"]  # as an SDK hands it over: one value, no comma
-    second = client.audio.speech.with_raw_response.create(
-        model="csm-1b",
-        voice="conversational",
-        input="Yes, I did.",
-        response_format="wav",
-        extra_body={"previous_request_ids": [header_value]},
-    )
-    (second_id,) = request_ids(second.http_response)
-    assert second_id != request_id and rms(decode(second.content)) > 0.01
+    first, second = one_request_id_names_the_next(client)
+    logged(bare_serve_run, first)  # the log line names the same id
+    logged(bare_serve_run, second)
 
     refused = httpx.post(f"{bare_serve_run.api}/audio/speech", json={"input": "x", "voice": "nobody"}, timeout=30)
     assert refused.status_code == 400 and len(request_ids(refused)) == 1

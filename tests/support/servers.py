@@ -104,3 +104,26 @@ def settled(model, timeout: float = 120) -> dict:
 
 
 children = processes.children  # the direct children of a process we started
+
+
+def one_request_id_names_the_next(client) -> tuple[str, str]:
+    """Through a real server, with the openai SDK: a response carries exactly one `x-request-id`, its audio
+    decodes, and the header's value as the SDK hands it over names that response in the next request's
+    `previous_request_ids`. The two ids."""
+    from tests.support.audio import decode, duration, rms
+
+    ids = []
+    for text, context in (("Did you get my message?", None), ("Yes, I did.", ids)):
+        response = client.audio.speech.with_raw_response.create(
+            model="csm-1b",
+            voice="conversational",
+            input=text,
+            response_format="wav",
+            extra_body={"previous_request_ids": list(context)} if context else None,
+        )
+        (request_id,) = response.headers.get_list("x-request-id")
+        samples = decode(response.content)
+        assert duration(samples) > 0.1 and rms(samples) > 0.01
+        ids.append(request_id)
+    assert ids[0] != ids[1]
+    return ids[0], ids[1]
