@@ -105,9 +105,13 @@ def prepare_ray_environment(environ=os.environ) -> None:
     variable is Ray's default. A cluster without token authentication runs anyone's code on every node:
     refused here.
 
-    Either way Serve's HTTP proxy applies the write deadline (api/proxy.py): Ray reads the variable
-    when the proxy starts, from the environment of the Ray node it runs on. Alone that is this process's;
-    in a cluster it is the head's `ray start` (the README's recipe exports it there too)."""
+    Either way gRPC logs errors only (GRPC_VERBOSITY), and Serve's HTTP proxy applies the write deadline
+    (api/proxy.py): Ray reads the variable when the proxy starts, from the environment of the Ray node it
+    runs on. Alone that is this process's; in a cluster it is the head's `ray start` (docs/pages/cluster.md's
+    recipe exports it there too)."""
+    # gRPC's INFO lines ("skipping fork() handlers", one each time a replica starts ffmpeg) are noise in the
+    # server's terminal and log; its warnings and errors still show. An operator's own value wins.
+    environ.setdefault("GRPC_VERBOSITY", "ERROR")
     callback = environ.setdefault(PROXY_CALLBACK_VARIABLE, PROXY_CALLBACK)
     if callback != PROXY_CALLBACK:
         print(

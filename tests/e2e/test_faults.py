@@ -93,6 +93,7 @@ def test_the_docs_first_request_shows_a_not_ready_servers_error_and_its_output_h
     wait_for(lambda: server.log_text().count("status=503") >= 2, "a log line per refused request")
     assert "Traceback" not in server.log_text()
     assert "CALL health" not in server.log_text()  # Serve's access lines are off by default (ACCESS_LOG)
+    assert "fork_posix" not in server.log_text()  # nor gRPC's INFO line each time the encoder starts ffmpeg
     assert "voice presets conversational, fast, professional, whisper" in server.log_text()  # and when they load
 
 

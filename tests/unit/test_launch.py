@@ -156,6 +156,10 @@ def test_a_cluster_address_gets_what_ray_needs_on_a_mac_and_never_runs_without_a
     assert cluster["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] == "1"
     with pytest.raises(SystemExit, match="RAY_AUTH_MODE=disabled"):
         prepare_ray_environment({"RAY_ADDRESS": "192.168.1.20:6379", "RAY_AUTH_MODE": "disabled"})
+    assert local["GRPC_VERBOSITY"] == cluster["GRPC_VERBOSITY"] == "ERROR"  # no INFO line per ffmpeg start
+    chosen = {"RAY_TMPDIR": "/tmp/x", "GRPC_VERBOSITY": "DEBUG"}
+    prepare_ray_environment(chosen)
+    assert chosen["GRPC_VERBOSITY"] == "DEBUG"  # an operator's own value wins
 
 
 def test_ray_gets_a_temp_folder_of_this_users_own(tmp_path, monkeypatch):
