@@ -30,7 +30,7 @@ OTHER_VARIABLES = {
     "OPENAI_TTS_BASE_URL",
     "NO_MKDOCS_2_WARNING",
     "ERROR_CODES",  # the table the error page is generated from
-    "SECRETS_FILE",
+    "GRPC_VERBOSITY",
 }
 PATH = re.compile(r"(?<![\w/.~-])((?:serve_app|ops|tests|voices|docs|results|\.ci)/[\w./-]*)")
 
