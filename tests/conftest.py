@@ -109,7 +109,8 @@ def server(tiny_checkpoint, tmp_path_factory):
 def openai_client(server):
     from openai import OpenAI
 
-    return OpenAI(base_url=server.api, api_key="sk-test-unused", max_retries=0, timeout=60)
+    # No retries (a test sees every failure); a long timeout, so a loaded machine is slow rather than failing.
+    return OpenAI(base_url=server.api, api_key="sk-test-unused", max_retries=0, timeout=300)
 
 
 @pytest.fixture(scope="session")
