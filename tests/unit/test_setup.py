@@ -22,7 +22,7 @@ case "$1" in
   -V) echo "Python 3.12.9"; exit 0 ;;
   -m)
     if [ "$2" = venv ]; then mkdir -p "$3/bin" && cp "$0" "$3/bin/python" && exit 0; fi
-    echo "$*" >> "$FAKE_LOG"; exit 0 ;;
+    echo "MODEL_ID=${MODEL_ID:-} $*" >> "$FAKE_LOG"; exit 0 ;;
 esac
 exit 1
 """
@@ -32,7 +32,8 @@ exit 1
 def checkout(tmp_path) -> Path:
     root = tmp_path / "checkout"
     (root / "ops").mkdir(parents=True)
-    shutil.copy(PROJECT_ROOT / "ops" / "setup.sh", root / "ops" / "setup.sh")
+    for script in ("setup.sh", "serve.sh"):
+        shutil.copy(PROJECT_ROOT / "ops" / script, root / "ops" / script)
     shutil.copy(PROJECT_ROOT / "pyproject.toml", root / "pyproject.toml")
     return root
 
@@ -60,7 +61,9 @@ def userland(tmp_path: Path) -> Path:
     return folder
 
 
-def run_setup(checkout: Path, bin_folder: Path, *args: str, version_ok: bool = True) -> subprocess.CompletedProcess:
+def run_setup(
+    checkout: Path, bin_folder: Path, *args: str, version_ok: bool = True, script: str = "setup.sh"
+) -> subprocess.CompletedProcess:
     env = {
         "PATH": f"{bin_folder}:{userland(bin_folder.parent)}",
         "PYTHON_DIRS": "",  # not this machine's Homebrew or /usr/local
@@ -69,7 +72,7 @@ def run_setup(checkout: Path, bin_folder: Path, *args: str, version_ok: bool = T
         "HOME": str(checkout),
     }
     return subprocess.run(
-        ["bash", "ops/setup.sh", *args], cwd=checkout, env=env, capture_output=True, text=True, timeout=60
+        ["bash", f"ops/{script}", *args], cwd=checkout, env=env, capture_output=True, text=True, timeout=60
     )
 
 
@@ -82,7 +85,7 @@ def test_serving_installs_the_package_without_the_test_tools(checkout, tmp_path)
     done = run_setup(checkout, fake_bin(tmp_path, "python3.12"))
     assert done.returncode == 0, done.stderr
     installs = [c for c in pip_calls(checkout) if "install" in c]
-    assert any(c.endswith("install --quiet -e .") for c in installs), installs
+    assert any(c.endswith("-m pip install --quiet -e .") for c in installs), installs
     assert not [c for c in installs if "[test]" in c or "pytest" in c or "llama3.2" in c], installs
     steps = [line for line in done.stderr.splitlines() if line.startswith("setup: ")]
     assert len(steps) >= 5 and "ffmpeg" in steps[0] and "Python" in steps[1] and steps[-1] == "setup: done (serve)"
@@ -92,7 +95,7 @@ def test_serving_installs_the_package_without_the_test_tools(checkout, tmp_path)
 
     tested = run_setup(checkout, fake_bin(tmp_path, "python3.12"), "--test")
     assert tested.returncode == 0, tested.stderr
-    assert any(c.endswith("install --quiet -e .[test]") for c in pip_calls(checkout))
+    assert any(c.endswith("-m pip install --quiet -e .[test]") for c in pip_calls(checkout))
     assert "packages: up to date (serve)" in run_setup(checkout, fake_bin(tmp_path, "python3.12")).stderr
 
 
@@ -108,3 +111,18 @@ def test_without_a_supported_python_it_says_how_to_get_one(checkout, tmp_path):
     assert "no Python 3.10-3.13 found" in done.stderr
     hint = "brew install python@3.12" if os.uname().sysname == "Darwin" else "apt-get install python3"
     assert hint in done.stderr
+
+
+def test_serve_tiny_writes_the_checkpoint_once_then_serves_it(checkout, tmp_path):
+    """`./ops/serve.sh --tiny DIR` (what the server's offline hint prints): set up, write the tiny checkpoint
+    unless DIR has one, then start the launcher with MODEL_ID=DIR and the remaining arguments."""
+    folder = fake_bin(tmp_path, "python3.12")
+    done = run_setup(checkout, folder, "--tiny", "/tmp/csm-tiny-x", script="serve.sh")
+    assert done.returncode == 0, done.stderr
+    calls = [c for c in pip_calls(checkout) if "pip" not in c]
+    assert calls == [
+        "MODEL_ID= -m serve_app.tools.tiny_checkpoint /tmp/csm-tiny-x",
+        "MODEL_ID=/tmp/csm-tiny-x -m serve_app.launch",
+    ]
+    usage = run_setup(checkout, folder, "--tiny", script="serve.sh")
+    assert usage.returncode == 2 and "usage: ./ops/serve.sh --tiny DIR" in usage.stderr
