@@ -126,3 +126,15 @@ def test_the_memory_is_bounded_by_bytes_and_age():
     now[0] = 61.0
     with pytest.raises(InvalidRequestError):
         memory.context(["r3"])  # too old
+
+
+def test_a_reused_request_id_never_replaces_what_was_said_under_it():
+    """Clients may choose their request id (Serve keeps the one a client sends): a later request under the same
+    id is not remembered over the earlier one, which another client may be naming as its context."""
+    from serve_app.core.messages import Utterance
+    from serve_app.text.memory import UtteranceMemory
+
+    memory = UtteranceMemory(max_bytes=1 << 20, max_age_s=60, turns=2, conversation_age_s=30)
+    memory.remember("chosen", Utterance("v", 0, "the first", np.ones((32, 10), np.int16)))
+    memory.remember("chosen", Utterance("v", 0, "an impostor", np.zeros((32, 10), np.int16)))
+    assert [s.text for s in memory.context(["chosen"])] == ["the first"]
