@@ -49,12 +49,11 @@ class UtteranceMemory:
             return
         with self._lock:
             now = self._clock()
+            # A client may choose its request id (Serve keeps the one it sends): a later request never replaces
+            # what an earlier one said under the same id. (`_get` has already dropped an expired one.)
             if self._get(request_id, now) is not None:
-                # A client may choose its request id (Serve keeps the one it sends): a later request never
-                # replaces what an earlier one said under the same id.
                 logger.warning("request %s: an utterance is kept under this id already; not remembered", request_id)
                 return
-            self._drop(request_id)  # an expired one
             self._kept[request_id] = _Kept(utterance, now)
             self._bytes += utterance.nbytes
             while self._bytes > self.max_bytes:

@@ -38,7 +38,7 @@ def checkout(tmp_path) -> Path:
     return root
 
 
-def fake_bin(tmp_path: Path, *names: str, version_ok: bool = True) -> Path:
+def fake_bin(tmp_path: Path, *names: str) -> Path:
     folder = tmp_path / "bin"
     folder.mkdir(exist_ok=True)
     for name in names:
