@@ -45,7 +45,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>
 
 say "loop benchmark: $checkpoint checkpoint, $frames frames x $repeats repeats, batches $batches"
 set -o pipefail
-"$PYTHON" -m serve_app.tools.bench.loop --checkpoint "$checkpoint" --frames "$frames" --repeats "$repeats" \
+"$PYTHON" -m ops.bench.loop --checkpoint "$checkpoint" --frames "$frames" --repeats "$repeats" \
   --rounds 1 --batches "$batches" --compile "${COMPILE:-off,on}" --pipelines "${PIPELINES:-on,off}" \
   --skip-engine-part --out "$OUT/bench" 2>&1 | tee -a "$log"
 say "done: $(find "$OUT/bench" -name 'loop-*.json' | head -1)"

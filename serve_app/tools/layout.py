@@ -1,6 +1,7 @@
 """The package's layout map, generated from the tree: every package and module with the first line of its
-docstring. `python -m serve_app.tools.layout` prints it; `--write` puts it into docs/pages/development.md between
-its markers; tests/unit/test_layering.py fails when the page's copy is not the tree's."""
+docstring, then the campaign harnesses outside it (ops/bench/). `python -m serve_app.tools.layout` prints it;
+`--write` puts it into docs/pages/development.md between its markers; tests/unit/test_layering.py fails when the
+page's copy is not the tree's."""
 
 from __future__ import annotations
 
@@ -50,6 +51,9 @@ def render(root: Path = PROJECT_ROOT) -> str:
             lines.append(_row(2, sub.name + "/", summary(sub / "__init__.py")))
             for path in modules(sub):
                 lines.append(_row(3, path.name, summary(path)))
+    harnesses = root / "ops" / "bench"
+    lines += ["", "ops/bench/              " + summary(harnesses / "__init__.py")]
+    lines += [_row(1, path.name, summary(path)) for path in modules(harnesses)]
     return "\n".join(line.rstrip() for line in lines)
 
 

@@ -62,13 +62,36 @@ def test_bench_writes_json_markdown_and_chart(tiny_checkpoint, tmp_path):
     assert (folder / f"{tiny_checkpoint.name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_the_memory_command_writes_one_row_per_quantize_level(tiny_checkpoint, tmp_path):
+    """`python -m serve_app.tools.bench memory`: each QUANTIZE level loaded in a process of its own, through the
+    same report writer (JSON and a Markdown table)."""
+    out = tmp_path / "results"
+    command = ["memory", "--checkpoint", str(tiny_checkpoint), "--quantize", "0,8", "--voice", "fast"]
+    done = subprocess.run(
+        [sys.executable, "-m", "serve_app.tools.bench", *command, "--out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    [folder] = list(out.iterdir())
+    result = json.loads((folder / f"memory-{tiny_checkpoint.name}.json").read_text())
+    assert [level["quantize"] for level in result["levels"]] == [0, 8]
+    full, q8 = (level["after_load"]["mlx_active_mb"] for level in result["levels"])
+    assert 0 < q8 < full  # 8-bit weights take less memory than bf16, even at this size
+    assert len({level["after_load"]["pid"] for level in result["levels"]}) == 2
+    table = (folder / f"memory-{tiny_checkpoint.name}.md").read_text()
+    assert "| off (bf16) |" in table and "| 8 |" in table
+
+
 def test_voice_bench_compares_kv_reuse_side_by_side(tiny_checkpoint, tmp_path):
     out = tmp_path / "results"
     done = subprocess.run(
         [
             sys.executable,
             "-m",
-            "serve_app.tools.bench.voices",
+            "ops.bench.voices",
             "--checkpoint",
             str(tiny_checkpoint),
             "--frames",

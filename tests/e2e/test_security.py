@@ -17,8 +17,8 @@ import httpx
 import psutil
 import pytest
 
+from ops.bench.stalled_readers import request_status, speech_body, stalled_request, was_reset
 from serve_app.core import processes
-from serve_app.tools.bench.stalled_readers import request_status, speech_body, stalled_request, was_reset
 from tests.support.audio import decode, duration, probe, rms
 from tests.support.servers import healthy, launch_server
 from tests.support.waiting import wait_for

@@ -1,4 +1,4 @@
-"""The kernel counter (tools/bench/kernels.py, frame_kernels.py) on graphs whose count is known by hand, and on
+"""The kernel counter (ops/bench/kernels.py, frame_kernels.py) on graphs whose count is known by hand, and on
 the frame: what it counts for a frame is what the loop launches, its components add up, and a compiled frame
 launches the same kernels whatever the batch size."""
 
@@ -8,13 +8,13 @@ import mlx.core as mx
 import mlx.nn as nn
 import pytest
 
+from ops.bench import kernels
+from ops.bench.frame_kernels import count_frame
 from serve_app.core.messages import SynthesisRequest
 from serve_app.core.settings import Settings
 from serve_app.engine.frame import FrameStep
 from serve_app.engine.scheduler import BatchScheduler, GenerationJob
 from serve_app.model.loading import load_engine
-from serve_app.tools.bench import kernels
-from serve_app.tools.bench.frame_kernels import count_frame
 
 KEY = mx.random.key(0)
 

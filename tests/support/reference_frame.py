@@ -109,11 +109,11 @@ def main(checkpoint: str) -> None:
     import statistics
     import time
 
+    from ops.bench import kernels
+    from ops.bench.frame_kernels import _flat, steady_inputs
     from serve_app.core.settings import Settings
     from serve_app.engine.frame import FrameStep
     from serve_app.model.loading import load_engine
-    from serve_app.tools.bench import kernels
-    from serve_app.tools.bench.frame_kernels import _flat, steady_inputs
 
     engine = load_engine(Settings(model_id=checkpoint, mlx_compile="off"))
     out = {}

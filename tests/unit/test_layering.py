@@ -1,7 +1,8 @@
 """The package's layers, read from the imports themselves (every `import`, module-level or inside a
 function, TYPE_CHECKING included): which layer may import which, no import cycle between modules, FastAPI
-in api/ only, MLX in engine/ and tools/ only, nothing importing tools/, and docs/pages/development.md's layout map equal
-to the tree's. (What a process loads at run time is tests/unit/test_launch.py's check.)"""
+in api/ only, MLX in engine/ and tools/ only, nothing importing tools/, the campaign harnesses outside the
+package (ops/bench/, which the package never imports), and docs/pages/development.md's layout map equal to the
+tree's. (What a process loads at run time is tests/unit/test_launch.py's check.)"""
 
 from __future__ import annotations
 
@@ -136,9 +137,24 @@ def test_nothing_imports_the_tools():
     ] == []
 
 
-@pytest.mark.parametrize("name", sorted(MODULES))
+# The users' benchmark (python -m serve_app.tools.bench speed|memory) is all the package ships of benchmarks:
+# its command, its in-process parts, its server part and its one report writer.
+USERS_BENCH = {"__init__", "__main__", "engine", "server", "report"}
+HARNESSES = PROJECT_ROOT / "ops" / "bench"
+
+
+def test_the_campaign_harnesses_are_outside_the_package():
+    shipped = {p.stem for p in (PACKAGE / "tools" / "bench").glob("*.py")}
+    assert shipped == USERS_BENCH, f"only the users' benchmark ships; harnesses go to ops/bench/: {shipped}"
+    harnesses = {p.stem for p in HARNESSES.glob("*.py")}
+    assert {"loop", "kernels", "frame_kernels", "voices", "context", "stalled_readers", "cluster"} <= harnesses
+    reaching_out = [f"{n} imports {d}" for n, p in MODULES.items() for d in imports_of(p) if d.split(".")[0] == "ops"]
+    assert reaching_out == []
+
+
+@pytest.mark.parametrize("name", sorted(MODULES) + [f"ops.bench.{p.stem}" for p in sorted(HARNESSES.glob("*.py"))])
 def test_every_module_says_what_it_is_for(name):
-    path = MODULES[name]
+    path = MODULES.get(name) or HARNESSES / f"{name.rsplit('.', 1)[1]}.py"
     assert ast.get_docstring(ast.parse(path.read_text())), f"{path} has no docstring (the layout map shows it)"
 
 

@@ -1,1 +1,5 @@
-"""The side-by-side benchmarks: engine, frame loop, voices, server and cluster, each writing results/bench/."""
+"""The users' benchmark, `python -m serve_app.tools.bench speed|memory`: this machine's speed and memory.
+
+One command, its in-process parts, its server part and one report writer; the campaign harnesses (the frame
+loop, the kernel counter, ...) are in the checkout's ops/bench/, outside the shipped package.
+"""

@@ -1,14 +1,17 @@
-"""`python -m serve_app.tools.bench`: the side-by-side speed and memory benchmark.
+"""`python -m serve_app.tools.bench`: this machine's speed and memory, side by side, in one command.
 
-    python -m serve_app.tools.bench                      # tiny, then full-size random weights (generated if missing)
+    python -m serve_app.tools.bench [speed]              # tiny, then full-size random weights (generated if missing)
     python -m serve_app.tools.bench --checkpoint tiny    # the stack's own cost, in about a minute
     python -m serve_app.tools.bench --checkpoint full --frames 8 --repeats 1   # real compute and memory
     python -m serve_app.tools.bench --checkpoint /path/to/csm-1b               # a real checkpoint
+    python -m serve_app.tools.bench memory --checkpoint full --quantize 0,8,4  # what QUANTIZE saves
 
-For each checkpoint, one run measures side by side on this machine: the bare engine in-process, mlx-audio's
-own `Model.generate` on the same weights (full-size Mimi only), the whole server over HTTP (streamed mp3,
-opus and pcm), concurrency 1/2/4/8 through both, and memory. Every part runs in its own process. Results go
-to results/bench/<machine>/<checkpoint>.{json,md,png}.
+`speed` (the default): for each checkpoint, one run measures side by side on this machine: the bare engine
+in-process, mlx-audio's own `Model.generate` on the same weights (full-size Mimi only), the whole server over
+HTTP (streamed mp3, opus and pcm), concurrency 1/2/4/8 through both, and memory. `memory`: load and one short
+request per QUANTIZE level. Every part runs in its own process; report.py writes
+results/bench/<machine>/<checkpoint>.{json,md,png} (memory: memory-<checkpoint>.{json,md}). The campaign
+harnesses (the frame loop, the kernel counter, ...) live outside the package, in ops/bench/.
 """
 
 from __future__ import annotations
@@ -111,40 +114,77 @@ def bench_one(kind: str, folder: Path, args, command: str) -> dict:
     return result
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m serve_app.tools.bench", description=__doc__.split("\n\n")[0])
+def memory_one(kind: str, folder: Path, args, command: str) -> dict:
+    """Load, then one short request, per QUANTIZE level, each in a fresh process (its memory its own)."""
+    parts = []
+    for level in args.quantize:
+        print(f"[{kind}] QUANTIZE={level}", file=sys.stderr, flush=True)
+        parts.append(run_part(["memory", "--checkpoint", str(folder), "--quantize", str(level), "--voice", args.voice]))
+    return {
+        "kind": "memory",
+        "checkpoint_kind": kind,
+        "checkpoint": str(folder),
+        "voice": args.voice,
+        "command": command,
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "machine": report.machine(),
+        "levels": parts,
+    }
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--checkpoint", action="append", help="tiny, full or a checkpoint folder (repeatable; default: tiny and full)"
     )
-    parser.add_argument("--frames", type=int, help="frames per request (default: tiny 50, full 8)")
-    parser.add_argument("--repeats", type=int, help="requests per single-request measurement (default: tiny 5, full 1)")
-    parser.add_argument("--concurrency", default="1,2,4,8", type=lambda s: s.split(","))
-    parser.add_argument("--formats", default="mp3,opus,pcm", type=lambda s: s.split(","))
-    parser.add_argument(
-        "--compile", default="auto", choices=["auto", "on", "off"], help="MLX_COMPILE for engine and server"
-    )
-    parser.add_argument("--quantize", type=int, default=0, choices=[0, 4, 8])
     parser.add_argument(
         "--voice",
         default=VOICE,
         help=f"the voice measured (default: the server's default, {VOICE}; "
         f"mlx-audio's loop is compared with --voice {NO_PROMPT_VOICE} only)",
     )
-    parser.add_argument("--skip-reference", action="store_true")
-    parser.add_argument("--skip-server", action="store_true")
     parser.add_argument("--out", type=Path, default=PROJECT_ROOT / "results" / "bench")
     parser.add_argument("--label", default="", help="appended to the results' file names (e.g. 32f)")
-    args = parser.parse_args(argv)
-    command = "python -m serve_app.tools.bench " + shlex.join(argv if argv is not None else sys.argv[1:])
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m serve_app.tools.bench", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command")
+    speed = commands.add_parser("speed", help="engine, mlx-audio and the server over HTTP, side by side (default)")
+    _common(speed)
+    speed.add_argument("--frames", type=int, help="frames per request (default: tiny 50, full 8)")
+    speed.add_argument("--repeats", type=int, help="requests per single-request measurement (default: tiny 5, full 1)")
+    speed.add_argument("--concurrency", default="1,2,4,8", type=lambda s: s.split(","))
+    speed.add_argument("--formats", default="mp3,opus,pcm", type=lambda s: s.split(","))
+    speed.add_argument(
+        "--compile", default="auto", choices=["auto", "on", "off"], help="MLX_COMPILE for engine and server"
+    )
+    speed.add_argument("--quantize", type=int, default=0, choices=[0, 4, 8])
+    speed.add_argument("--skip-reference", action="store_true")
+    speed.add_argument("--skip-server", action="store_true")
+    memory = commands.add_parser("memory", help="memory after load and after one request, per QUANTIZE level")
+    _common(memory)
+    memory.add_argument("--quantize", default=[0, 8, 4], type=lambda s: [int(n) for n in s.split(",")])
+    if not argv or argv[0] not in ("speed", "memory", "-h", "--help"):
+        argv = ["speed", *argv]  # `speed` is the default command
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse(argv)
+    command = "python -m serve_app.tools.bench " + shlex.join(argv)
     cache = Settings.load().cache_dir
     folder = args.out / report.machine()["name"]
     for kind in args.checkpoint or ["tiny", "full"]:
         name, path = checkpoint_path(kind, cache)
-        if args.quantize:
+        if args.command == "speed" and args.quantize:
             name = f"{name}-q{args.quantize}"
         if args.label:
             name = f"{name}-{args.label}"
-        result = bench_one(name, path, args, command.strip())
+        if args.command == "memory":
+            result = memory_one(name, path, args, command.strip())
+        else:
+            result = bench_one(name, path, args, command.strip())
         for written in report.write(result, folder):
             print(f"wrote {written}", file=sys.stderr)
         print(report.markdown(result))

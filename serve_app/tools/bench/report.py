@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import datetime
 import json
 import os
 import platform
 import re
 import subprocess
-import sys
 from pathlib import Path
 from typing import Optional
 
@@ -88,6 +86,8 @@ def _ms(v) -> str:
 
 
 def markdown(result: dict) -> str:
+    if result.get("kind") == "memory":
+        return memory_markdown(result)
     m, engine, server, ref, cmp = (
         result["machine"],
         result.get("engine"),
@@ -228,27 +228,41 @@ def chart(result: dict, path: Path) -> Optional[Path]:
 
 
 def write(result: dict, folder: Path) -> list[Path]:
+    """Either command's result as `<checkpoint>.{json,md,png}` (speed) or `memory-<checkpoint>.{json,md}`."""
     folder.mkdir(parents=True, exist_ok=True)
-    stem = folder / result["checkpoint_kind"]
+    is_memory = result.get("kind") == "memory"
+    stem = folder / (f"memory-{result['checkpoint_kind']}" if is_memory else result["checkpoint_kind"])
     paths = [stem.with_suffix(".json"), stem.with_suffix(".md")]
     paths[0].write_text(json.dumps(result, indent=2) + "\n")
     paths[1].write_text(markdown(result))
-    png = chart(result, stem.with_suffix(".png"))
+    png = None if is_memory else chart(result, stem.with_suffix(".png"))
     return paths + ([png] if png else [])
 
 
-def save_side_bench(result: dict, module: str, name: str, out: Path, render, argv) -> None:
-    """A side benchmark's result (tools.bench.voices, .context): the machine, date and command added, written
-    as `<out>/<machine>/<name>.json` and `.md` (rendered by `render(result, machine)`), the table printed."""
-    machine_info = machine()
-    result.update(
-        machine=machine_info,
-        date=datetime.datetime.now().isoformat(timespec="seconds"),
-        command=f"python -m {module} " + " ".join(argv if argv is not None else sys.argv[1:]),
-    )
-    folder = out / machine_info["name"]
-    folder.mkdir(parents=True, exist_ok=True)
-    table = render(result, machine_info)
-    (folder / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
-    (folder / f"{name}.md").write_text(table)
-    print(table)
+def _mb(v) -> str:
+    return "–" if v is None else f"{v:,.0f} MB"
+
+
+def memory_markdown(result: dict) -> str:
+    m = result["machine"]
+    lines = [
+        f"# Memory per QUANTIZE: {result['checkpoint_kind']} checkpoint on {m['name']}",
+        "",
+        f"`{result['command']}` — {result['date']}, MLX {m['mlx_version']} ({m['mlx_device']}), voice "
+        f"`{result['voice']}`: load, then one 2-frame request, each level in a fresh process.",
+        "",
+        "| QUANTIZE | Load | MLX peak during load | MLX active after load | MLX peak during a request "
+        "| Resident after the request |",
+        "|---|---|---|---|---|---|",
+    ]
+    for part in result["levels"]:
+        if "skipped" in part:
+            lines.append(f"| ? | {part['skipped']} | | | | |")
+            continue
+        load, after = part["after_load"], part["after_request"]
+        level = part["quantize"] or "off (bf16)"
+        lines.append(
+            f"| {level} | {load['load_s']} s | {_mb(load['mlx_peak_mb'])} | {_mb(load['mlx_active_mb'])} "
+            f"| {_mb(after['mlx_peak_mb'])} | {_mb(after['rss_mb'])} |"
+        )
+    return "\n".join(lines) + "\n"

@@ -1,7 +1,7 @@
-"""`python -m serve_app.tools.bench.context`: what conversation context costs the first audio.
+"""`python -m ops.bench.context`: what conversation context costs the first audio.
 
-    python -m serve_app.tools.bench.context --checkpoint tiny             # seconds
-    python -m serve_app.tools.bench.context --checkpoint full --repeats 1  # CSM-1B's size (minutes on a CPU)
+    python -m ops.bench.context --checkpoint tiny             # seconds
+    python -m ops.bench.context --checkpoint full --repeats 1  # CSM-1B's size (minutes on a CPU)
 
 One engine (KV reuse on, as it runs), the default voice (a reference clip, prefilled once), and the same
 reply with 0, 1 and 3 earlier turns of context, each turn TURN_S of speech (its text and random Mimi
@@ -80,7 +80,7 @@ def markdown(result: dict, machine: dict) -> str:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m serve_app.tools.bench.context")
+    parser = argparse.ArgumentParser(prog="python -m ops.bench.context")
     parser.add_argument("--checkpoint", default="tiny", help="tiny, full, or a checkpoint folder")
     parser.add_argument("--frames", type=int, default=3, help="frames per request (first PCM needs the first group)")
     parser.add_argument("--repeats", type=int, default=5)
@@ -91,7 +91,7 @@ def main(argv=None) -> None:
 
     kind, folder = checkpoint_path(args.checkpoint, args.cache)
     result = run(folder, args.frames, args.repeats)
-    report.save_side_bench(result, "serve_app.tools.bench.context", f"context-{kind}", args.out, markdown, argv)
+    report.save_side_bench(result, "ops.bench.context", f"context-{kind}", args.out, markdown, argv)
 
 
 if __name__ == "__main__":

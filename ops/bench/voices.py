@@ -1,7 +1,7 @@
-"""`python -m serve_app.tools.bench.voices`: what a voice's reference clip costs, with and without KV reuse.
+"""`python -m ops.bench.voices`: what a voice's reference clip costs, with and without KV reuse.
 
-    python -m serve_app.tools.bench.voices --checkpoint tiny                 # seconds
-    python -m serve_app.tools.bench.voices --checkpoint full --chunks 0 --repeats 1   # first PCM only (minutes here)
+    python -m ops.bench.voices --checkpoint tiny                 # seconds
+    python -m ops.bench.voices --checkpoint full --chunks 0 --repeats 1   # first PCM only (minutes here)
 
 One process loads the engine on the same weights as it runs now (KV reuse: voice prefixes prefilled once,
 later chunks continue their row; chunked prefill) and as it ran before (every chunk re-prefills its whole
@@ -153,7 +153,7 @@ def markdown(result: dict, machine: dict) -> str:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m serve_app.tools.bench.voices")
+    parser = argparse.ArgumentParser(prog="python -m ops.bench.voices")
     parser.add_argument("--checkpoint", default="tiny", help="tiny, full, or a checkpoint folder")
     parser.add_argument("--frames", type=int, default=10, help="frames per chunk (each chunk is capped there)")
     parser.add_argument("--chunks", type=int, default=9, help="chunks of the long request (0: first PCM only)")
@@ -174,7 +174,7 @@ def main(argv=None) -> None:
     configs = tuple({"reuse", *args.configs.split(",")})
     result = run(folder, args.frames, args.chunks, args.repeats, configs)
     name = f"voices-{kind}" + (f"-{args.label}" if args.label else "")
-    report.save_side_bench(result, "serve_app.tools.bench.voices", name, args.out, markdown, argv)
+    report.save_side_bench(result, "ops.bench.voices", name, args.out, markdown, argv)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
-"""`python -m serve_app.tools.bench.stalled_readers`: what clients that stop reading cost the server.
+"""`python -m ops.bench.stalled_readers`: what clients that stop reading cost the server.
 
-    python -m serve_app.tools.bench.stalled_readers                  # tiny checkpoint, a few minutes
-    python -m serve_app.tools.bench.stalled_readers --waves 5 --seconds 120
+    python -m ops.bench.stalled_readers                  # tiny checkpoint, a few minutes
+    python -m ops.bench.stalled_readers --waves 5 --seconds 120
 
 Two real servers, one after the other: Serve's proxy without our guard (RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH
 emptied) and with it (api/proxy.py, WRITE_TIMEOUT_S=--write-timeout). Each gets the same waves of stalled
@@ -194,7 +194,7 @@ def markdown(result: dict, machine: dict) -> str:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m serve_app.tools.bench.stalled_readers")
+    parser = argparse.ArgumentParser(prog="python -m ops.bench.stalled_readers")
     parser.add_argument("--checkpoint", default="tiny", help="tiny, full, or a checkpoint folder")
     parser.add_argument("--waves", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=60.0, help="speech per request")
@@ -218,9 +218,7 @@ def main(argv=None) -> None:
         "tail_s": args.tail,
         "modes": modes,
     }
-    report.save_side_bench(
-        result, "serve_app.tools.bench.stalled_readers", f"stalled-readers-{kind}", args.out, markdown, argv
-    )
+    report.save_side_bench(result, "ops.bench.stalled_readers", f"stalled-readers-{kind}", args.out, markdown, argv)
 
 
 if __name__ == "__main__":

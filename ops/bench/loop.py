@@ -1,7 +1,7 @@
-"""`python -m serve_app.tools.bench.loop`: the frame loop itself, side by side in one run.
+"""`python -m ops.bench.loop`: the frame loop itself, side by side in one run.
 
-    python -m serve_app.tools.bench.loop --checkpoint tiny --baseline cbdf0f3
-    python -m serve_app.tools.bench.loop --checkpoint full --frames 4 --repeats 1 --batches 1,4 --skip-reference
+    python -m ops.bench.loop --checkpoint tiny --baseline cbdf0f3
+    python -m ops.bench.loop --checkpoint full --frames 4 --repeats 1 --batches 1,4 --skip-reference
 
 What it compares, each part in a fresh process, the rounds interleaved so that load on the machine falls on
 every configuration alike:
@@ -119,7 +119,7 @@ def loop_part(
 
 def _count(engine, batch: int) -> dict:
     """The steady frame's kernels (frame_kernels.py): by component on this tree, as launched on a baseline's."""
-    from serve_app.tools.bench.frame_kernels import count_frame, count_launched
+    from ops.bench.frame_kernels import count_frame, count_launched
 
     return count_frame(engine, batch) if hasattr(engine, "frame_step") else count_launched(engine, batch)
 
@@ -130,7 +130,7 @@ def reference_part(checkpoint: str, frames: int, repeats: int) -> dict:
     import numpy as np
     from mlx_audio.lm.sample_utils import make_sampler
 
-    from serve_app.tools.bench import kernels
+    from ops.bench import kernels
 
     engine, voices = _load(checkpoint, "off", True, 1)
     model, preset = engine.model, voices.resolve(NO_PROMPT_VOICE)
@@ -202,15 +202,15 @@ def baseline_tree(rev: str) -> Path:
             check=True,
             capture_output=True,
         )
-    bench = tree / "serve_app" / "tools" / "bench"
-    bench = bench if bench.is_dir() else tree / "serve_app" / "bench"  # the layout before the layers
-    for name in ("loop.py", "loop_report.py", "kernels.py", "frame_kernels.py"):
+    bench = tree / "ops" / "bench"  # a baseline from before the harnesses left the package has none
+    bench.mkdir(parents=True, exist_ok=True)
+    for name in ("__init__.py", "loop.py", "loop_report.py", "kernels.py", "frame_kernels.py"):
         (bench / name).write_text((Path(__file__).parent / name).read_text())
     return tree
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m serve_app.tools.bench.loop", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m ops.bench.loop", description=__doc__.split("\n\n")[0])
     parser.add_argument("part", nargs="?", choices=["loop", "reference"], help="(internal) run one part here")
     parser.add_argument("--checkpoint", default="tiny", help="tiny, full or a checkpoint folder")
     parser.add_argument("--frames", type=int, default=50)
@@ -228,7 +228,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     batches = [int(b) for b in args.batches.split(",")]
     if args.report:
-        from serve_app.tools.bench.loop_report import summarize, to_markdown
+        from ops.bench.loop_report import summarize, to_markdown
 
         results = json.loads(args.report.read_text())
         batches = sorted({int(b) for parts in results["loop"].values() for p in parts for b in p["batches"]})
@@ -246,7 +246,7 @@ def main(argv=None) -> None:
         return
     from serve_app.tools.bench.__main__ import checkpoint_path
 
-    command = "python -m serve_app.tools.bench.loop " + shlex.join(argv if argv is not None else sys.argv[1:])
+    command = "python -m ops.bench.loop " + shlex.join(argv if argv is not None else sys.argv[1:])
     kind, folder = checkpoint_path(args.checkpoint, Settings.load().cache_dir)
     common = ["--checkpoint", str(folder), "--frames", str(args.frames), "--repeats", str(args.repeats)]
     trees = {"this": PROJECT_ROOT, **({"baseline": baseline_tree(args.baseline)} if args.baseline else {})}
@@ -291,7 +291,7 @@ def main(argv=None) -> None:
                         [
                             py,
                             "-m",
-                            "serve_app.tools.bench.loop",
+                            "ops.bench.loop",
                             "loop",
                             *common,
                             "--batches",
@@ -306,10 +306,8 @@ def main(argv=None) -> None:
                     label = f"this compile={mode} pipeline={pipeline}" if name == "this" else f"baseline compile={mode}"
                     results["loop"].setdefault(label, []).append(part)
         if not args.skip_reference:
-            results["reference"].append(
-                run([py, "-m", "serve_app.tools.bench.loop", "reference", *common], PROJECT_ROOT)
-            )
-    from serve_app.tools.bench.loop_report import summarize, to_markdown
+            results["reference"].append(run([py, "-m", "ops.bench.loop", "reference", *common], PROJECT_ROOT))
+    from ops.bench.loop_report import summarize, to_markdown
 
     results["summary"] = summarize(results, batches)
     folder_out = args.out / report.machine()["name"]

@@ -1,5 +1,5 @@
 """Scale-out, side by side in one run: the same load test against the app with one model replica and with
-one per node, on the same local Ray cluster (`python -m serve_app.tools.bench.cluster --checkpoint DIR`).
+one per node, on the same local Ray cluster (`python -m ops.bench.cluster --checkpoint DIR`).
 
 On one machine the nodes share its cores, so the ratio shows routing and back-pressure at work, not the speed
 a second machine adds (a second Mac adds its own replica's throughput; see the README).
@@ -60,7 +60,7 @@ def run_load(server: LocalServer, clients: int, requests: int, out: Path) -> dic
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m serve_app.tools.bench.cluster")
+    parser = argparse.ArgumentParser(prog="python -m ops.bench.cluster")
     parser.add_argument("--checkpoint", required=True)
     parser.add_argument("--requests", type=int, default=48)
     parser.add_argument("--out", type=Path)

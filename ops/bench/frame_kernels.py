@@ -18,11 +18,11 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 
+from ops.bench import kernels
 from serve_app.engine.batch import CAPACITY_STEP
-from serve_app.tools.bench import kernels
 
 # (engine.frame and codec.decode_graph are imported where used: `count_launched` also runs on a baseline tree
-# from before them, `python -m serve_app.tools.bench.loop --baseline`.)
+# from before them, `python -m ops.bench.loop --baseline`.)
 
 
 def steady_inputs(engine, batch: int, capacity: int = CAPACITY_STEP) -> tuple:

@@ -154,7 +154,7 @@ def to_markdown(results: dict, batches: list[int]) -> str:
         lines += [f"| {n} | {b} | " + " | ".join(_v(c.get(k)) for k in keys) + " |" for n, b, c in components]
     lines += [
         "",
-        "Kernels: what a GPU launches for one steady frame with Mimi's share (tools/bench/frame_kernels.py); "
+        "Kernels: what a GPU launches for one steady frame with Mimi's share (ops/bench/frame_kernels.py); "
         "graph build ms: the loop's median host time to build a frame's graph before its launch. "
         "Host syncs: frame reads, prefill evaluations and Mimi reads per frame. MLX thread ms: time in a "
         "step not blocked on the device (Python, graph building, launching). Device ms: the frame read's "
