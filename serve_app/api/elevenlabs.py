@@ -11,7 +11,9 @@ per frame, log line and metrics as OpenAI's route; only the request and the outp
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import re
 from typing import Any, Optional
 
 from fastapi import FastAPI, Query, Request
@@ -19,14 +21,13 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictStr
 
 from serve_app.api.errors import install_error_handlers
-from serve_app.api.protocol import SpeechRequest
 from serve_app.api.request_ids import request_id_of
 from serve_app.api.routing import Route, add_routes
 from serve_app.core.constants import LOGGER_NAME, MODEL_NAME
 from serve_app.core.errors import APIError, InvalidRequestError, NotFoundError
 from serve_app.core.formats import ElevenLabsFormat
+from serve_app.core.messages import SpeechInput
 from serve_app.core.settings import Settings
-from serve_app.voices.presets import elevenlabs_id
 
 logger = logging.getLogger(LOGGER_NAME)
 
@@ -35,6 +36,16 @@ DEFAULT_OUTPUT_FORMAT = "mp3_44100_128"  # ElevenLabs' default
 
 
 MAX_STITCHED = 3  # ElevenLabs' limit on previous_request_ids and next_request_ids
+_NOT_ALNUM = re.compile(r"[^A-Za-z0-9]")
+
+
+def elevenlabs_id(name: str) -> str:
+    """A voice's id in ElevenLabs' form (clients check `^[a-zA-Z0-9]{10,40}$`): the name itself when it fits
+    ("conversational"), else its letters and digits followed by a stable hash ("fast" -> "fast" + 16 hex)."""
+    plain = _NOT_ALNUM.sub("", name)
+    if 10 <= len(plain) <= 40 and plain == name:
+        return plain
+    return plain[:24] + hashlib.sha1(name.encode()).hexdigest()[:16]
 
 
 class VoiceSettings(BaseModel):
@@ -115,16 +126,16 @@ class ElevenLabsRoutes:
                 raise InvalidRequestError(
                     f"{field} may hold at most {MAX_STITCHED} request ids.", param=field, code="invalid_request"
                 )
-        request = SpeechRequest(
-            model=body.model_id or MODEL_NAME,
-            input=body.text,
-            voice=voice_id,
-            speed=float(speed),
-            seed=body.seed,
-            previous_request_ids=body.previous_request_ids or None,
+        speech = SpeechInput(
+            body.text,
+            await self._voice_name(voice_id),
+            float(speed),
+            body.seed,
+            body.previous_request_ids or None,
+            previous_text=body.previous_text,
         )
         try:
-            stream = await self._start_speech(request, output_format, request_id_of(http.scope), body.previous_text)
+            stream = await self._start_speech(speech, output_format, request_id_of(http.scope))
         except APIError as exc:
             if exc.code == "invalid_voice":  # a path parameter: ElevenLabs answers 404
                 raise NotFoundError(
@@ -132,6 +143,12 @@ class ElevenLabsRoutes:
                 ) from None
             raise
         return stream.response(False, {"Cache-Control": "no-cache"}, "request-id")
+
+    async def _voice_name(self, voice_id: str) -> str:
+        """Our name for a voice id in ElevenLabs' form (`elevenlabs_id`); anything else (a preset's own name, an
+        alias, a custom voice's name or id) as it is, for the voice directory to resolve."""
+        voices = await self._frontend.voices.remote(include_custom=True)
+        return next((info.id for info in voices if elevenlabs_id(info.id) == voice_id), voice_id)
 
     async def _voices(self, request: Request) -> list[dict]:
         """Presets and aliases for anyone; custom voices only with the key (as on the OpenAI side)."""

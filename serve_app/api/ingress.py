@@ -29,10 +29,10 @@ from serve_app.api.routing import Route, add_routes
 from serve_app.api.streaming import CLIENT_GONE, SpeechStream
 from serve_app.api.voice_routes import UPLOAD_BODY_BYTES, UPLOAD_PATHS, VoiceRoutes
 from serve_app.core.constants import LOGGER_NAME
-from serve_app.core.errors import APIError, NotFoundError, ServiceUnavailableError, status_of
+from serve_app.core.errors import APIError, NotFoundError, ServiceUnavailableError, status_of, value_of
 from serve_app.core.formats import OPENAI_FORMATS
 from serve_app.core.logs import configure_logging
-from serve_app.core.messages import EncodeRequest, StageTimes, SynthesisRequest
+from serve_app.core.messages import EncodeRequest, SpeechInput, StageTimes
 from serve_app.core.observability import RequestRecord
 from serve_app.core.settings import Settings
 from serve_app.model import registry as replicas
@@ -202,16 +202,23 @@ class SpeechIngress:
         """OpenAI createSpeech: streamed audio (chunked) or server-sent events. The `x-request-id` header
         comes from Serve's proxy, or from `RequestIds` where there is none."""
         fmt = body.response_format or self._settings.default_format
-        stream = await self.start_speech(body, fmt, request_id_of(request.scope))
+        speech = SpeechInput(
+            body.input,
+            body.voice_name,
+            float(body.speed),
+            body.seed,
+            body.previous_request_ids,
+            body.conversation,
+            instructions=body.instructions,
+        )
+        stream = await self.start_speech(speech, fmt, request_id_of(request.scope))
         return stream.response(body.stream_format == "sse", {"Cache-Control": "no-cache"})
 
-    async def start_speech(
-        self, body: SpeechRequest, fmt: str, request_id: str, previous_text: Optional[str] = None
-    ) -> SpeechStream:
+    async def start_speech(self, speech: SpeechInput, fmt: str, request_id: str) -> SpeechStream:
         """Admit, plan, start the encoder and wait for its first chunk: any failure before audio is raised
         here (for the caller's error shape); after it, the stream holds the lease and the request's record.
         Every dialect's speech route comes through here (the same admission, log line and metrics)."""
-        record = RequestRecord(request_id, characters=len(body.input), speed=float(body.speed))
+        record = RequestRecord(request_id, characters=len(speech.text), speed=speech.speed)
         started = time.perf_counter()
         await self.model_replicas()  # keeps the admission's slots in step with the replicas that serve
         try:
@@ -223,25 +230,13 @@ class SpeechIngress:
             raise
         try:
             admitted = time.perf_counter()
-            if body.instructions:
+            if speech.instructions:
                 logger.info("request %s: instructions are not supported by CSM-1B and were ignored", record.request_id)
-            plan = await self._frontend.prepare.remote(
-                body.input, body.voice_name, body.previous_request_ids, body.conversation, previous_text
-            )
-            if isinstance(plan, APIError):
-                raise plan
+            plan = await value_of(self._frontend.prepare.remote(speech))
             planned = time.perf_counter()
             record.voice, record.fmt = plan.preset.name, fmt
             remember = self._settings.utterance_memory_mb > 0
-            synthesis = SynthesisRequest(
-                plan.chunks,
-                plan.preset,
-                seed=body.seed,
-                context=plan.context,
-                request_id=record.request_id,
-                voice_prompt=plan.voice_prompt,
-                remember=remember,
-            )
+            synthesis = plan.to_synthesis(record.request_id, speech.seed, remember)
             stream = self._encoder.options(stream=True).encode.remote(EncodeRequest(synthesis, fmt, record.speed))
             try:
                 first = await stream.__anext__()
@@ -268,7 +263,7 @@ class SpeechIngress:
         on_said = None
         if remember:
 
-            async def on_said(utterance, request_id=record.request_id, conversation=body.conversation):
+            async def on_said(utterance, request_id=record.request_id, conversation=speech.conversation):
                 await self._frontend.remember.remote(request_id, utterance, conversation)
 
         return SpeechStream(first, stream, record, lease, times, on_said)

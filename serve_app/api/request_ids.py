@@ -10,7 +10,7 @@ front (Serve's local testing mode), this middleware does the proxy's part: it ma
 
 A client may choose its own id (Serve keeps it), so the id is hostile input: it must be a short token
 (`invalid_request_id` otherwise), and the utterance memory never lets a later request overwrite what an
-earlier one said under the same id (text/memory.py).
+earlier one said under the same id (text/utterances.py).
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Optional
+from typing import Optional
 
 from fastapi import Query, Request
 from pydantic import BaseModel, ConfigDict, StrictStr
@@ -22,7 +22,7 @@ from serve_app.api.errors import body_error
 from serve_app.api.limits import Gate
 from serve_app.api.routing import Route
 from serve_app.core.constants import LOGGER_NAME
-from serve_app.core.errors import APIError, InvalidRequestError, PayloadTooLargeError, PermissionDeniedError
+from serve_app.core.errors import InvalidRequestError, PayloadTooLargeError, PermissionDeniedError, value_of
 from serve_app.core.settings import Settings
 from serve_app.text.chunking import why_unspeakable
 from serve_app.voices.store import (
@@ -112,14 +112,6 @@ VOICE_FORM = _multipart(
 )
 
 
-async def _value(call) -> Any:
-    """A deployment call's result; an APIError that came back as a value is raised here."""
-    result = await call
-    if isinstance(result, APIError):
-        raise result
-    return result
-
-
 class VoiceRoutes:
     """The routes and their handlers; `routes()` lists them as data for the ingress to add."""
 
@@ -157,14 +149,14 @@ class VoiceRoutes:
         name = display_name(_text(form, "name"), "name")
         language = language_tag(_text(form, "language"))
         data = await _upload(form, "recording")
-        pcm = await _value(self._encoder.decode.remote(data, self._settings.custom_voice_max_s, "recording"))
+        pcm = await value_of(self._encoder.decode.remote(data, self._settings.custom_voice_max_s, "recording"))
         check_clip(pcm, "recording", MIN_CONSENT_S, self._settings.custom_voice_max_s)
-        record = await _value(self._frontend.add_consent.remote(name, language, pcm))
+        record = await value_of(self._frontend.add_consent.remote(name, language, pcm))
         logger.info("voice consent %s created", record.id)
         return record
 
     async def list_consents(self, limit: int = Query(20, ge=1, le=100), after: Optional[str] = None) -> ConsentList:
-        records, more = await _value(self._frontend.consent_page.remote(limit, after))
+        records, more = await value_of(self._frontend.consent_page.remote(limit, after))
         return ConsentList(
             data=records,
             first_id=records[0].id if records else None,
@@ -173,13 +165,13 @@ class VoiceRoutes:
         )
 
     async def get_consent(self, consent_id: str) -> ConsentRecord:
-        return await _value(self._frontend.consent.remote(consent_id))
+        return await value_of(self._frontend.consent.remote(consent_id))
 
     async def update_consent(self, consent_id: str, body: UpdateConsentRequest) -> ConsentRecord:
-        return await _value(self._frontend.rename_consent.remote(consent_id, display_name(body.name, "name")))
+        return await value_of(self._frontend.rename_consent.remote(consent_id, display_name(body.name, "name")))
 
     async def delete_consent(self, consent_id: str) -> ConsentDeleted:
-        await _value(self._frontend.delete_consent.remote(consent_id))
+        await value_of(self._frontend.delete_consent.remote(consent_id))
         logger.info("voice consent %s deleted", consent_id)
         return ConsentDeleted(id=consent_id)
 
@@ -208,12 +200,12 @@ class VoiceRoutes:
             )
         transcript = _transcript(_text(form, "transcript"))
         data = await _upload(form, "audio_sample")
-        await _value(self._frontend.check_new_voice.remote(name, consent))
+        await value_of(self._frontend.check_new_voice.remote(name, consent))
         max_s = self._settings.custom_voice_max_s
-        pcm = await _value(self._encoder.decode.remote(data, max_s, "audio_sample"))
+        pcm = await value_of(self._encoder.decode.remote(data, max_s, "audio_sample"))
         duration = check_clip(pcm, "audio_sample", MIN_SAMPLE_S, max_s)
         async with self._sample_encodes.enter():  # Mimi on the model's thread: one sample at a time
-            codes, codes_tag = await _value(self._model.encode_custom_voice.remote(pcm, transcript))
+            codes, codes_tag = await value_of(self._model.encode_custom_voice.remote(pcm, transcript))
         record = VoiceRecord(
             id=new_id("voice"),
             name=name,
@@ -223,7 +215,7 @@ class VoiceRoutes:
             duration_s=duration,
             conditioning="audio_and_transcript" if transcript else "audio_only",
         )
-        record = await _value(self._frontend.add_voice.remote(record, pcm, codes, codes_tag))
+        record = await value_of(self._frontend.add_voice.remote(record, pcm, codes, codes_tag))
         try:  # prefilled now; any replica that has not would do it on the voice's first request
             await self._model.add_custom_voice.remote(record.id, transcript, codes)
         except Exception as exc:
@@ -232,10 +224,10 @@ class VoiceRoutes:
         return record
 
     async def get_voice(self, voice_id: str) -> VoiceRecord:
-        return await _value(self._frontend.custom_voice.remote(voice_id))
+        return await value_of(self._frontend.custom_voice.remote(voice_id))
 
     async def delete_voice(self, voice_id: str) -> VoiceDeleted:
-        await _value(self._frontend.delete_voice.remote(voice_id))
+        await value_of(self._frontend.delete_voice.remote(voice_id))
         await self._model.forget_custom_voice.remote(voice_id)
         logger.info("custom voice %s deleted", voice_id)
         return VoiceDeleted(id=voice_id)

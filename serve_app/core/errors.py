@@ -8,8 +8,11 @@ a generic 500 whose details go to the log only. No web framework here: every pro
 
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
-from typing import Optional
+from collections.abc import Awaitable
+from typing import Any, Optional
 
 from serve_app.core.constants import LOGGER_NAME
 
@@ -130,6 +133,39 @@ class GenerationError(APIError):
     """Audio generation or encoding failed part-way."""
 
     default_code = "generation_failed"
+
+
+def errors_as_values(method):
+    """A deployment method (sync or async) whose expected failures come back as values: an `APIError` raised
+    in it is returned, not raised, because Ray Serve logs a "Request failed" traceback for every exception a
+    replica raises (a typo's 400 included). The caller awaits the call through `value_of`."""
+    if inspect.iscoroutinefunction(method):
+
+        @functools.wraps(method)
+        async def returning(*args, **kwargs):
+            try:
+                return await method(*args, **kwargs)
+            except APIError as exc:
+                return exc
+
+        return returning
+
+    @functools.wraps(method)
+    def returning_sync(*args, **kwargs):
+        try:
+            return method(*args, **kwargs)
+        except APIError as exc:
+            return exc
+
+    return returning_sync
+
+
+async def value_of(call: Awaitable[Any]) -> Any:
+    """The result of a call to an `errors_as_values` method; an `APIError` that came back is raised here."""
+    result = await call
+    if isinstance(result, APIError):
+        raise result
+    return result
 
 
 def error_body(message: str, error_type: str, param: Optional[str] = None, code: Optional[str] = None) -> dict:

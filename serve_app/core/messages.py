@@ -113,6 +113,9 @@ class ContextSegment:
     text: str
     audio: Optional[np.ndarray] = None
     codes: Optional[np.ndarray] = None
+    # Which Mimi made `codes` (engine's `codes_tag`), where it can differ from the engine's own: a custom
+    # voice's stored codes. None: made by this engine (its own generated codes, an utterance's).
+    codes_tag: Optional[str] = None
 
 
 @dataclass
@@ -144,6 +147,23 @@ class EncodeRequest:
 
 
 @dataclass
+class SpeechInput:
+    """What a client asks to be spoken, in no dialect's shape: each ingress (OpenAI's body, ElevenLabs' body
+    and path) builds one, and the ingress's `start_speech` and the text frontend take it."""
+
+    text: str
+    voice: Optional[str] = None  # a preset, alias or custom voice name or id; None: DEFAULT_VOICE
+    speed: float = 1.0
+    seed: Optional[int] = None
+    # Context, the first given wins: earlier responses' ids, a conversation's last turns, or (ElevenLabs)
+    # the latest utterance of this voice with this text.
+    previous_request_ids: Optional[list[str]] = None
+    conversation: Optional[str] = None
+    previous_text: Optional[str] = None
+    instructions: Optional[str] = None  # OpenAI's; CSM-1B has no such input (logged, not used)
+
+
+@dataclass
 class SpeechPlan:
     """The text frontend's answer: the text chunks, in order, and the resolved voice."""
 
@@ -152,6 +172,20 @@ class SpeechPlan:
     voice_prompt: Optional[ContextSegment] = None  # a custom voice's clip, for replicas that have not seen it
     # Earlier utterances as CSM context, oldest first (previous_request_ids, a conversation's last turns).
     context: list[ContextSegment] = field(default_factory=list)
+
+    def to_synthesis(self, request_id: str, seed: Optional[int] = None, remember: bool = False) -> SynthesisRequest:
+        """The model's request for this plan: the voice's model part alone (a preset's description and
+        prompt stay here; the replica has its own copy of the prompts)."""
+        params = VoiceParams(**self.preset.model_dump(include=set(VoiceParams.model_fields)))
+        return SynthesisRequest(
+            self.chunks,
+            params,
+            seed=seed,
+            context=self.context,
+            request_id=request_id,
+            voice_prompt=self.voice_prompt,
+            remember=remember,
+        )
 
 
 class VoiceInfo(BaseModel):

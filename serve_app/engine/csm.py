@@ -33,7 +33,7 @@ from serve_app.engine.checkpoint import (
 from serve_app.engine.codec import MimiDecoder, StagedEncode
 from serve_app.engine.frame import FrameStep
 from serve_app.engine.hub import DownloadProgress
-from serve_app.engine.memory import MemoryGuard
+from serve_app.engine.mlx_memory import MemoryGuard
 from serve_app.engine.options import EngineOptions
 from serve_app.engine.prefix import PrefixCache
 from serve_app.engine.prompts import MAX_POSITIONS, Tokens, audio_rows, concat, fit_context, text_rows
@@ -242,13 +242,25 @@ class CSMEngine:
 
     def fixed_context(self, preset: VoiceParams, voice_prompt: Optional[ContextSegment] = None) -> list[Tokens]:
         """What every chunk of a request sees first, whatever else must give way: the voice's prompt. A custom
-        voice not seen here yet comes from the request (`voice_prompt`) or this machine's store. (The
+        voice not seen here yet comes from the request (`voice_prompt`) when its codes are this Mimi's (their
+        `codes_tag`), else from this machine's store, which encodes its kept clip again for this Mimi. (The
         conversation's turns and the request's earlier chunks follow it, the most recent that fit.)"""
         if preset.custom and preset.name not in self._prompts:
-            if voice_prompt is not None and voice_prompt.codes is not None:
-                self.add_custom_prompt(preset.name, voice_prompt.text, voice_prompt.codes, "the request")
+            sent = voice_prompt if voice_prompt is not None and voice_prompt.codes is not None else None
+            if sent is not None and sent.codes_tag == self.codes_tag:
+                self.add_custom_prompt(preset.name, sent.text, sent.codes, "the request")
             else:
-                self.load_custom_voice(preset.name)
+                try:
+                    self.load_custom_voice(preset.name)
+                except InvalidRequestError:
+                    if sent is None:
+                        raise
+                    raise InvalidRequestError(
+                        f"Voice '{preset.name}' was made with another Mimi codec than this model's, and its clip is "
+                        "not on this machine to encode again: create the voice again on this server.",
+                        param="voice",
+                        code="invalid_voice",
+                    ) from None
         return [self._prompts[preset.name]] if preset.name in self._prompts else []
 
     def frame_cap(self, text: str) -> int:

@@ -38,7 +38,7 @@ from serve_app.core.messages import END, SynthesisRequest
 from serve_app.engine.batch import BatchKV, bucket_for, prefill
 from serve_app.engine.codec import decode_streams
 from serve_app.engine.loop_stats import LoopStats
-from serve_app.engine.memory import MemoryGuard
+from serve_app.engine.mlx_memory import MemoryGuard
 from serve_app.engine.session import SpeechSession
 
 if TYPE_CHECKING:

@@ -21,7 +21,7 @@ from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Optional
 
 from serve_app.core.constants import LOGGER_NAME, MODEL_NAME
-from serve_app.core.errors import APIError
+from serve_app.core.errors import APIError, errors_as_values
 from serve_app.core.logs import configure_logging
 from serve_app.core.messages import StreamItem, SynthesisRequest
 from serve_app.core.observability import set_model_load
@@ -70,7 +70,7 @@ class CSMModel:
     def __init__(self, settings: Settings, voices: VoiceLibrary, health_key: str = "local"):
         from serve_app.engine.csm import describe_device, select_device
         from serve_app.engine.hub import DownloadProgress
-        from serve_app.engine.memory import memory_report
+        from serve_app.engine.mlx_memory import memory_report
         from serve_app.engine.worker import ModelWorker
 
         configure_logging(settings.log_level)
@@ -188,7 +188,7 @@ class CSMModel:
 
     def _unload(self) -> bool:
         """On the MLX thread: release the weights, caches and MLX's buffers, unless a request came meanwhile."""
-        from serve_app.engine.memory import release_buffers
+        from serve_app.engine.mlx_memory import release_buffers
 
         engine = self._life.begin_unload(self._settings.idle_unload_s)
         if engine is None:
@@ -204,6 +204,7 @@ class CSMModel:
         )
         return True
 
+    @errors_as_values
     async def encode_custom_voice(self, audio, transcript: Optional[str]) -> tuple | APIError:
         """(Mimi codes, codes tag) of a new custom voice's checked clip, or the 400 why it cannot be one. The
         encode runs a layer at a time, each a task of its own on the MLX thread, so the batch takes a step
@@ -218,8 +219,6 @@ class CSMModel:
             codes = await asyncio.wrap_future(
                 self._worker.submit(lambda: engine.finish_custom_voice(encode, transcript), label="encode voice")
             )
-        except APIError as exc:
-            return exc
         finally:
             self._release()
         return codes, engine.codes_tag

@@ -1,26 +1,29 @@
-"""TextFrontend: validates and chunks the input text, resolves the voice (a preset or a custom voice), and
-keeps the custom-voice store (consents and voices, voices/store.py).
+"""TextFrontend: the deployment that turns what a client asked for into a speech plan: it checks and chunks
+the text, resolves the voice through the voice directory (voices/directory.py), and finds the context in the
+utterance memory (text/utterances.py). It also owns the custom-voice store's writes (one owner: it sweeps
+what an interrupted write left).
 
-Invalid input is an expected outcome, so a 400 or 404 comes back as a value for the ingress to raise: an
-exception raised here would make Ray Serve log a "Request failed" traceback for every typo."""
+Invalid input is an expected outcome, so a 400 or 404 comes back as a value (core/errors.errors_as_values)
+for the ingress to raise: an exception raised here would make Ray Serve log a "Request failed" traceback for
+every typo."""
 
 from __future__ import annotations
 
-import functools
 import logging
 from typing import Optional
 
 import numpy as np
 
 from serve_app.core.constants import LOGGER_NAME
-from serve_app.core.errors import APIError, InvalidRequestError, NotFoundError
+from serve_app.core.errors import APIError, InvalidRequestError, NotFoundError, errors_as_values
 from serve_app.core.logs import configure_logging
-from serve_app.core.messages import ContextSegment, SpeechPlan, Utterance, VoiceInfo
+from serve_app.core.messages import SpeechInput, SpeechPlan, Utterance, VoiceInfo
 from serve_app.core.settings import Settings
 from serve_app.text.chunking import chunk_text, normalize, why_unspeakable, with_terminal_punctuation
 from serve_app.text.markdown import strip_markdown
-from serve_app.text.memory import UtteranceMemory
-from serve_app.voices.presets import VoiceLibrary, VoicePreset, elevenlabs_id
+from serve_app.text.utterances import UtteranceMemory
+from serve_app.voices.directory import VoiceDirectory
+from serve_app.voices.presets import VoiceLibrary, VoicePreset
 from serve_app.voices.store import ConsentRecord, CustomVoiceStore, VoiceRecord
 
 logger = logging.getLogger(LOGGER_NAME)
@@ -30,14 +33,13 @@ class TextFrontend:
     def __init__(self, settings: Settings, voices: VoiceLibrary):
         configure_logging(settings.log_level)
         self._settings = settings
-        self._voices = voices
         self._store = CustomVoiceStore(settings)
+        self._voices = VoiceDirectory(voices, self._store)
         # The one frontend owns the store: what a crash or a full disk cut short is swept now.
         if removed := self._store.sweep():
             logger.info(
                 "custom voice store: removed %d leftover(s) of interrupted writes: %s", len(removed), ", ".join(removed)
             )
-        self._prompts: dict[str, ContextSegment] = {}
         self._memory = UtteranceMemory(
             int(settings.utterance_memory_mb * 1024 * 1024),
             settings.utterance_max_age_s,
@@ -45,36 +47,18 @@ class TextFrontend:
             settings.conversation_max_age_s,
         )
 
-    @staticmethod
-    def _errors_as_values(method):
-        @functools.wraps(method)
-        def wrapper(*args, **kwargs):
-            try:
-                return method(*args, **kwargs)
-            except APIError as exc:
-                return exc
-
-        return wrapper
-
-    @_errors_as_values
-    def prepare(
-        self,
-        text: str,
-        voice: Optional[str],
-        previous_request_ids: Optional[list[str]] = None,
-        conversation: Optional[str] = None,
-        previous_text: Optional[str] = None,
-    ) -> SpeechPlan | APIError:
+    @errors_as_values
+    def prepare(self, speech: SpeechInput) -> SpeechPlan | APIError:
         """Check the input and voice, split the text into chunks, and find the context: the utterances
         named by `previous_request_ids` (oldest first), else the `conversation`'s last turns, else (the
         ElevenLabs dialect's `previous_text`) the latest utterance of this voice with that text."""
-        plan = self._plan(text, voice)
-        if previous_request_ids:
-            plan.context = self._memory.context(previous_request_ids)
-        elif conversation is not None:
-            plan.context = self._memory.conversation(conversation)
-        elif previous_text:
-            plan.context = self._memory.matching_text(plan.preset.name, previous_text)
+        plan = self._plan(speech.text, speech.voice)
+        if speech.previous_request_ids:
+            plan.context = self._memory.context(speech.previous_request_ids)
+        elif speech.conversation is not None:
+            plan.context = self._memory.conversation(speech.conversation)
+        elif speech.previous_text:
+            plan.context = self._memory.matching_text(plan.preset.name, speech.previous_text)
         return plan
 
     def remember(self, request_id: str, utterance: Utterance, conversation: Optional[str] = None) -> None:
@@ -93,7 +77,7 @@ class TextFrontend:
                 code="string_above_max_length",
             )
         # The voice first: a request for a voice that does not exist costs a lookup, not a pass over its text.
-        preset = self.resolve(voice or self._settings.default_voice)
+        preset = self._voices.resolve(voice or self._settings.default_voice)
         if not normalize(text):
             raise InvalidRequestError("Input is empty: give some text to speak.", param="input", code="empty_input")
         problem = why_unspeakable(text)
@@ -110,92 +94,59 @@ class TextFrontend:
         chunks = chunk_text(text, self._settings.chunk_max_chars, self._settings.first_chunk_max_chars)
         if self._settings.terminal_punctuation:
             chunks = [with_terminal_punctuation(chunk) for chunk in chunks]
-        return SpeechPlan(chunks=chunks, preset=preset, voice_prompt=self._voice_prompt(preset))
-
-    def _voice_prompt(self, preset: VoicePreset) -> Optional[ContextSegment]:
-        """A custom voice's stored transcript and codes (read once; they never change)."""
-        if not preset.custom:
-            return None
-        if preset.name not in self._prompts:
-            stored = self._store.prompt(preset.name)
-            if stored is None:
-                return None
-            self._prompts[preset.name] = ContextSegment(0, stored[0], codes=stored[1])
-        return self._prompts[preset.name]
+        return SpeechPlan(chunks=chunks, preset=preset, voice_prompt=self._voices.prompt(preset))
 
     def resolve(self, name: str) -> VoicePreset:
-        """A preset or alias first, then a custom voice by id or name; else the presets' 400, naming all."""
-        try:
-            return self._voices.resolve(name)
-        except InvalidRequestError as exc:
-            record = self._store.find(name)
-            if record is None:  # ElevenLabs' id of a preset or custom voice (elevenlabs_id)
-                known = {elevenlabs_id(v.id): v.id for v in self.voices()}
-                if name in known:
-                    return self.resolve(known[name])
-                custom = [v.name for v in self._store.voices().values()]
-                if custom:
-                    exc.message += f" Custom voices: {', '.join(custom)}."
-                    exc.args = (exc.message,)
-                raise exc from None
-        return VoicePreset(name=record.id, description=record.description(), custom=True)
+        """The voice directory's answer for `name` (raises its 400)."""
+        return self._voices.resolve(name)
 
     def voices(self, include_custom: bool = True) -> list[VoiceInfo]:
-        """The presets, and (`include_custom`) the custom voices, whose names are often a person's."""
-        presets = [VoiceInfo(id=p.name, name=p.name, description=p.description) for p in self._voices.presets.values()]
-        if not include_custom:
-            return presets
-        return presets + [
-            VoiceInfo(id=v.id, name=v.name, description=v.description()) for v in self._store.voices().values()
-        ]
+        return self._voices.list(include_custom)
 
-    # --- the custom-voice store -----------------------------------------------------------------------
+    # --- the custom-voice store's writes ---------------------------------------------------------------
 
-    def _taken_names(self) -> set[str]:
-        return {n.casefold() for n in [*self._voices.presets, *self._voices.aliases]}
-
-    @_errors_as_values
+    @errors_as_values
     def check_new_voice(self, name: str, consent: str) -> None | APIError:
         """Before a sample is decoded: the consent exists, the name is free and there is room."""
-        self._store.check_new_voice(name, consent, self._taken_names())
+        self._store.check_new_voice(name, consent, self._voices.names())
         return None
 
-    @_errors_as_values
+    @errors_as_values
     def add_voice(
         self, record: VoiceRecord, sample: np.ndarray, codes: np.ndarray, codes_tag: str
     ) -> VoiceRecord | APIError:
-        return self._store.add_voice(record, sample, codes, codes_tag, self._taken_names())
+        return self._store.add_voice(record, sample, codes, codes_tag, self._voices.names())
 
-    @_errors_as_values
+    @errors_as_values
     def custom_voice(self, voice_id: str) -> VoiceRecord | APIError:
         record = self._store.voices().get(voice_id)
         if record is None:
             raise NotFoundError(f"No custom voice with id '{voice_id}'.", param="voice_id", code="voice_not_found")
         return record
 
-    @_errors_as_values
+    @errors_as_values
     def delete_voice(self, voice_id: str) -> None | APIError:
         self._store.delete_voice(voice_id)
-        self._prompts.pop(voice_id, None)
+        self._voices.forget(voice_id)
         return None
 
-    @_errors_as_values
+    @errors_as_values
     def add_consent(self, name: str, language: str, recording: np.ndarray) -> ConsentRecord | APIError:
         return self._store.add_consent(name, language, recording)
 
-    @_errors_as_values
+    @errors_as_values
     def consent(self, consent_id: str) -> ConsentRecord | APIError:
         return self._store.consent(consent_id)
 
-    @_errors_as_values
+    @errors_as_values
     def consent_page(self, limit: int, after: Optional[str]) -> tuple[list[ConsentRecord], bool] | APIError:
         return self._store.page(limit, after)
 
-    @_errors_as_values
+    @errors_as_values
     def rename_consent(self, consent_id: str, name: str) -> ConsentRecord | APIError:
         return self._store.rename_consent(consent_id, name)
 
-    @_errors_as_values
+    @errors_as_values
     def delete_consent(self, consent_id: str) -> None | APIError:
         self._store.delete_consent(consent_id)
         return None

@@ -7,7 +7,6 @@ file adds a voice; a broken file stops start-up with a message naming the file a
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from pathlib import Path
@@ -17,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from serve_app.core.errors import InvalidRequestError
+from serve_app.core.messages import VoiceParams
 from serve_app.core.settings import ConfigError
 
 ALIASES_FILE = "aliases.yaml"
@@ -64,19 +64,12 @@ def _repo_folder(checkpoint_dir: Path) -> Path:
     return folder.parent.parent if folder.parent.name == "snapshots" else folder
 
 
-class VoicePreset(BaseModel):
-    """One voice: CSM sampling parameters, speaker id, optional reference prompt and output gain."""
+class VoicePreset(VoiceParams):
+    """One voice: what the model needs of it (`VoiceParams`: sampling, speaker id, gain), plus what only the
+    voices folder knows: its description and optional reference prompt. `params()` is the model's part."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    name: str
     description: str
-    speaker: int = Field(0, ge=0, le=31)
-    temperature: float = Field(0.9, gt=0.0, le=2.0)
-    top_k: int = Field(50, ge=1, le=2048)
-    gain_db: float = Field(0.0, ge=-30.0, le=12.0)
     prompt: Optional[VoicePrompt] = None
-    # A custom voice (voices/store.py): `name` is its id, and the model replica reads its clip from the store.
-    custom: bool = False
 
     @field_validator("name")
     @classmethod
@@ -85,17 +78,18 @@ class VoicePreset(BaseModel):
             raise ValueError("must be lower-case letters, digits, '-' or '_' (at most 64)")
         return value
 
+    def params(self) -> VoiceParams:
+        """The model's part alone (what crosses the handle to the model replica)."""
+        return VoiceParams(**{name: getattr(self, name) for name in VoiceParams.model_fields})
 
-_NOT_ALNUM = re.compile(r"[^A-Za-z0-9]")
 
-
-def elevenlabs_id(name: str) -> str:
-    """A voice's id in ElevenLabs' form (clients check `^[a-zA-Z0-9]{10,40}$`): the name itself when it fits
-    ("conversational"), else its letters and digits followed by a stable hash ("fast" -> "fast" + 16 hex)."""
-    plain = _NOT_ALNUM.sub("", name)
-    if 10 <= len(plain) <= 40 and plain == name:
-        return plain
-    return plain[:24] + hashlib.sha1(name.encode()).hexdigest()[:16]
+def unknown_voice(name: str, presets: list[str], aliases: list[str], custom: list[str] = ()) -> InvalidRequestError:
+    """The 400 for a voice nobody has: it names what there is (the custom voices only when given)."""
+    message = f"Voice {name!r} is not available. Available voices: {', '.join(presets)}"
+    message += f" (and the aliases {', '.join(aliases)})." if aliases else "."
+    if custom:
+        message += f" Custom voices: {', '.join(custom)}."
+    return InvalidRequestError(message, param="voice", code="invalid_voice")
 
 
 def _read(path: Path) -> object:
@@ -151,16 +145,14 @@ class VoiceLibrary:
     def names(self) -> list[str]:
         return sorted(self.presets)
 
+    def find(self, name: str) -> Optional[VoicePreset]:
+        """The preset for a preset name or alias (case-insensitive), or None."""
+        key = name.strip().lower()
+        return self.presets.get(self.aliases.get(key, key))
+
     def resolve(self, name: str) -> VoicePreset:
         """The preset for a preset name or alias (case-insensitive); an unknown name is a 400."""
-        key = name.strip().lower()
-        key = self.aliases.get(key, key)
-        preset = self.presets.get(key)
+        preset = self.find(name)
         if preset is None:
-            raise InvalidRequestError(
-                f"Voice {name!r} is not available. Available voices: {', '.join(self.names())}"
-                f" (and the aliases {', '.join(sorted(self.aliases))}).",
-                param="voice",
-                code="invalid_voice",
-            )
+            raise unknown_voice(name, self.names(), sorted(self.aliases))
         return preset

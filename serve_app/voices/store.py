@@ -406,13 +406,15 @@ class CustomVoiceStore:
                 f"Voice '{voice_id}' is not available (deleted or unreadable).", param="voice", code="invalid_voice"
             ) from None
 
-    def prompt(self, voice_id: str) -> Optional[tuple[str, np.ndarray]]:
-        """(transcript, Mimi codes) as stored when the voice was made (None if they cannot be read)."""
+    def prompt(self, voice_id: str) -> Optional[tuple[str, np.ndarray, str]]:
+        """(transcript, Mimi codes, the tag of the Mimi that made them) as stored when the voice was made
+        (None if they cannot be read). A model replica with another Mimi must not use these codes."""
         folder = self.folder(voice_id)
         with contextlib.suppress(OSError, ValueError):
             record = VoiceRecord.model_validate_json((folder / "voice.json").read_text())
             made = min(folder.glob("codes-*.npy"), key=lambda p: p.stat().st_mtime)
-            return record.transcript or "", np.load(made, allow_pickle=False)
+            codes_tag = made.stem.removeprefix("codes-")
+            return record.transcript or "", np.load(made, allow_pickle=False), codes_tag
         return None
 
     def save_codes(self, voice_id: str, codes_tag: str, codes: np.ndarray) -> None:

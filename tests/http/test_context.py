@@ -106,7 +106,7 @@ def test_elevenlabs_refuses_more_than_three_ids_in_its_own_shape(app):
 def test_the_memory_is_bounded_by_bytes_and_age():
     from serve_app.core.errors import InvalidRequestError
     from serve_app.core.messages import Utterance
-    from serve_app.text.memory import UtteranceMemory
+    from serve_app.text.utterances import UtteranceMemory
 
     now = [0.0]
     memory = UtteranceMemory(
@@ -132,7 +132,7 @@ def test_a_reused_request_id_never_replaces_what_was_said_under_it():
     """Clients may choose their request id (Serve keeps the one a client sends): a later request under the same
     id is not remembered over the earlier one, which another client may be naming as its context."""
     from serve_app.core.messages import Utterance
-    from serve_app.text.memory import UtteranceMemory
+    from serve_app.text.utterances import UtteranceMemory
 
     memory = UtteranceMemory(max_bytes=1 << 20, max_age_s=60, turns=2, conversation_age_s=30)
     memory.remember("chosen", Utterance("v", 0, "the first", np.ones((32, 10), np.int16)))

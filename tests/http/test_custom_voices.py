@@ -400,13 +400,13 @@ def test_a_voice_outlives_its_server_and_is_never_encoded_twice(tiny_checkpoint,
     from serve_app.voices.presets import VoicePreset
     from serve_app.voices.store import CustomVoiceStore
 
-    transcript, codes = CustomVoiceStore(settings).prompt(voice["id"])
+    transcript, codes, codes_tag = CustomVoiceStore(settings).prompt(voice["id"])
     elsewhere = load_engine(settings.model_copy(update={"cache_dir": tmp_path_factory.mktemp("elsewhere")}))
     request = SynthesisRequest(
         [body["input"]],
         VoicePreset(name=voice["id"], description="", custom=True),
         seed=7,
-        voice_prompt=ContextSegment(0, transcript, codes=codes),
+        voice_prompt=ContextSegment(0, transcript, codes=codes, codes_tag=codes_tag),
     )
     assert b"".join(i for i in synthesize(elsewhere, request) if isinstance(i, bytes)) == before
 

@@ -20,7 +20,7 @@ from serve_app.core.errors import (
     status_of,
     unwrap,
 )
-from serve_app.engine.memory import MemoryGuard
+from serve_app.engine.mlx_memory import MemoryGuard
 
 
 def body(response) -> dict:

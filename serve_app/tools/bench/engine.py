@@ -20,7 +20,7 @@ import mlx.core as mx
 
 from serve_app.core.constants import FRAME_RATE
 from serve_app.core.settings import Settings
-from serve_app.engine.memory import memory_report
+from serve_app.engine.mlx_memory import memory_report
 from serve_app.model.loading import load_engine
 
 TEXT = "Hello, this is a quick benchmark of the speech server."  # one text chunk
