@@ -22,6 +22,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from serve_app.api import elevenlabs
 from serve_app.api.errors import create_error_response, install_error_handlers
 from serve_app.api.guard import RequestGuard
+from serve_app.api.health import judge
 from serve_app.api.limits import Admission, BodySizeLimit
 from serve_app.api.protocol import AudioModel, AudioModelList, ModelCard, ModelList, SpeechRequest, VoiceList
 from serve_app.api.request_ids import RequestIds, request_id_of
@@ -31,12 +32,12 @@ from serve_app.api.voice_routes import UPLOAD_BODY_BYTES, UPLOAD_PATHS, VoiceRou
 from serve_app.core.constants import LOGGER_NAME
 from serve_app.core.errors import APIError, NotFoundError, ServiceUnavailableError, status_of, value_of
 from serve_app.core.formats import OPENAI_FORMATS
+from serve_app.core.health import ReplicaHealth
 from serve_app.core.logs import configure_logging
 from serve_app.core.messages import EncodeRequest, SpeechInput, StageTimes
 from serve_app.core.observability import RequestRecord
 from serve_app.core.settings import Settings
 from serve_app.model import registry as replicas
-from serve_app.model.lifecycle import SERVING_STATES
 
 logger = logging.getLogger(LOGGER_NAME)
 
@@ -117,7 +118,7 @@ class SpeechIngress:
         # Speech requests between admission and their last byte; bounded, and the stop drain waits for it. The
         # slots follow the model replicas that can serve (refreshed from their published health).
         self._admission = Admission(settings.max_queued_requests, slots=model_replicas * settings.max_batch_size)
-        self._replicas: list[dict] = []
+        self._replicas: list[ReplicaHealth] = []
         self._replicas_read = 0.0
 
     def __serve_build_asgi_app__(self) -> FastAPI:
@@ -283,7 +284,7 @@ class SpeechIngress:
         """Presets and aliases for anyone; custom voices (a person's name, often) only with the key."""
         return VoiceList(voices=await self._frontend.voices.remote(include_custom=request.state.api_key_ok))
 
-    async def model_replicas(self, max_age_s: float = 2.0) -> list[dict]:
+    async def model_replicas(self, max_age_s: float = 2.0) -> list[ReplicaHealth]:
         """Every model replica's published health (model/registry.py), read at most every `max_age_s`; the
         admission's slots become MAX_BATCH_SIZE per replica that can serve (at least one replica's worth, so
         with none serving requests get the model's 503 rather than a 429)."""
@@ -293,63 +294,38 @@ class SpeechIngress:
             self._follow_replicas(self._replicas)
         return self._replicas
 
-    def _follow_replicas(self, entries: list[dict]) -> None:
+    def _follow_replicas(self, entries: list[ReplicaHealth]) -> None:
         if entries:
-            serving = sum(r["status"] in SERVING_STATES for r in entries)
+            serving = sum(r.serving for r in entries)
             self._admission.slots = max(1, serving) * self._settings.max_batch_size
 
     async def health(self, request: Request) -> JSONResponse:
-        """200 when a model replica can serve and ffmpeg runs; 503 with the reason otherwise. `model` is the
-        replica this call reached; `replicas` lists every one, and `degraded` names those that cannot serve.
-        Only to a trusted caller (the API key, or this machine itself): to anyone else, only the status and a
-        short why, never pids, paths, addresses, versions or custom voice ids."""
+        """200 when a model replica can serve and ffmpeg runs; 503 with the reason otherwise (api/health.py
+        judges). `model` is the replica this call reached; `replicas` lists every one, and `degraded` names
+        those that cannot serve. The full body only to a trusted caller (the API key, or this machine)."""
         model = await self._model.health.remote()
         encoder = await self._encoder.health.remote()
-        voices = [v.id for v in await self._frontend.voices.remote()]
-        # The replica this call reached answers fresher than its last published entry.
-        every = [
-            model if r.get("replica") == model.get("replica") else r for r in await self.model_replicas(max_age_s=0)
-        ] or [model]
-        # One replica: the one this call reached is the only truth (a killed one's last entry still reads
-        # "ready" until it goes stale, while its replacement loads). Several: each one's published state.
-        serving = [r for r in (every if self._model_replicas > 1 else [model]) if r["status"] in SERVING_STATES]
-        self._follow_replicas(every)
-        draining = self._settings.drain_flag.exists()
-        ok = bool(serving) and encoder["ok"] and not draining
-        # (why, in detail; why, for anyone)
-        reasons = [
-            (model.get("error"), f"model {model['status']}") if not serving and model.get("error") else None,
-            None if encoder["ok"] else (encoder["ffmpeg"], "ffmpeg is not available"),
-            ("model is loading",) * 2 if not serving and model["status"] == "loading" else None,
-            ("shutting down",) * 2 if draining else None,
-        ]
-        reasons = [r for r in reasons if r]
-        status = "ok" if ok else ("draining" if draining else "unavailable")
+        published = await self.model_replicas(max_age_s=0)
+        verdict = judge(model, published, encoder, self._model_replicas > 1, self._settings.drain_flag.exists())
+        self._follow_replicas(verdict.replicas)
         if not request.state.trusted:
-            public = {"status": status, **({"reason": "; ".join(r[1] for r in reasons)} if reasons else {})}
-            return JSONResponse(public, status_code=200 if ok else 503)
+            return JSONResponse(verdict.public(), status_code=verdict.code)
         body = {
-            "status": status,
-            "model": model,
-            "replicas": every,
-            "ffmpeg": encoder["ffmpeg"],
-            "voices": voices,
-            "device": model["device"],
+            "status": verdict.status,
+            "model": model.body(),
+            "replicas": [r.body() for r in verdict.replicas],
+            "ffmpeg": encoder.ffmpeg,
+            "voices": [v.id for v in await self._frontend.voices.remote()],
+            "device": model.device,
             "in_flight": self._admission.active,
             "capacity": self._admission.capacity,
-            "encoders_running": encoder["running"],
-            "encoders_warm": {"idle": encoder["warm"], "pids": encoder["warm_pids"]},
-            "model_replicas": {"configured": self._model_replicas, "serving": len(serving)},
+            "encoders_running": encoder.running,
+            "encoders_warm": {"idle": encoder.warm, "pids": encoder.warm_pids},
+            "model_replicas": {"configured": self._model_replicas, "serving": len(verdict.serving)},
             "utterance_memory": await self._frontend.memory_report.remote(),
         }
-        degraded = [
-            f"{r.get('replica', '?')} on {r.get('node', {}).get('ip', '?')}: {r['status']}"
-            f"{' (' + r['error'] + ')' if r.get('error') else ''}"
-            for r in every
-            if r not in serving
-        ]
-        if degraded and serving:
+        if degraded := verdict.degraded():
             body["degraded"] = degraded
-        if reasons:
-            body["reason"] = "; ".join(r[0] for r in reasons)
-        return JSONResponse(body, status_code=200 if ok else 503)
+        if verdict.reasons:
+            body["reason"] = "; ".join(r[0] for r in verdict.reasons)
+        return JSONResponse(body, status_code=verdict.code)

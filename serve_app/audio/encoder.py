@@ -25,6 +25,7 @@ from serve_app.audio.pool import WarmProcesses, kill, start
 from serve_app.core.constants import LOGGER_NAME
 from serve_app.core.errors import APIError, GenerationError, InvalidRequestError, ServiceUnavailableError
 from serve_app.core.formats import FORMATS
+from serve_app.core.health import EncoderHealth
 from serve_app.core.logs import configure_logging
 from serve_app.core.messages import EncodeRequest, StageTimes, StreamItem, Usage
 from serve_app.core.settings import Settings
@@ -55,14 +56,14 @@ class AudioEncoder:
         if self._ffmpeg is not None and self._warm.per_command:
             self._warm.fill(tuple(ffmpeg_command(self._ffmpeg, "mp3")))
 
-    async def health(self) -> dict:
-        return {
-            "ok": self._ffmpeg is not None,
-            "ffmpeg": self._ffmpeg_info,
-            "running": self._running,
-            "warm": self._warm.idle,
-            "warm_pids": self._warm.pids,
-        }
+    async def health(self) -> EncoderHealth:
+        return EncoderHealth(
+            ok=self._ffmpeg is not None,
+            ffmpeg=self._ffmpeg_info,
+            running=self._running,
+            warm=self._warm.idle,
+            warm_pids=self._warm.pids,
+        )
 
     def __del__(self):
         if hasattr(self, "_warm"):

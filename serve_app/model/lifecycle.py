@@ -20,6 +20,7 @@ from collections.abc import Callable
 from typing import Any, Optional
 
 from serve_app.core.errors import ModelLoadError, ModelNotReadyError
+from serve_app.core.health import SERVING
 
 
 class ModelState(str, enum.Enum):
@@ -33,7 +34,7 @@ class ModelState(str, enum.Enum):
 
 
 # The states in which a replica takes requests (after an idle unload, they wait for the reload).
-SERVING_STATES = frozenset({ModelState.READY, ModelState.UNLOADING, ModelState.UNLOADED, ModelState.RELOADING})
+SERVING_STATES = frozenset(ModelState(state) for state in SERVING)
 
 
 class Lifecycle:

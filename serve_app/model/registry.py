@@ -16,6 +16,7 @@ import time
 from typing import Optional
 
 from serve_app.core.constants import LOGGER_NAME
+from serve_app.core.health import ReplicaHealth
 
 logger = logging.getLogger(LOGGER_NAME)
 
@@ -40,10 +41,10 @@ def _prefix(app: str) -> str:
     return f"model-health/{app}/"
 
 
-def publish(app: str, replica_id: str, health: dict) -> None:
+def publish(app: str, replica_id: str, health: ReplicaHealth) -> None:
     """This replica's health, stamped with the time (the reader judges staleness)."""
     key = _prefix(app) + replica_id
-    value = json.dumps({**health, "replica": replica_id, "published": time.time()}).encode()
+    value = json.dumps({**health.body(), "replica": replica_id, "published": time.time()}).encode()
     kv = _kv()
     if kv is None:
         _LOCAL[key] = value
@@ -60,7 +61,7 @@ def withdraw(app: str, replica_id: str) -> None:
         kv._internal_kv_del(key, namespace=_NAMESPACE)
 
 
-def read(app: str) -> list[dict]:
+def read(app: str) -> list[ReplicaHealth]:
     """Every model replica's latest health, oldest replica id first; stale ones marked `status: "gone"`."""
     prefix, kv, now = _prefix(app), _kv(), time.time()
     if kv is None:
@@ -80,12 +81,15 @@ def read(app: str) -> list[dict]:
         entry["age_s"] = round(age, 1)
         if age > STALE_S:
             entry["status"] = "gone"
-        found.append(entry)
+        found.append(ReplicaHealth.model_validate(entry))
     return found
 
 
 def _parse(value: Optional[bytes]) -> Optional[dict]:
+    """An entry as published (a dict with its replica id and time), or None if it cannot be one."""
     try:
-        return json.loads(value) if value else None
+        entry = json.loads(value) if value else None
     except (ValueError, TypeError):
         return None
+    valid = isinstance(entry, dict) and isinstance(entry.get("replica"), str)
+    return entry if valid and isinstance(entry.get("published"), (int, float)) else None

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Optional
 
 from serve_app.core.constants import LOGGER_NAME, MODEL_NAME
 from serve_app.core.errors import APIError, errors_as_values
+from serve_app.core.health import ReplicaHealth
 from serve_app.core.logs import configure_logging
 from serve_app.core.messages import StreamItem, SynthesisRequest
 from serve_app.core.observability import set_model_load
@@ -264,42 +265,42 @@ class CSMModel:
             logger.error("model replica unhealthy: %s", problem)
             raise WorkerUnhealthy(problem)
 
-    async def health(self) -> dict:
+    async def health(self) -> ReplicaHealth:
         return self.health_info()
 
-    def health_info(self) -> dict:
+    def health_info(self) -> ReplicaHealth:
         """This replica: where it runs, its state, batch, queue, memory and what it has served."""
         problem = self.worker_problem()
         state = self._life.state(problem)
         engine = self._life.engine
-        info = {
-            "status": state.value,
-            "model": MODEL_NAME,
-            "model_id": self._settings.model_id,
-            "device": self._device_name,
-            "dtype": self._settings.dtype,
-            "quantize": self._settings.quantize or None,
-            "generating": self._worker.generating,
-            "queued": self._worker.waiting,
-            "max_batch_size": self._settings.max_batch_size,
-            "worker": self._worker.liveness().as_dict(),
-            "node": self._node,
-            "served": self._served,
-            "replica": self._replica_id,
-            "memory": self._memory_report(),
-        }
+        optional = {}
         if self._settings.idle_unload_s:
-            info["idle_unload"] = {
+            optional["idle_unload"] = {
                 "after_s": self._settings.idle_unload_s,
                 "unloaded": self._life.unloaded,
                 "idle_s": round(self._life.idle_for(), 1),
             }
-        info["last_load_s"] = None if self._load_s is None else round(self._load_s, 2)
         if engine is not None:
-            info["prefix_cache"] = engine.prefixes.report()
+            optional["prefix_cache"] = engine.prefixes.report()
         if state == ModelState.LOADING and self._downloads.active:
-            info["download"] = self._downloads.report()
-        error = problem or self._life.error
-        if error:
-            info["error"] = error
-        return info
+            optional["download"] = self._downloads.report()
+        if error := problem or self._life.error:
+            optional["error"] = error
+        return ReplicaHealth(
+            status=state.value,
+            model=MODEL_NAME,
+            model_id=self._settings.model_id,
+            device=self._device_name,
+            dtype=self._settings.dtype,
+            quantize=self._settings.quantize or None,
+            generating=self._worker.generating,
+            queued=self._worker.waiting,
+            max_batch_size=self._settings.max_batch_size,
+            worker=self._worker.liveness().as_dict(),
+            node=self._node,
+            served=self._served,
+            replica=self._replica_id,
+            memory=self._memory_report(),
+            last_load_s=None if self._load_s is None else round(self._load_s, 2),
+            **optional,
+        )

@@ -177,7 +177,7 @@ def test_memory_limit_fails_that_request_releases_the_cache_and_the_next_succeed
         _run(model, big)
     assert info.value.status_code == 503 and info.value.code == "out_of_memory"
     assert f"MLX_MEMORY_LIMIT_MB={limit}" in info.value.message
-    assert asyncio.run(model.health())["memory"]["mlx_cache_mb"] == 0  # MLX's cache was released
+    assert asyncio.run(model.health()).memory["mlx_cache_mb"] == 0  # MLX's cache was released
     items = _run(model, small)
     assert sum(len(item) for item in items if isinstance(item, bytes)) > 0
     assert items[-1].output_tokens > 0

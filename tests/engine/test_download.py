@@ -39,7 +39,7 @@ def closed_port_url() -> str:
 
 
 def health(model: CSMModel) -> dict:
-    return asyncio.run(model.health())
+    return asyncio.run(model.health()).body()
 
 
 def test_first_start_downloads_with_progress_then_loads_offline(hub, tmp_path, voices, caplog):

@@ -173,10 +173,10 @@ def test_model_deployment_reports_load_failure(tmp_path, voices):
     model = CSMModel(Settings(model_id=str(tmp_path / "missing")), voices)
     for _ in range(100):
         health = asyncio.run(model.health())
-        if health["status"] != "loading":
+        if health.status != "loading":
             break
         time.sleep(0.05)
-    assert health["status"] == "failed" and "no such directory" in health["error"]
+    assert health.status == "failed" and "no such directory" in health.error
 
     async def first():
         async for item in model.generate(None):
@@ -192,7 +192,7 @@ def test_model_deployment_streams_when_ready(tiny_checkpoint, voices):
 
     async def collect():
         for _ in range(200):
-            if (await model.health())["status"] == "ready":
+            if (await model.health()).status == "ready":
                 break
             await asyncio.sleep(0.05)
         request = SynthesisRequest(["Hello."], voices.resolve("fast"), seed=1)

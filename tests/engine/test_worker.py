@@ -78,7 +78,7 @@ def assert_still_serving(model: CSMModel, voices) -> None:
     items = asyncio.run(collect(model, request(voices, ["Still here."], seed=3)))
     assert sum(len(i) for i in items if isinstance(i, bytes)) > 0 and isinstance(items[-1], Usage)
     health = asyncio.run(model.health())
-    assert health["status"] == "ready" and health["worker"]["alive"]
+    assert health.status == "ready" and health.worker["alive"]
     asyncio.run(model.check_health())  # Serve would keep this replica
 
 
@@ -126,17 +126,17 @@ def test_a_hung_worker_fails_the_health_check_until_it_recovers(tiny_checkpoint,
     try:
         model._worker.submit(lambda: release.wait(60), label="stuck")  # a kernel that never returns, say
         deadline = time.monotonic() + 60
-        while (live := asyncio.run(model.health()))["status"] != "unhealthy":  # once past the 1 s limit
+        while (live := asyncio.run(model.health())).status != "unhealthy":  # once past the 1 s limit
             assert time.monotonic() < deadline, live
             time.sleep(0.05)
-        assert live["status"] == "unhealthy" and live["worker"]["task"] == "stuck" and live["worker"]["task_s"] > 1
-        assert "WORKER_STALL_TIMEOUT_S=1" in live["error"]
+        assert live.status == "unhealthy" and live.worker["task"] == "stuck" and live.worker["task_s"] > 1
+        assert "WORKER_STALL_TIMEOUT_S=1" in live.error
         with pytest.raises(WorkerUnhealthy, match="'stuck' task"):
             asyncio.run(model.check_health())
     finally:
         release.set()
     deadline = time.monotonic() + 10
-    while asyncio.run(model.health())["worker"]["task"] is not None and time.monotonic() < deadline:
+    while asyncio.run(model.health()).worker["task"] is not None and time.monotonic() < deadline:
         time.sleep(0.05)
     assert_still_serving(model, voices)
     model._worker.stop()
@@ -164,7 +164,7 @@ def test_a_dead_worker_fails_its_requests_and_the_health_check(tiny_checkpoint, 
     assert isinstance(failed, ServiceUnavailableError) and failed.code == "model_worker_stopped"
     assert "KeyboardInterrupt" in failed.message
     health = asyncio.run(model.health())
-    assert health["status"] == "unhealthy" and not health["worker"]["alive"]
+    assert health.status == "unhealthy" and not health.worker["alive"]
     with pytest.raises(WorkerUnhealthy, match="stopped"):
         asyncio.run(model.check_health())
     later = asyncio.run(outcome(model, request(voices, ["Too late."])))
@@ -183,7 +183,7 @@ voices = VoiceLibrary.load(settings.voices_dir)
 model = CSMModel(settings, voices)
 
 async def speak():
-    while (await model.health())["status"] != "ready":
+    while (await model.health()).status != "ready":
         await asyncio.sleep(0.05)
     return [item async for item in model.generate(SynthesisRequest(["Hello."], voices.resolve("fast"), seed=1))]
 

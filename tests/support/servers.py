@@ -97,10 +97,10 @@ def settled(model, timeout: float = 120) -> dict:
     import time
 
     deadline = time.monotonic() + timeout
-    while (health := asyncio.run(model.health()))["status"] == "loading":
+    while (health := asyncio.run(model.health())).status == "loading":
         assert time.monotonic() < deadline, "the model is still loading"
         time.sleep(0.05)
-    return health
+    return health.body()
 
 
 children = processes.children  # the direct children of a process we started
