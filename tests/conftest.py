@@ -56,6 +56,14 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.network)
         if tier == "e2e" or item.get_closest_marker("cluster") or item.get_closest_marker("server"):
             item.add_marker(pytest.mark.slow)
+    # The modules that use the shared server run first, one after another, so it can stop before the
+    # servers of the other modules start (pytest_runtest_teardown below): whole modules move, in their order.
+    shared = {item.module.__name__ for item in items if "server" in getattr(item, "fixturenames", ())}
+    items.sort(key=lambda item: item.module.__name__ not in shared if _tier(item) == "e2e" else True)
+
+
+def _tier(item) -> str:
+    return Path(str(item.fspath)).relative_to(ROOT / "tests").parts[0]
 
 
 @pytest.fixture(scope="session")
@@ -93,15 +101,39 @@ def engine_reference(tiny_checkpoint, voices):
     return load_engine(Settings(model_id=str(tiny_checkpoint), prefix_cache=False, **ENGINE_CAPS), voices)
 
 
+# The shared server is stopped right after the last test that uses it (not at the session's end): an idle
+# Ray cluster costs a fifth of a core, which every later test would pay.
+_LAST_USER: dict[str, str] = {}  # a shared server fixture's name -> the node id of its last user
+_RUNNING: dict[str, object] = {}
+
+
+def pytest_collection_finish(session):
+    """Which test is the last to use each shared server, among those that will run (after -k and -m)."""
+    for item in session.items:
+        for name in ("server",):
+            if name in getattr(item, "fixturenames", ()):
+                _LAST_USER[name] = item.nodeid
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_teardown(item, nextitem):
+    yield
+    for name, last in _LAST_USER.items():
+        if item.nodeid == last and name in _RUNNING:
+            _RUNNING.pop(name).stop()
+
+
 @pytest.fixture(scope="session")
 def server(tiny_checkpoint, tmp_path_factory):
     from tests.support.servers import healthy, launch_server
 
     server = launch_server(tmp_path_factory.mktemp("server"), tiny_checkpoint)
+    _RUNNING["server"] = server
     try:
         server.wait_until(healthy)
         yield server
     finally:
+        _RUNNING.pop("server", None)
         server.stop()
 
 

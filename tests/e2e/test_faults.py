@@ -1,8 +1,8 @@
-"""Faults: ffmpeg missing at start, a model that fails to load, and memory exhaustion during generation.
+"""Faults: a model that fails to load, and memory exhaustion during generation.
 
-Each fault server is the real application started as the README does; both start in parallel. (ffmpeg
-dying mid-stream is in test_api.py; a killed model replica in test_reliability.py; SIGTERM with streams
-in flight in test_ops.py.)
+The fault server is the real application started as the README does, on a checkpoint cut short. (ffmpeg
+missing at start is tests/http/test_missing_ffmpeg.py, in-process; ffmpeg dying mid-stream is in
+test_api.py; a killed model replica in test_reliability.py; SIGTERM with streams in flight in test_ops.py.)
 """
 
 from __future__ import annotations
@@ -31,8 +31,6 @@ from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.server
 
-MISSING_FFMPEG = "/nonexistent/bin/ffmpeg"
-
 
 @pytest.fixture(scope="module")
 def fault_servers(tiny_checkpoint, tmp_path_factory):
@@ -40,14 +38,11 @@ def fault_servers(tiny_checkpoint, tmp_path_factory):
     shutil.copytree(tiny_checkpoint, broken, dirs_exist_ok=True)
     weights = broken / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # truncated mid-file
-    no_ffmpeg = launch_server(tmp_path_factory.mktemp("no-ffmpeg"), tiny_checkpoint, FFMPEG_PATH=MISSING_FFMPEG)
     bad_model = launch_server(tmp_path_factory.mktemp("bad-model"), broken)
     try:
-        no_ffmpeg.wait_until(lambda r: r.json()["model"]["status"] == "ready")
         bad_model.wait_until(lambda r: r.json()["model"]["status"] == "failed")
-        yield {"no_ffmpeg": no_ffmpeg, "bad_model": bad_model}
+        yield {"bad_model": bad_model}
     finally:
-        no_ffmpeg.stop()
         bad_model.stop()
 
 
@@ -58,22 +53,6 @@ def assert_503(response: httpx.Response, code: str) -> dict:
     assert set(error) == {"message", "type", "param", "code"}
     assert (error["type"], error["code"]) == ("server_error", code)
     return error
-
-
-def test_missing_ffmpeg_is_named_by_health_and_requests_get_503(fault_servers):
-    server = fault_servers["no_ffmpeg"]
-    health = server.health()
-    assert health.status_code == 503
-    assert MISSING_FFMPEG in health.json()["reason"]
-    started = time.monotonic()
-    for fmt in ("mp3", "pcm"):
-        error = assert_503(
-            httpx.post(f"{server.api}/audio/speech", json={"input": "hi", "response_format": fmt}, timeout=30),
-            "ffmpeg_unavailable",
-        )
-        assert MISSING_FFMPEG in error["message"]
-    assert time.monotonic() - started < 10, "nothing may hang"
-    assert httpx.get(f"{server.api}/models", timeout=10).status_code == 200  # the rest of the API still works
 
 
 def test_the_docs_first_request_shows_a_not_ready_servers_error_and_its_output_has_no_traceback(

@@ -1,6 +1,6 @@
-"""Custom voices in OpenAI's shape: consents and voices through the official `openai` SDK against the real
-server, then (in-process, Serve's local testing mode) every hostile upload, the settings that guard
-creation, and a voice that outlives its server.
+"""Custom voices in OpenAI's shape, in-process (Serve's local testing mode): every hostile upload, the
+settings that guard creation, and a voice that outlives its server. (The official `openai` SDK's every
+voice route against the real server: tests/e2e/test_voices_sdk.py.)
 
 Uploads are made here with ffmpeg; every answer is checked for OpenAI's error body, and after every refused
 upload nothing new is stored and the server still speaks.
@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import httpx
 import numpy as np
-import openai
 import pytest
 
 from serve_app.model.loading import load_engine
 from serve_app.voices.store import MAX_UPLOAD_BYTES
-from tests.support.audio import decode, duration, probe, rms
+from tests.support.audio import decode, rms
 from tests.support.local_app import LocalApp, assert_error, make_audio, make_settings
 
 TRANSCRIPT = "Hello, this is my voice for the test."
@@ -37,70 +36,6 @@ def clips() -> dict[str, bytes]:
         # Two hours of silence in ~1.3 MB: ~690 MB of float samples if decoded without a cap.
         "bomb": make_audio("anullsrc=r=8000:cl=mono", 7200, "flac"),
     }
-
-
-# --- the official SDK against the real server ------------------------------------------------------------
-
-
-def test_openai_sdk_consents_and_voices_end_to_end(openai_client, server, clips):
-    """Every route the SDK has: consent create / retrieve / update / list (paged) / delete, voice create /
-    delete; the voice speaks by id and by name with real audio, and is gone after deletion."""
-    client = openai_client
-    consent = client.audio.voice_consents.create(
-        name="Jo Tester", language="en-US", recording=("consent.wav", clips["wav"], "audio/x-wav")
-    )
-    second = client.audio.voice_consents.create(
-        name="Second", language="de", recording=("consent.mp3", clips["mp3"], "audio/mpeg")
-    )
-    voice = None
-    try:
-        assert consent.object == "audio.voice_consent" and consent.id.startswith("cons_") and consent.created_at > 0
-        assert client.audio.voice_consents.retrieve(consent.id).name == "Jo Tester"
-        assert client.audio.voice_consents.update(consent.id, name="Jo T.").name == "Jo T."
-        first_page = client.audio.voice_consents.list(limit=1)
-        assert len(first_page.data) == 1 and first_page.has_more
-        every = [c.id for c in client.audio.voice_consents.list(limit=1)]  # iterating follows `after`
-        assert sorted(every) == sorted([consent.id, second.id])
-
-        voice = client.audio.voices.create(
-            name="Jo",
-            consent=consent.id,
-            extra_body={"transcript": TRANSCRIPT},
-            audio_sample=("sample.m4a", clips["m4a"], "audio/mp4"),
-        )
-        assert voice.object == "audio.voice" and voice.id.startswith("voice_") and voice.type == "audio_sample"
-        extra = voice.model_extra
-        assert extra["transcript"] == TRANSCRIPT and extra["conditioning"] == "audio_and_transcript"
-        assert 2.9 < extra["duration_s"] < 3.1
-
-        listed = httpx.get(f"{server.api}/audio/voices", timeout=10).json()["voices"]
-        assert {"id": voice.id, "name": "Jo"}.items() <= next(v for v in listed if v["id"] == voice.id).items()
-        for ref in ({"id": voice.id}, "jo"):  # by id (OpenAI's object form) and by name
-            with client.audio.speech.with_streaming_response.create(
-                model="csm-1b", voice=ref, input="Cloned voices speak too.", response_format="mp3"
-            ) as response:
-                audio = response.read()
-            info = probe(audio)["stream"]
-            assert (info["codec_name"], int(info["sample_rate"]), int(info["channels"])) == ("mp3", 24000, 1)
-            samples = decode(audio)
-            assert duration(samples) > 0.3 and rms(samples) > 0.01
-
-        deleted = client.audio.voices.delete(voice.id)
-        assert (deleted.id, deleted.deleted, deleted.object) == (voice.id, True, "audio.voice.deleted")
-        voice = None
-        with pytest.raises(openai.NotFoundError):
-            client.audio.voices.delete(deleted.id)
-        with pytest.raises(openai.BadRequestError) as refused:
-            client.audio.speech.create(model="csm-1b", voice={"id": deleted.id}, input="Gone?")
-        assert refused.value.body["param"] == "voice"
-    finally:
-        if voice is not None:
-            client.audio.voices.delete(voice.id)
-        for c in (consent, second):
-            gone = client.audio.voice_consents.delete(c.id)
-            assert (gone.id, gone.deleted) == (c.id, True)
-    with pytest.raises(openai.NotFoundError):
-        client.audio.voice_consents.retrieve(consent.id)
 
 
 # --- in-process: hostile uploads, settings, restarts ---------------------------------------------------
