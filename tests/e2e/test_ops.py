@@ -150,6 +150,9 @@ def test_control_script_cycle(tiny_checkpoint, tmp_path, ray_dir, macos_path):
         "PATH": macos_path,
         "HOME": str(tmp_path / "home"),
         "SESAME_TTS_SERVICE": "none",
+        # Ray's processes export their metrics every 10 s by default; every 2 s here, so the metrics check
+        # below waits seconds, not tens of seconds (what is exported, and where, is the same).
+        "RAY_metrics_report_interval_ms": "2000",
     }
     (tmp_path / "none.env").write_text("")
     api = f"http://127.0.0.1:{port}/v1"
