@@ -34,7 +34,7 @@ logger = logging.getLogger(LOGGER_NAME)
 # Requests a replica takes besides speech streams: /health fans out to every deployment, and the lists.
 CONTROL_HEADROOM = 16
 # The ingress also answers the requests it turns away (429) and the lists, which end at once, and holds a
-# slot for every request whose body is still arriving (RequestGuard's deadline bounds how long): an async
+# slot for every request whose body is still arriving (RequestScreen's deadline bounds how long): an async
 # replica, so many are cheap, and /health must never wait behind a crowd of slow clients.
 INGRESS_HEADROOM = 512
 # Beyond its slots, Serve's proxy queues this many requests for the ingress and answers the rest at once with

@@ -97,14 +97,8 @@ def drain(settings: Settings, log: logging.Logger, grace: float) -> None:
     log.info("sesame-tts: grace period over; stopping with responses in flight")
 
 
-def supervise(command: list[str], settings: Settings) -> int:
-    """Run `command` in its own process group, logging its output to a rotated server.log."""
-    lock = PidLock(settings.pid_file)
-    if not lock.acquire():
-        sys.exit(f"sesame-tts: already running (pid {running_pid(lock.path)}, {lock.path})")
-    dashboard_file = settings.cache_dir / "dashboard.url"  # for `ops/sesame-tts status`
-    dashboard_file.unlink(missing_ok=True)
-    settings.drain_flag.unlink(missing_ok=True)
+def _server_log(settings: Settings) -> logging.Logger:
+    """The rotated server.log in CACHE_DIR: the server's output, line by line, and the supervisor's own."""
     log = logging.getLogger("sesame_tts.server_log")
     handler = logging.handlers.RotatingFileHandler(
         settings.cache_dir / "server.log", maxBytes=LOG_MAX_BYTES, backupCount=LOG_BACKUPS, encoding="utf-8"
@@ -113,26 +107,69 @@ def supervise(command: list[str], settings: Settings) -> int:
     log.addHandler(handler)
     log.setLevel(logging.INFO)
     log.propagate = False
-    # serve run shuts Serve down (serve.shutdown()) only on SIGINT; SIGTERM kills it outright. Neither waits
-    # for streams in flight, hence our drain first. A background process inherits SIGINT ignored: reset it.
-    child = subprocess.Popen(
-        command,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
-    )
-    stopping = threading.Event()
-    gone = threading.Event()
+    return log
 
-    def watch() -> None:
+
+class Supervisor:
+    """`serve run` under watch: started in a session of its own, its output copied into the rotated log, its
+    cluster watched (`watch`, a thread), and stopped gracefully on a signal (`stop`: drain, then Serve's own
+    shutdown, then whatever is left). `run` returns the exit code for the service manager."""
+
+    def __init__(self, command: list[str], settings: Settings):
+        self.command, self.settings = command, settings
+        self.dashboard_file = settings.cache_dir / "dashboard.url"  # for `ops/sesame-tts status`
+        self.stopping = threading.Event()  # a signal asked us to stop
+        self.gone = threading.Event()  # the watch found the cluster gone
+        self.log = logging.getLogger("sesame_tts.server_log")  # its file once this one holds the lock
+        self.child: Optional[subprocess.Popen] = None
+
+    def run(self) -> int:
+        lock = PidLock(self.settings.pid_file)
+        if not lock.acquire():
+            sys.exit(f"sesame-tts: already running (pid {running_pid(lock.path)}, {lock.path})")
+        self.log = _server_log(self.settings)
+        self.dashboard_file.unlink(missing_ok=True)
+        self.settings.drain_flag.unlink(missing_ok=True)
+        # serve run shuts Serve down (serve.shutdown()) only on SIGINT; SIGTERM kills it outright. Neither waits
+        # for streams in flight, hence our drain first. A background process inherits SIGINT ignored: reset it.
+        self.child = subprocess.Popen(
+            self.command,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        )
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, self.stop)
+        threading.Thread(target=self.watch, name="watchdog", daemon=True).start()
+        try:
+            self._copy_output()
+            code = self.child.wait()
+            kill_session(self.child.pid)  # anything the cluster left behind
+            self.log.info("sesame-tts: stopped (exit %s)", code)
+            if self.gone.is_set():
+                return CLUSTER_GONE_EXIT
+            return 0 if self.stopping.is_set() else code
+        finally:
+            self.settings.drain_flag.unlink(missing_ok=True)
+            self.dashboard_file.unlink(missing_ok=True)
+            lock.release()
+
+    def _copy_output(self) -> None:
+        for raw in iter(self.child.stdout.readline, b""):
+            line = escape_controls(_ANSI.sub("", raw.decode(errors="replace").rstrip("\r\n")))
+            self.log.info("%s", line)
+            if match := _DASHBOARD.search(line):  # ours: other clusters on this machine may hold the default port
+                self.dashboard_file.write_text(match.group(1) + "\n")
+
+    def watch(self) -> None:
         """End everything when the cluster's core processes exit, or when the server, having answered
         once, stops answering."""
-        answered, failures, seen = False, 0, set()
-        while not stopping.wait(WATCH_INTERVAL_S) and child.poll() is None:
+        child, answered, failures, seen = self.child, False, 0, set()
+        while not self.stopping.wait(WATCH_INTERVAL_S) and child.poll() is None:
             running = cluster_processes(child.pid)
             seen |= running
-            if server_answers(settings):
+            if server_answers(self.settings):
                 answered, failures = True, 0
             else:
                 failures += answered
@@ -140,48 +177,34 @@ def supervise(command: list[str], settings: Settings) -> int:
             if lost:
                 why = f"Ray's {' and '.join(sorted(lost))} exited"
             elif failures >= WATCH_FAILURES:
-                why = f"the server stopped answering on port {settings.port} ({failures} probes)"
+                why = f"the server stopped answering on port {self.settings.port} ({failures} probes)"
             else:
                 continue
-            if stopping.is_set():
+            if self.stopping.is_set():
                 return
-            gone.set()
-            log.info(
+            self.gone.set()
+            self.log.info(
                 "sesame-tts: %s: the Ray cluster is gone. Exiting so the service manager restarts the server.", why
             )
             kill_session(child.pid)
             return
 
-    def shut_down() -> None:
-        drain(settings, log, STOP_GRACE_S)
-        child.send_signal(signal.SIGINT)  # serve run's own shutdown (serve.shutdown())
-        time.sleep(STOP_KILL_AFTER_S)
-        kill_session(child.pid)
-
-    def stop(signum, frame):
-        if stopping.is_set():
+    def stop(self, signum, frame) -> None:
+        """The signal handler: the graceful stop, once, on a thread of its own."""
+        if self.stopping.is_set():
             return
-        stopping.set()
-        log.info("sesame-tts: stopping (signal %d); in-flight responses get up to %d s", signum, STOP_GRACE_S)
+        self.stopping.set()
+        self.log.info("sesame-tts: stopping (signal %d); in-flight responses get up to %d s", signum, STOP_GRACE_S)
         # daemon: must not keep this process alive once serve run has exited
-        threading.Thread(target=shut_down, name="shutdown", daemon=True).start()
+        threading.Thread(target=self._shut_down, name="shutdown", daemon=True).start()
 
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(sig, stop)
-    threading.Thread(target=watch, name="watchdog", daemon=True).start()
-    try:
-        for raw in iter(child.stdout.readline, b""):
-            line = escape_controls(_ANSI.sub("", raw.decode(errors="replace").rstrip("\r\n")))
-            log.info("%s", line)
-            if match := _DASHBOARD.search(line):  # ours: other clusters on this machine may hold the default port
-                dashboard_file.write_text(match.group(1) + "\n")
-        code = child.wait()
-        kill_session(child.pid)  # anything the cluster left behind
-        log.info("sesame-tts: stopped (exit %s)", code)
-        if gone.is_set():
-            return CLUSTER_GONE_EXIT
-        return 0 if stopping.is_set() else code
-    finally:
-        settings.drain_flag.unlink(missing_ok=True)
-        dashboard_file.unlink(missing_ok=True)
-        lock.release()
+    def _shut_down(self) -> None:
+        drain(self.settings, self.log, STOP_GRACE_S)
+        self.child.send_signal(signal.SIGINT)  # serve run's own shutdown (serve.shutdown())
+        time.sleep(STOP_KILL_AFTER_S)
+        kill_session(self.child.pid)
+
+
+def supervise(command: list[str], settings: Settings) -> int:
+    """Run `command` under a `Supervisor`; its exit code."""
+    return Supervisor(command, settings).run()

@@ -3,7 +3,8 @@
 Tiers are folders, each a marker as well (`-m`): unit/ (pure Python, ffmpeg), engine/ (the CSM engine on
 the tiny checkpoint, in-process MLX), http/ (the application in Serve's local testing mode), e2e/ (the
 README's own launcher: real servers, clusters, OpenClaw). `server`, `cluster` and `network` mark what a
-test needs; `slow` marks every test that starts a server of its own or a cluster. The edit-test loop is
+test needs; `slow` marks every test that starts a server of its own or a cluster, and (with its reason as
+the mark's argument) each one in the other tiers that takes seconds by its nature. The edit-test loop is
 `./ops/test.sh -m "not slow"`; the README's test command (and CI) runs everything.
 
 The server is started exactly as the README does (`python -m serve_app.launch`, i.e. `serve run` on

@@ -16,10 +16,10 @@ import statistics
 import time
 from pathlib import Path
 
+from ops.bench import save_side_bench
 from serve_app.core.constants import FRAME_RATE, PROJECT_ROOT
 from serve_app.core.settings import Settings
 from serve_app.model.loading import load_engine
-from serve_app.tools.bench import report
 from serve_app.tools.bench.engine import time_request
 
 REPLY = "Sure, I can do that for you this afternoon."
@@ -91,7 +91,7 @@ def main(argv=None) -> None:
 
     kind, folder = checkpoint_path(args.checkpoint, args.cache)
     result = run(folder, args.frames, args.repeats)
-    report.save_side_bench(result, "ops.bench.context", f"context-{kind}", args.out, markdown, argv)
+    save_side_bench(result, "ops.bench.context", f"context-{kind}", args.out, markdown, argv)
 
 
 if __name__ == "__main__":

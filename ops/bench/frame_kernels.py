@@ -125,10 +125,10 @@ def count_frame(engine, batch: int) -> dict:
 
 def count_mimi_group(engine, batch: int) -> dict:
     """One steady group's Mimi decode for `batch` aligned streams (after a first group, as in a request)."""
-    from serve_app.engine.codec import MimiStream, decode_graph
+    from serve_app.engine.codec import MimiDecodeState, decode_graph
 
     first, group = engine.options.first_group_frames, engine.options.group_frames
-    streams = [MimiStream(engine.mimi_decoder) for _ in range(batch)]
+    streams = [MimiDecodeState(engine.mimi_decoder) for _ in range(batch)]
     codes = np.random.default_rng(0).integers(0, 2048, size=(batch, engine.num_codebooks, first + group))
     pcm, state = decode_graph(streams, codes[:, :, :first].astype(np.int32))
     mx.eval(pcm, state)

@@ -26,7 +26,7 @@ def mimi_part(checkpoint: str, frames: int, repeats: int) -> dict:
     import numpy as np
 
     from serve_app.engine.checkpoint import _layout, load_mimi
-    from serve_app.engine.codec import MimiDecoder, MimiStream
+    from serve_app.engine.codec import MimiDecoder, MimiDecodeState
     from serve_app.engine.csm import select_device
 
     mx.set_default_device(select_device("auto"))
@@ -44,7 +44,7 @@ def mimi_part(checkpoint: str, frames: int, repeats: int) -> dict:
     pcm: dict[str, np.ndarray] = {}
     for _ in range(repeats + 1):  # the first round warms up
         for dtype, decoder in decoders.items():
-            stream = MimiStream(decoder)
+            stream = MimiDecodeState(decoder)
             started = time.perf_counter()
             pcm[dtype] = stream.decode(codes)
             times[dtype].append((time.perf_counter() - started) / frames)

@@ -23,11 +23,11 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from ops.bench import save_side_bench
 from serve_app.api.proxy import PROXY_CALLBACK_VARIABLE
 from serve_app.core import processes
 from serve_app.core.constants import PROJECT_ROOT
 from serve_app.core.settings import Settings
-from serve_app.tools.bench import report
 from serve_app.tools.local_server import LocalServer
 
 SENTENCE = "The quick brown fox jumps over the lazy dog near the river bank. "
@@ -218,7 +218,7 @@ def main(argv=None) -> None:
         "tail_s": args.tail,
         "modes": modes,
     }
-    report.save_side_bench(result, "ops.bench.stalled_readers", f"stalled-readers-{kind}", args.out, markdown, argv)
+    save_side_bench(result, "ops.bench.stalled_readers", f"stalled-readers-{kind}", args.out, markdown, argv)
 
 
 if __name__ == "__main__":

@@ -19,10 +19,10 @@ import statistics
 import time
 from pathlib import Path
 
+from ops.bench import save_side_bench
 from serve_app.core.constants import PROJECT_ROOT
 from serve_app.core.settings import Settings
 from serve_app.model.loading import load_engine
-from serve_app.tools.bench import report
 from serve_app.tools.bench.engine import time_request
 
 TEXT = "Hello, this is the first sentence of the answer."
@@ -174,7 +174,7 @@ def main(argv=None) -> None:
     configs = tuple({"reuse", *args.configs.split(",")})
     result = run(folder, args.frames, args.chunks, args.repeats, configs)
     name = f"voices-{kind}" + (f"-{args.label}" if args.label else "")
-    report.save_side_bench(result, "ops.bench.voices", name, args.out, markdown, argv)
+    save_side_bench(result, "ops.bench.voices", name, args.out, markdown, argv)
 
 
 if __name__ == "__main__":

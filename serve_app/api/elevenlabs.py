@@ -95,7 +95,7 @@ class ElevenLabsRoutes:
 
         install_error_handlers(app, "elevenlabs")
 
-        # The API key (xi-api-key or a bearer token) is checked on the headers by the ingress's RequestGuard.
+        # The API key (xi-api-key or a bearer token) is checked on the headers by the ingress's RequestScreen.
         add_routes(
             app,
             [

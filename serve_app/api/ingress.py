@@ -21,20 +21,20 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from serve_app.api import elevenlabs
 from serve_app.api.errors import create_error_response, install_error_handlers
-from serve_app.api.guard import RequestGuard
 from serve_app.api.health import judge
 from serve_app.api.limits import Admission, BodySizeLimit
 from serve_app.api.protocol import AudioModel, AudioModelList, ModelCard, ModelList, SpeechRequest, VoiceList
 from serve_app.api.request_ids import RequestIds, request_id_of
 from serve_app.api.routing import Route, add_routes
-from serve_app.api.streaming import CLIENT_GONE, SpeechStream
+from serve_app.api.screen import RequestScreen
+from serve_app.api.streaming import CLIENT_GONE, StartedSpeech
 from serve_app.api.voice_routes import UPLOAD_BODY_BYTES, UPLOAD_PATHS, VoiceRoutes
 from serve_app.core.constants import LOGGER_NAME
 from serve_app.core.errors import APIError, NotFoundError, ServiceUnavailableError, status_of, value_of
 from serve_app.core.formats import OPENAI_FORMATS
 from serve_app.core.health import ReplicaHealth
 from serve_app.core.logs import configure_logging
-from serve_app.core.messages import EncodeRequest, SpeechInput, StageTimes
+from serve_app.core.messages import EncodeRequest, SpeechInput, StageTimes, SynthesisRequest
 from serve_app.core.observability import RequestRecord
 from serve_app.core.settings import Settings
 from serve_app.model import registry as replicas
@@ -78,7 +78,7 @@ def _openapi_without_422(app: FastAPI) -> dict:
 
 SPEECH_PATH = "/v1/audio/speech"
 
-# Who may call what, decided on the headers by RequestGuard: (method, path pattern, access). "lists": open
+# Who may call what, decided on the headers by RequestScreen: (method, path pattern, access). "lists": open
 # unless LISTS_NEED_API_KEY (Open WebUI fetches them without a key; custom voices are listed only with the
 # key); "trusted": the key or a loopback client (details of this machine); "write": the key, or without
 # API_KEY a loopback client (what the server stores: voices and consents); anything else under /v1/ and
@@ -101,6 +101,33 @@ def route_access(settings: Settings, method: str, path: str) -> Optional[str]:
         if (method == route_method or method == "HEAD" and route_method == "GET") and pattern.fullmatch(path):
             return ("key" if settings.lists_need_api_key else None) if access == "lists" else access
     return "key" if path.startswith(GUARDED_PREFIXES) else None
+
+
+async def _first_audio(stream) -> tuple[bytes, StageTimes]:
+    """The encoder's first audio and where its time went (the encoder sends a StageTimes just before it);
+    the stream is cancelled if it fails or the client leaves before then."""
+    try:
+        first = await stream.__anext__()
+        times = StageTimes()
+        if isinstance(first, StageTimes):
+            times, first = first, await stream.__anext__()
+        return first, times
+    except BaseException:
+        stream.cancel()
+        raise
+
+
+def _stages(times: StageTimes, started: float, admitted: float, planned: float, now: float) -> dict[str, float]:
+    """The first audio's stages in ms: the ingress's own (admit, plan, the hops between deployments, the
+    total) around the encoder's view (the model's time and ffmpeg's)."""
+    encoder_ms = sum(times.stages.values())
+    return {
+        "admit": 1000 * (admitted - started),
+        "plan": 1000 * (planned - admitted),
+        **times.stages,
+        **({"hops": 1000 * (now - planned) - encoder_ms} if encoder_ms else {}),
+        "total": 1000 * (now - started),
+    }
 
 
 class SpeechIngress:
@@ -146,7 +173,7 @@ class SpeechIngress:
             )
         # Outermost: Host, Origin, API key and the body's deadline, on the headers, before any body is read.
         app.add_middleware(
-            RequestGuard,
+            RequestScreen,
             settings=self._settings,
             access=lambda method, path: route_access(self._settings, method, path),
             respond=self._dialect_error,
@@ -215,59 +242,51 @@ class SpeechIngress:
         stream = await self.start_speech(speech, fmt, request_id_of(request.scope))
         return stream.response(body.stream_format == "sse", {"Cache-Control": "no-cache"})
 
-    async def start_speech(self, speech: SpeechInput, fmt: str, request_id: str) -> SpeechStream:
+    async def start_speech(self, speech: SpeechInput, fmt: str, request_id: str) -> StartedSpeech:
         """Admit, plan, start the encoder and wait for its first chunk: any failure before audio is raised
         here (for the caller's error shape); after it, the stream holds the lease and the request's record.
         Every dialect's speech route comes through here (the same admission, log line and metrics)."""
         record = RequestRecord(request_id, characters=len(speech.text), speed=speech.speed)
-        started = time.perf_counter()
-        await self.model_replicas()  # keeps the admission's slots in step with the replicas that serve
+        clock = [time.perf_counter()]  # started, admitted, planned
+        lease = await self._admit(record)
         try:
-            if self._settings.drain_flag.exists():
-                raise ServiceUnavailableError("The server is shutting down; retry shortly.", code="shutting_down")
-            lease = self._admission.admit()
-        except APIError as exc:
-            record.finish(str(exc.status_code))
-            raise
-        try:
-            admitted = time.perf_counter()
-            if speech.instructions:
-                logger.info("request %s: instructions are not supported by CSM-1B and were ignored", record.request_id)
-            plan = await value_of(self._frontend.prepare.remote(speech))
-            planned = time.perf_counter()
-            record.voice, record.fmt = plan.preset.name, fmt
-            remember = self._settings.utterance_memory_mb > 0
-            synthesis = plan.to_synthesis(record.request_id, speech.seed, remember)
+            clock.append(time.perf_counter())
+            synthesis = await self._plan(speech, fmt, record)
+            clock.append(time.perf_counter())
             stream = self._encoder.options(stream=True).encode.remote(EncodeRequest(synthesis, fmt, record.speed))
-            try:
-                first = await stream.__anext__()
-                times = StageTimes()
-                if isinstance(first, StageTimes):  # where the first audio's time went, then the audio
-                    times, first = first, await stream.__anext__()
-            except BaseException:
-                stream.cancel()
-                raise
+            first, times = await _first_audio(stream)
         except BaseException as exc:
             lease.release()
             record.finish("cancelled" if isinstance(exc, CLIENT_GONE) else str(status_of(exc)))
             raise
         record.mark_first_byte()
-        now = time.perf_counter()
-        encoder_ms = sum(times.stages.values())  # the encoder's own view: the model's time and ffmpeg's
-        times.stages = {
-            "admit": 1000 * (admitted - started),
-            "plan": 1000 * (planned - admitted),
-            **times.stages,
-            **({"hops": 1000 * (now - planned) - encoder_ms} if encoder_ms else {}),
-            "total": 1000 * (now - started),
-        }
+        times.stages = _stages(times, *clock, time.perf_counter())
         on_said = None
-        if remember:
+        if synthesis.remember:
 
             async def on_said(utterance, request_id=record.request_id, conversation=speech.conversation):
                 await self._frontend.remember.remote(request_id, utterance, conversation)
 
-        return SpeechStream(first, stream, record, lease, times, on_said)
+        return StartedSpeech(first, stream, record, lease, times, on_said)
+
+    async def _admit(self, record: RequestRecord):
+        """A slot of the admission (429 when full, 503 while draining), or the refusal, logged and raised."""
+        await self.model_replicas()  # keeps the admission's slots in step with the replicas that serve
+        try:
+            if self._settings.drain_flag.exists():
+                raise ServiceUnavailableError("The server is shutting down; retry shortly.", code="shutting_down")
+            return self._admission.admit()
+        except APIError as exc:
+            record.finish(str(exc.status_code))
+            raise
+
+    async def _plan(self, speech: SpeechInput, fmt: str, record: RequestRecord) -> SynthesisRequest:
+        """The text frontend's plan (its 400s raised here) as the model's request."""
+        if speech.instructions:
+            logger.info("request %s: instructions are not supported by CSM-1B and were ignored", record.request_id)
+        plan = await value_of(self._frontend.prepare.remote(speech))
+        record.voice, record.fmt = plan.preset.name, fmt
+        return plan.to_synthesis(record.request_id, speech.seed, remember=self._settings.utterance_memory_mb > 0)
 
     async def list_models(self) -> ModelList:
         return ModelList(data=[ModelCard()])

@@ -1,7 +1,7 @@
 """What runs of ours in Serve's HTTP proxy: the write deadline.
 
 Serve applies the Starlette middlewares that `RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH` names
-(`proxy_middlewares` below; the launcher sets it) around its own ASGI app, right on uvicorn. `ProxyGuard`
+(`proxy_middlewares` below; the launcher sets it) around its own ASGI app, right on uvicorn. `WriteDeadline`
 is that middleware:
 - **Write deadline** (WRITE_TIMEOUT_S): a response the client stops reading ends. Its log line names the
   request by the response's `x-request-id` (Serve's own id, which the app adopts: api/request_ids.py).
@@ -65,7 +65,7 @@ def proxy_middlewares() -> list[Middleware]:
     environment and .env, which the launcher validated before it started Ray)."""
     settings = Settings.load()
     configure_logging(settings.log_level)
-    return [Middleware(ProxyGuard, timeout_s=settings.write_timeout_s)]
+    return [Middleware(WriteDeadline, timeout_s=settings.write_timeout_s)]
 
 
 class _Connection:
@@ -207,7 +207,7 @@ class _Response:
         return _DISCONNECT
 
 
-class ProxyGuard:
+class WriteDeadline:
     """ASGI middleware (in Serve's proxy): the write deadline of `timeout_s` (see the module's docstring)."""
 
     def __init__(self, app: ASGIApp, timeout_s: float):

@@ -57,7 +57,7 @@ class _ClosingResponse(StreamingResponse):
             self._on_close()
 
 
-class SpeechStream:
+class StartedSpeech:
     """One response's audio: the encoder's stream (its first item already received), the record, and the
     admission lease the response holds until it ends."""
 

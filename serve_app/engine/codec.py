@@ -1,17 +1,17 @@
 """Per-request Mimi streaming state, and one batched Mimi call for the requests that flush together.
 
 mlx-audio's Mimi keeps its streaming-decoder state inside its modules (the convolutions' carried-over
-samples, the decoder transformer's KV cache), so one `MimiStreamingDecoder` can serve one stream at a time.
-With several requests in the batch each needs its own: `MimiStream` holds one request's state and swaps it
+samples, the decoder transformer's KV cache), so one `MimiDecodeStateingDecoder` can serve one stream at a time.
+With several requests in the batch each needs its own: `MimiDecodeState` holds one request's state and swaps it
 into the shared modules for the duration of a decode, on the replica's one MLX thread.
 
-`decode_streams` decodes the groups of several requests in one batched call: their states are stacked
+`decode_states` decodes the groups of several requests in one batched call: their states are stacked
 along the batch axis, decoded together, and split back. Rows batch together when they have decoded the
 same number of frames and decode the same number now (so their transformer positions, masks and carried
 conv shapes are the same, and each row computes exactly what it would alone); rows that differ go in
 separate calls. Requests that start together (a burst) stay aligned: group sizes are the same for all.
 
-`StagedEncode` runs a new custom voice's encode a layer at a time, so streams keep going around it.
+`StagedEncode` runs a new custom voice's encode a layer at a time, so states keep going around it.
 """
 
 from __future__ import annotations
@@ -105,35 +105,35 @@ class MimiDecoder:
         return mimi.decoder.step(xs)
 
 
-class MimiStream:
+class MimiDecodeState:
     """One request's Mimi decoder state: each decode continues exactly where its previous one stopped."""
 
     def __init__(self, decoder: MimiDecoder):
         self.decoder = decoder
         mimi = decoder.mimi
-        self.state: Optional[list[dict]] = None  # None: a fresh stream
+        self.state: Optional[list[dict]] = None  # None: nothing decoded yet
         self.cache: list[KVCache] = mimi.decoder_transformer.make_cache()
         self.frames = 0  # frames decoded so far (the decoder transformer's position)
 
     def decode(self, codes: np.ndarray, stream: Optional[mx.Stream] = None) -> np.ndarray:
         """codes (K, T) -> float32 PCM (T * 1920 samples)."""
-        return decode_streams([self], [codes], stream)[0]
+        return decode_states([self], [codes], stream)[0]
 
 
-def decode_streams(
-    streams: list[MimiStream], codes: list[np.ndarray], stream: Optional[mx.Stream] = None
+def decode_states(
+    states: list[MimiDecodeState], codes: list[np.ndarray], stream: Optional[mx.Stream] = None
 ) -> list[np.ndarray]:
-    """Each stream's codes (K, T) -> its float32 PCM, rows that can share a call decoded as one batch.
+    """Each request's codes (K, T) -> its float32 PCM, rows that can share a call decoded as one batch.
     Every call is launched before the first result is read; `stream`: the MLX stream to run Mimi on."""
     groups: dict[tuple[int, int], list[int]] = defaultdict(list)
-    for i, (s, c) in enumerate(zip(streams, codes)):
+    for i, (s, c) in enumerate(zip(states, codes)):
         groups[(s.frames, c.shape[1])].append(i)
     with mx.stream(stream if stream is not None else mx.default_stream(mx.default_device())):
         launched = [
-            (rows, _decode_batch([streams[i] for i in rows], np.stack([codes[i] for i in rows])))
+            (rows, _decode_batch([states[i] for i in rows], np.stack([codes[i] for i in rows])))
             for rows in groups.values()
         ]
-    out: list[Optional[np.ndarray]] = [None] * len(streams)
+    out: list[Optional[np.ndarray]] = [None] * len(states)
     for rows, pcm in launched:
         pcm = np.array(pcm)
         for j, i in enumerate(rows):
@@ -141,28 +141,28 @@ def decode_streams(
     return out
 
 
-def _decode_batch(streams: list[MimiStream], codes: np.ndarray) -> mx.array:
-    """Aligned streams' codes (B, K, T) -> PCM (B, T * 1920), launched; their states are updated."""
-    pcm, state = decode_graph(streams, codes)
+def _decode_batch(states: list[MimiDecodeState], codes: np.ndarray) -> mx.array:
+    """Aligned states' codes (B, K, T) -> PCM (B, T * 1920), launched; their states are updated."""
+    pcm, state = decode_graph(states, codes)
     mx.async_eval(pcm, *state)
     return pcm
 
 
-def decode_graph(streams: list[MimiStream], codes: np.ndarray) -> tuple[mx.array, list[mx.array]]:
-    """The graph of aligned streams' decode (B, K, T), nothing evaluated: PCM (B, T * 1920) and the arrays
-    of their new states (which the streams now hold)."""
-    decoder = streams[0].decoder
+def decode_graph(states: list[MimiDecodeState], codes: np.ndarray) -> tuple[mx.array, list[mx.array]]:
+    """The graph of aligned states' decode (B, K, T), nothing evaluated: PCM (B, T * 1920) and the arrays
+    of their new states (which the states now hold)."""
+    decoder = states[0].decoder
     mimi, modules = decoder.mimi, decoder.modules
     for i, module in enumerate(modules):
-        if streams[0].state is None:
+        if states[0].state is None:
             module.reset_state()
             continue
-        for name in streams[0].state[i]:
-            values = [s.state[i][name] for s in streams]
+        for name in states[0].state[i]:
+            values = [s.state[i][name] for s in states]
             setattr(module, name, mx.concatenate(values) if isinstance(values[0], mx.array) else values[0])
     shared_cache, mimi.decoder_cache = (
         mimi.decoder_cache,
-        [_stack_cache([s.cache[n] for s in streams]) for n in range(len(streams[0].cache))],
+        [_stack_cache([s.cache[n] for s in states]) for n in range(len(states[0].cache))],
     )
     try:
         tokens = mx.array(codes)
@@ -172,11 +172,11 @@ def decode_graph(streams: list[MimiStream], codes: np.ndarray) -> tuple[mx.array
         batch_cache = mimi.decoder_cache
     finally:
         mimi.decoder_cache = shared_cache
-    for row, s in enumerate(streams):
+    for row, s in enumerate(states):
         s.state = [
             {f: v[row : row + 1] if isinstance(v, mx.array) else v for f, v in fields.items()} for fields in batch_state
         ]
-        s.cache = [_row_cache(c, row) for c in batch_cache] if len(streams) > 1 else batch_cache
+        s.cache = [_row_cache(c, row) for c in batch_cache] if len(states) > 1 else batch_cache
         s.frames += codes.shape[-1]
     return pcm, [v for fields in batch_state for v in fields.values() if isinstance(v, mx.array)] + [
         a for c in batch_cache for a in (c.keys, c.values) if a is not None
@@ -207,7 +207,7 @@ class StagedEncode:
 
     A new custom voice's sample is encoded on the model's only thread, which every stream shares: in one go,
     a 30 s sample held it for 97 s on this project's CPU (full-size Mimi, float32). Run a step at a time,
-    with a batch step between steps (the worker takes one job, then steps the batch), streams keep going.
+    with a batch step between steps (the worker takes one job, then steps the batch), states keep going.
     The steps are exactly Mimi.encode's operations in its order on the same shapes, only evaluated at layer
     boundaries (no time-chunking, which would change the codes: Mimi's streaming encode of a 5 s clip gave
     62 frames where the one-shot gave 63), so the codes are the one-shot encode's, which is how Sesame's

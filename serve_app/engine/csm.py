@@ -33,7 +33,7 @@ from serve_app.engine.checkpoint import (
 from serve_app.engine.codec import MimiDecoder, StagedEncode
 from serve_app.engine.frame import FrameStep
 from serve_app.engine.hub import DownloadProgress
-from serve_app.engine.mlx_memory import MemoryGuard
+from serve_app.engine.mlx_memory import MemoryLimit
 from serve_app.engine.options import EngineOptions
 from serve_app.engine.prefix import PrefixCache
 from serve_app.engine.prompts import MAX_POSITIONS, Tokens, audio_rows, concat, fit_context, text_rows
@@ -85,7 +85,7 @@ class CSMEngine:
         self._prompts: dict[str, Tokens] = {}
         self._codes_tag: Optional[str] = None
         self.prefixes = PrefixCache(options.voice_cache_mb if options.prefix_cache else 0)
-        self.memory = MemoryGuard(options.mlx_memory_limit_mb)
+        self.memory = MemoryLimit(options.mlx_memory_limit_mb)
 
     @classmethod
     def load(
@@ -94,7 +94,7 @@ class CSMEngine:
         """Find (or download once, reporting to `progress`) and load the checkpoint, then encode the voices'
         prompts (`voices`: the presets' clips and the stored custom voices; none without it)."""
         started = time.perf_counter()
-        MemoryGuard(options.mlx_memory_limit_mb).install()
+        MemoryLimit(options.mlx_memory_limit_mb).install()
         files = resolve_checkpoint(options, progress)
         model = load_csm(files, options.dtype)
         if options.quantize:

@@ -19,13 +19,16 @@ those patterns; a normal utterance passes through them byte for byte:
 - `too_short_frames`: the fewest frames a chunk's text could take at a third of a slow speaking rate; an
   end-of-speech before that is retried once with the request's next seed (session.py).
 
-Numpy only: the engine's session calls these on the host, between frames.
+`ChunkGuard` holds one request's state of all three, chunk by chunk, behind the few calls its session
+makes. Numpy only: the engine's session calls these on the host, between frames.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 
@@ -170,3 +173,82 @@ def _fade(frame: np.ndarray, out: bool) -> np.ndarray:
     else:
         frame[:FADE_SAMPLES] *= ramp[::-1]
     return frame
+
+
+class ChunkGuard:
+    """One request's guards, chunk by chunk: the loop detector, the silence shaper, the frames held back at a
+    chunk's start and a too-short take being generated again. The session keeps the frames, the cache and
+    the output; it asks this what to do, and `report(name)` hears each guard that fires."""
+
+    def __init__(self, config: GuardConfig, first_group: int, report: Callable[[str], None]):
+        self.config, self._first_group, self._report = config, first_group, report
+        self._shaper = SilenceShaper(config)
+        self._loop: Optional[LoopDetector] = None
+        self.hold = 0  # frames held back (not decoded) at the chunk's start, so a too-early end can be retried
+        self.first_audio = first_group  # frames before the request's first PCM goes out
+        self.retries = 0  # chunks generated again so far (each with the request's seed + retries)
+        self._retry_of: Optional[list[np.ndarray]] = None  # the too-short take being generated again
+        self.stop: Optional[str] = None  # a guard ends the chunk at its next frame
+
+    @property
+    def retrying(self) -> bool:
+        return self._retry_of is not None
+
+    def start_chunk(self, text: str, first: bool) -> None:
+        """A chunk (or a take of it again) starts; `first`: the request's first chunk."""
+        config = self.config
+        if not first:
+            self._shaper.end_of_chunk()  # the previous chunk's last PCM has been shaped by now
+        self._loop = LoopDetector(config.loop_window_frames) if config.loop else None
+        limit = max(self._first_group, config.first_chunk_hold_frames) if first else config.hold_frames
+        self.hold = min(too_short_frames(text), limit) if config.too_short else 0
+        if first:
+            self.first_audio = max(self._first_group, self.hold)
+        self.stop = None
+
+    def looping(self, codes: np.ndarray) -> bool:
+        """Take a frame (K,); True when codebook 0 has looped for a whole window (the chunk ends)."""
+        if self._loop is not None and self._loop.push(codes[0]):
+            self._report(LOOP)
+            return True
+        return False
+
+    def too_early(self, frames: int) -> bool:
+        """Whether an end-of-speech after `frames` of the chunk is far too early for its text."""
+        return frames < self.hold
+
+    def retry(self, take: list[np.ndarray]) -> Optional[list[np.ndarray]]:
+        """A too-early end of `take`: None the first time (generate the chunk again: `retries` counts it when
+        the next take starts); the earlier take the second time, for the session to keep the longer one."""
+        if self._retry_of is None:
+            self._report(EMPTY if not take else TOO_SHORT)
+            self._retry_of = take
+            return None
+        earlier, self._retry_of = self._retry_of, None
+        return earlier
+
+    def next_take(self) -> int:
+        """The chunk is generated again: its take's number (the request's seed plus it is the take's seed)."""
+        self.retries += 1
+        return self.retries
+
+    def chunk_over(self) -> None:
+        self._retry_of = None
+
+    def holding(self, frames: int, chunk_over: bool) -> bool:
+        """Whether a full group must wait: the chunk may yet end too early and be generated again."""
+        return frames < self.hold and not chunk_over
+
+    def shape(self, pcm: np.ndarray) -> tuple[list[np.ndarray], int]:
+        """A decoded group through the silence shaper: (what to play now, how many of the chunk's last frames
+        were a silent tail that ended it now: 0 unless the guard just fired)."""
+        frames = self._shaper.feed(pcm)
+        if self._shaper.fired and self.stop is None:
+            self._report(SILENT_TAIL)
+            self.stop = SILENT_TAIL  # (reset when the next chunk starts, should this one be over already)
+            return frames, self._shaper.tail_dropped
+        return frames, 0
+
+    def end_of_request(self) -> tuple[list[np.ndarray], int]:
+        """What is left of a final pause to play, and how many frames were kept back for good in all."""
+        return self._shaper.end_of_request(), self._shaper.dropped_frames

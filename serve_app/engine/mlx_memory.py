@@ -51,7 +51,7 @@ def memory_report() -> dict:
     }
 
 
-class MemoryGuard:
+class MemoryLimit:
     """Enforces MLX_MEMORY_LIMIT_MB (0: off) on the thread that does the MLX work."""
 
     def __init__(self, limit_mb: int):

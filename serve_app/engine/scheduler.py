@@ -36,9 +36,9 @@ import numpy as np
 from serve_app.core.constants import LOGGER_NAME
 from serve_app.core.messages import END, SynthesisRequest
 from serve_app.engine.batch import BatchKV, bucket_for, prefill
-from serve_app.engine.codec import decode_streams
+from serve_app.engine.codec import decode_states
 from serve_app.engine.loop_stats import LoopStats
-from serve_app.engine.mlx_memory import MemoryGuard
+from serve_app.engine.mlx_memory import MemoryLimit
 from serve_app.engine.session import SpeechSession
 
 if TYPE_CHECKING:
@@ -181,7 +181,7 @@ class BatchScheduler:
             except Exception as exc:  # its own text or context: only this request fails
                 self.starting.pop(0)
                 session.prefill = None
-                self._post_failures([session], MemoryGuard.translate(exc))
+                self._post_failures([session], MemoryLimit.translate(exc))
                 continue
             if part.remaining:
                 continue  # more of it next step
@@ -289,7 +289,7 @@ class BatchScheduler:
         if not groups:
             return
         with self.stats.sync():
-            pcm = decode_streams([s.mimi for s, _ in groups], [c for _, c in groups], self.engine.mimi_stream)
+            pcm = decode_states([s.mimi for s, _ in groups], [c for _, c in groups], self.engine.mimi_stream)
         for (session, _), samples in zip(groups, pcm):
             session.post_pcm(samples)
 
@@ -315,7 +315,7 @@ class BatchScheduler:
     def _fail(self, exc: Exception) -> None:
         """An out-of-memory check fails the request holding the most context; any other error fails
         every request in the batch (their shared step is lost). Waiting requests are untouched."""
-        error = MemoryGuard.translate(exc)
+        error = MemoryLimit.translate(exc)
         if getattr(error, "code", None) == "out_of_memory" and error is exc and self.rows:
             victim = max(range(len(self.rows)), key=lambda i: self.rows[i].context_length)
             failed = [self.rows[victim]]

@@ -17,8 +17,8 @@ import numpy as np
 
 from serve_app.core.constants import LOGGER_NAME
 from serve_app.core.messages import END, SynthesisRequest, Usage, Utterance
-from serve_app.engine.codec import MimiStream
-from serve_app.engine.guards import EMPTY, LOOP, SILENT_TAIL, TOO_SHORT, LoopDetector, SilenceShaper, too_short_frames
+from serve_app.engine.codec import MimiDecodeState
+from serve_app.engine.guards import ChunkGuard
 from serve_app.engine.prefix import State, caches_from, token_key
 from serve_app.engine.prompts import MAX_POSITIONS
 
@@ -64,7 +64,7 @@ class SpeechSession:
         # context), then this request's earlier chunks; a chunk keeps the most recent of them that fit.
         self._history: list = [engine.segment_tokens(segment) for segment in request.context]
         self._said: list[np.ndarray] = []  # every chunk's frames (K, T), for the Utterance when remembered
-        self.mimi = MimiStream(engine.mimi_decoder)
+        self.mimi = MimiDecodeState(engine.mimi_decoder)
         self._flush_due = False  # a group (or a chunk's last frames) is ready for Mimi
         self.usage = Usage()
         self._chunk_index = 0
@@ -74,17 +74,8 @@ class SpeechSession:
         self._frames: list[np.ndarray] = []
         self._pending: list[np.ndarray] = []
         self._group = engine.options.first_group_frames
-        # The guards (guards.py): what this chunk is checked against, and what they decided.
-        self._guards = engine.options.guards
-        self._shaper = SilenceShaper(self._guards)
-        self._loop: Optional[LoopDetector] = None
-        # Frames held back (not decoded) at the chunk's start, so that an end-of-speech too early for its text
-        # (guards.too_short_frames) can be retried unheard.
-        self._hold = 0
-        self._first_audio = engine.options.first_group_frames  # frames before the first PCM goes out
-        self._retries = 0  # chunks generated again so far (each with the request's seed + retries)
-        self._retry_of: Optional[list[np.ndarray]] = None  # the too-short take being generated again
-        self._stop: Optional[str] = None  # a guard ends the chunk at its next frame
+        # The guards against CSM's failure modes (guards.py), chunk by chunk.
+        self.guard = ChunkGuard(engine.options.guards, engine.options.first_group_frames, self._fired)
         self._chunk_over = False
         self._reprefill = False  # the cache row has seen frames the chunk's history left out
         self.gone = False  # ended (cancelled or failed) while a frame of it may still be in flight
@@ -104,13 +95,12 @@ class SpeechSession:
         of the previous chunk; when the row would not fit CSM's positions with this chunk, or on the first
         chunk, the context is trimmed to what fits and prefilled, starting from the voice's cached prefix
         when it has one."""
-        retrying = self._retry_of is not None
+        retrying = self.guard.retrying
         if self._chunk_index >= len(self.request.chunks) and not retrying:
             return None
         engine = self.engine
         if retrying:  # the same chunk again, with the request's next seed
-            self._retries += 1
-            self._key = mx.random.key(self._seed + self._retries)
+            self._key = mx.random.key(self._seed + self.guard.next_take())
         else:
             self._chunk_index += 1
         chunk = self.request.chunks[self._chunk_index - 1]
@@ -120,7 +110,8 @@ class SpeechSession:
         self._chunk_text, self._frames = chunk, []
         if not retrying:
             self.usage.input_tokens += len(text)
-        self._start_guards(chunk)
+        self.guard.start_chunk(chunk, first=self._chunk_index == 1)
+        self._chunk_over, self._reprefill = False, False
         resume, self._resume = self._resume, None
         if resume is not None:
             tail_ids, tail_mask = self._tail()
@@ -140,18 +131,6 @@ class SpeechSession:
             if cache is not None:
                 context, seen = context[fixed:], cache[0].offset
         return self._prompt([s.ids for s in context] + [text.ids], [s.mask for s in context] + [text.mask], cache, seen)
-
-    def _start_guards(self, chunk: str) -> None:
-        guards, first = self._guards, self._chunk_index == 1
-        if not first:
-            self._shaper.end_of_chunk()  # the previous chunk's last PCM has been shaped by now
-        self._loop = LoopDetector(guards.loop_window_frames) if guards.loop else None
-        first_group = self.engine.options.first_group_frames
-        limit = max(first_group, guards.first_chunk_hold_frames) if first else guards.hold_frames
-        self._hold = min(too_short_frames(chunk), limit) if guards.too_short else 0
-        if first:
-            self._first_audio = max(first_group, self._hold)
-        self._stop, self._chunk_over, self._reprefill = None, False, False
 
     def _prompt(self, ids: list[np.ndarray], mask: list[np.ndarray], cache: Optional[list], seen: int):
         rows, masks = np.concatenate(ids), np.concatenate(mask)
@@ -195,7 +174,7 @@ class SpeechSession:
         """With one frame computed and not yet read, whether that frame completes this request's first group
         (its first audio): the scheduler reads it before launching another, so first audio does not wait
         for a launch (on MLX's CPU backend a launch computes the frame)."""
-        done, first = self.usage.output_tokens, self._first_audio
+        done, first = self.usage.output_tokens, self.guard.first_audio
         return done < first and (done + 1 >= first or self.last_frame_in_flight)
 
     def rewind(self) -> None:
@@ -206,12 +185,12 @@ class SpeechSession:
     def accept(self, codes: np.ndarray) -> bool:
         """Take this request's new frame (K,); False when its chunk has ended (end-of-speech, the frame cap,
         or a guard: its silent tail, a loop, an end too early for its text)."""
-        if self._stop is not None:  # the silent tail decided on the last group's PCM: this frame is not heard
+        if self.guard.stop is not None:  # the silent tail decided on the last group's PCM: this frame is not heard
             self._last_frame, self._reprefill = None, True
             self._end_chunk()
             return False
         if not codes.any():  # CSM's all-zero end-of-speech frame
-            if len(self._frames) < self._hold:  # nothing of the chunk heard yet, and far too early
+            if self.guard.too_early(len(self._frames)):  # nothing of the chunk heard yet, and far too early
                 return self._too_short(codes)
             self._last_frame = codes
             self._end_chunk()
@@ -221,10 +200,7 @@ class SpeechSession:
         self.usage.output_tokens += 1
         if len(self._pending) >= self._group:
             self._flush_due = True
-        looping = self._loop is not None and self._loop.push(codes[0])
-        if looping or len(self._frames) >= self._max_frames:
-            if looping:
-                self._fired(LOOP)
+        if self.guard.looping(codes) or len(self._frames) >= self._max_frames:
             self._last_frame = codes
             self._end_chunk()
             return False
@@ -236,11 +212,10 @@ class SpeechSession:
         take, self._frames, self._pending, self._flush_due = self._frames, [], [], False
         self.usage.output_tokens -= len(take)
         self._reprefill = True  # the next prompt (this chunk again, or the next) starts from the history
-        if self._retry_of is None:
-            self._fired(EMPTY if not take else TOO_SHORT)
-            self._retry_of, self._chunk_over = take, True
+        earlier = self.guard.retry(take)
+        if earlier is None:
+            self._chunk_over = True
             return False
-        earlier, self._retry_of = self._retry_of, None
         self._reprefill = len(earlier) > len(take)  # else the cache row holds exactly this take
         kept = earlier if self._reprefill else take
         self._frames, self._pending = list(kept), list(kept)
@@ -257,12 +232,13 @@ class SpeechSession:
             self.request.request_id or "-",
             self._chunk_index,
             len(self._frames),
-            self._seed + self._retries,
+            self._seed + self.guard.retries,
         )
 
     def finish(self) -> None:
-        self._post_frames(self._shaper.end_of_request())
-        self.usage.output_tokens -= self._shaper.dropped_frames  # Usage counts the audio delivered
+        frames, dropped = self.guard.end_of_request()
+        self._post_frames(frames)
+        self.usage.output_tokens -= dropped  # Usage counts the audio delivered
         if self.request.remember:
             codes = np.concatenate(self._said, axis=1) if self._said else np.zeros((self.engine.num_codebooks, 0))
             text = " ".join(self.request.chunks)
@@ -279,7 +255,7 @@ class SpeechSession:
         with frames pending; else None. The scheduler decodes the groups of a step together (codec.py)."""
         if not (self._flush_due and self._pending):
             return None
-        if len(self._frames) < self._hold and not self._chunk_over:
+        if self.guard.holding(len(self._frames), self._chunk_over):
             return None  # held back: the chunk may yet end too early and be generated again
         if len(self._pending) >= self._group:
             self._group = self.engine.options.group_frames
@@ -290,12 +266,10 @@ class SpeechSession:
 
     def post_pcm(self, pcm: np.ndarray) -> None:
         """A decoded group, through the silence guard (which may hold some of it back), then the voice's gain."""
-        self._post_frames(self._shaper.feed(pcm))
-        if self._shaper.fired and self._stop is None:
-            self._fired(SILENT_TAIL)
-            self._stop = SILENT_TAIL  # (reset when the next chunk starts, should this one be over already)
-            if not self._chunk_over:  # else it ended at this frame anyway, its history taken as it was
-                del self._frames[len(self._frames) - self._shaper.tail_dropped :]  # the history is what was heard
+        frames, tail = self.guard.shape(pcm)
+        self._post_frames(frames)
+        if tail and not self._chunk_over:  # else it ended at this frame anyway, its history taken as it was
+            del self._frames[len(self._frames) - tail :]  # the history is what was heard
 
     def _post_frames(self, frames: list[np.ndarray]) -> None:
         if frames:
@@ -303,7 +277,8 @@ class SpeechSession:
             self.post((np.clip(pcm, -1.0, 1.0) * 32767.0).astype("<i2").tobytes())
 
     def _end_chunk(self) -> None:
-        self._flush_due, self._chunk_over, self._retry_of = True, True, None
+        self._flush_due, self._chunk_over = True, True
+        self.guard.chunk_over()
         if self._frames:
             codes = np.stack(self._frames, axis=1)
             self._said.append(codes)

@@ -37,6 +37,7 @@ class LocalServer:
 
     def __init__(self, work: Path, env: Mapping[str, str], command: Optional[Callable[[int], list[str]]] = None):
         work.mkdir(parents=True, exist_ok=True)
+        self.work = work
         env_file = work / "empty.env"
         env_file.write_text("")
         port = free_port()

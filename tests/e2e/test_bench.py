@@ -1,6 +1,7 @@
 """`python -m serve_app.tools.bench` end to end on the tiny checkpoint, kept small: every part runs (the bare
 engine, the mlx-audio reference's skip on a small Mimi, the real server over HTTP) and the results files hold
-the numbers the README's Performance section is built from."""
+the numbers the docs' performance page is built from; then the memory command, and two campaign harnesses
+(ops/bench/), which stay runnable."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -16,26 +18,10 @@ from tests.support.servers import ROOT
 pytestmark = pytest.mark.server
 
 
-def test_bench_writes_json_markdown_and_chart(tiny_checkpoint, tmp_path):
-    out = tmp_path / "results"
+def run_bench(module: str, out, *args: str) -> Path:
+    """`python -m <module> ARGS --out OUT` from the checkout, bounded; the one machine folder it wrote."""
     done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "serve_app.tools.bench",
-            "--checkpoint",
-            str(tiny_checkpoint),
-            "--frames",
-            "6",
-            "--repeats",
-            "2",
-            "--concurrency",
-            "1,2",
-            "--formats",
-            "pcm,mp3",
-            "--out",
-            str(out),
-        ],
+        [sys.executable, "-m", module, *args, "--out", str(out)],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -43,6 +29,12 @@ def test_bench_writes_json_markdown_and_chart(tiny_checkpoint, tmp_path):
     )
     assert done.returncode == 0, done.stderr[-2000:]
     [folder] = list(out.iterdir())
+    return folder
+
+
+def test_bench_writes_json_markdown_and_chart(tiny_checkpoint, tmp_path):
+    args = ["--checkpoint", str(tiny_checkpoint), "--frames", "6", "--repeats", "2", "--concurrency", "1,2"]
+    folder = run_bench("serve_app.tools.bench", tmp_path / "results", *args, "--formats", "pcm,mp3")
     result = json.loads((folder / f"{tiny_checkpoint.name}.json").read_text())
     engine, server, cmp = result["engine"], result["server"], result["comparison"]
     assert engine["frames"] == 6 and 0 < engine["first_pcm_ms"] < 1000 * engine["total_s"]
@@ -65,17 +57,8 @@ def test_bench_writes_json_markdown_and_chart(tiny_checkpoint, tmp_path):
 def test_the_memory_command_writes_one_row_per_quantize_level(tiny_checkpoint, tmp_path):
     """`python -m serve_app.tools.bench memory`: each QUANTIZE level loaded in a process of its own, through the
     same report writer (JSON and a Markdown table)."""
-    out = tmp_path / "results"
-    command = ["memory", "--checkpoint", str(tiny_checkpoint), "--quantize", "0,8", "--voice", "fast"]
-    done = subprocess.run(
-        [sys.executable, "-m", "serve_app.tools.bench", *command, "--out", str(out)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
-    [folder] = list(out.iterdir())
+    args = ["memory", "--checkpoint", str(tiny_checkpoint), "--quantize", "0,8", "--voice", "fast"]
+    folder = run_bench("serve_app.tools.bench", tmp_path / "results", *args)
     result = json.loads((folder / f"memory-{tiny_checkpoint.name}.json").read_text())
     assert [level["quantize"] for level in result["levels"]] == [0, 8]
     full, q8 = (level["after_load"]["mlx_active_mb"] for level in result["levels"])
@@ -86,30 +69,8 @@ def test_the_memory_command_writes_one_row_per_quantize_level(tiny_checkpoint, t
 
 
 def test_voice_bench_compares_kv_reuse_side_by_side(tiny_checkpoint, tmp_path):
-    out = tmp_path / "results"
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "ops.bench.voices",
-            "--checkpoint",
-            str(tiny_checkpoint),
-            "--frames",
-            "3",
-            "--chunks",
-            "3",
-            "--repeats",
-            "1",
-            "--out",
-            str(out),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
-    [folder] = list(out.iterdir())
+    args = ["--checkpoint", str(tiny_checkpoint), "--frames", "3", "--chunks", "3", "--repeats", "1"]
+    folder = run_bench("ops.bench.voices", tmp_path / "results", *args)
     result = json.loads((folder / f"voices-{tiny_checkpoint.name}.json").read_text())
     assert set(result["median_s"]) == {"conversational/reuse", "conversational/before", "fast/reuse", "fast/before"}
     assert set(result["join_stall"]) == {"reuse", "before", "chunked-only"}

@@ -1,5 +1,8 @@
-"""Operations: the service files, and the control script's start/status/stop cycle on the tiny checkpoint
-(with API_KEY, the per-request log line, Ray Serve metrics and a graceful stop with a stream in flight).
+"""Operations: the service files, and the control script's start/status/stop cycle on the tiny checkpoint:
+one server started with `start` (the module's `controlled` fixture), then a test each for what it must do
+(API_KEY, the per-request log line, Ray Serve metrics), and last a graceful stop with a stream in flight.
+(The supervisor's exit when its Ray cluster dies is tests/e2e/test_security.py's last test, on the LAN
+server, which runs as the boot service does.)
 
 The control script runs under a macOS-like userland (tests/support/macos_userland.py: no setsid, a BSD-strict ps,
 sed and readlink), with a HOME of its own and SESAME_TTS_SERVICE=none: it never sees, starts or stops a
@@ -12,13 +15,14 @@ import os
 import plistlib
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import httpx
 import pytest
@@ -30,6 +34,7 @@ from tests.support.servers import ROOT, TEST_ENV, children, session_processes
 from tests.support.waiting import wait_for
 
 CTL = ROOT / "ops" / "sesame-tts"
+API_KEY, WRONG_KEY = "sk-local-secret", "sk-not-the-key-7f3a"
 
 
 def ctl(*args, env=None, timeout=300) -> subprocess.CompletedProcess:
@@ -124,15 +129,43 @@ def _metric_lines(name: str, ray_dir: Path) -> list[str]:
     return found
 
 
-@pytest.fixture
-def ray_dir():
-    """A Ray temp root of this cluster's own (short: Ray's socket paths must fit in 107 characters)."""
-    path = Path(tempfile.mkdtemp(prefix="r", dir="/tmp"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
+@dataclass
+class Controlled:
+    """A server started by `ops/sesame-tts start` (what launchd and systemd run), and what the tests need of it."""
+
+    env: dict
+    cache: Path
+    port: int
+    ray_dir: Path
+    started: subprocess.CompletedProcess
+    wall: float  # seconds `start` took, as measured around it
+    pid: int  # the supervisor's
+    serve_pid: int  # its `serve run`
+
+    @property
+    def api(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def speak(self, text: str, key: Optional[str] = API_KEY, **body) -> httpx.Response:
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        return httpx.post(f"{self.api}/audio/speech", json={"input": text, **body}, headers=headers, timeout=120)
+
+    def logged(self, request_id: str) -> str:
+        """The request's line in the rotated server log (Ray forwards replica output as it comes: waited for)."""
+
+        def line() -> str:
+            text = (self.cache / "server.log").read_text()
+            return next((entry for entry in text.splitlines() if f"request id={request_id} " in entry), "")
+
+        return wait_for(line, f"the log line of request {request_id}", timeout=120, every=0.2)
 
 
-def test_control_script_cycle(tiny_checkpoint, tmp_path, ray_dir, macos_path):
+@pytest.fixture(scope="module")
+def controlled(tiny_checkpoint, tmp_path_factory, macos_path):
+    """One server for the control script's tests, started with `start` under a macOS-like userland and
+    API_KEY; the last test stops it with `stop` (and the fixture does, should a test fail before)."""
+    tmp_path = tmp_path_factory.mktemp("ctl")
+    ray_dir = Path(tempfile.mkdtemp(prefix="r", dir="/tmp"))  # short: Ray's socket paths
     cache = tmp_path / "cache"
     port = free_port()
     (tmp_path / "home").mkdir()
@@ -143,187 +176,133 @@ def test_control_script_cycle(tiny_checkpoint, tmp_path, ray_dir, macos_path):
         "CACHE_DIR": str(cache),
         "HOST": "127.0.0.1",
         "PORT": str(port),
-        "API_KEY": "sk-local-secret",
+        "API_KEY": API_KEY,
         "ENV_FILE": str(tmp_path / "none.env"),
         "RAY_ADDRESS": "local",
         "RAY_TMPDIR": str(ray_dir),
         "PATH": macos_path,
         "HOME": str(tmp_path / "home"),
         "SESAME_TTS_SERVICE": "none",
-        # Ray's processes export their metrics every 10 s by default; every 2 s here, so the metrics check
-        # below waits seconds, not tens of seconds (what is exported, and where, is the same).
-        "RAY_metrics_report_interval_ms": "2000",
     }
     (tmp_path / "none.env").write_text("")
-    api = f"http://127.0.0.1:{port}/v1"
     began = time.monotonic()
     started = ctl("start", env=env)
     wall = time.monotonic() - began
-    assert started.returncode == 0, started.stdout + started.stderr
-    # It reports the wall time it took (the old count of probe turns said 16 s after 70): at least half of
-    # what the test measured around it, however loaded the machine (the rest is only bash starting).
-    reported = int(re.search(r"healthy after (\d+)s", started.stdout)[1])
-    assert wall / 2 <= reported <= wall + 1, (reported, wall)
     try:
+        assert started.returncode == 0, started.stdout + started.stderr
         pid = int((cache / "server.pid").read_text())
         (serve_pid,) = children(pid)  # the supervisor's `serve run`, in a session of its own
-        assert os.getsid(pid) == pid  # detached by the launcher itself (no setsid(1) on a Mac)
-        again = ctl("start", env=env)
-        assert again.returncode != 0 and "already running" in again.stderr
-        assert "service: not installed" in ctl("status", env=env).stdout
-
-        status = ctl("status", env=env)
-        assert status.returncode == 0, status.stdout + status.stderr
-        assert f"running (pid {pid})" in status.stdout and "health:  ok" in status.stdout
-        # `serve status` through Ray's token authentication, at this server's own dashboard (another cluster
-        # on the machine, such as the other tests' servers, may hold the default port).
-        dashboard = (cache / "dashboard.url").read_text().strip()
-        assert f"View the dashboard at {dashboard}" in (cache / "server.log").read_text()
-        assert f"dashboard: {dashboard}" in status.stdout
-        assert "status: RUNNING" in status.stdout
-
-        # API_KEY: /v1 needs the bearer token, /health does not.
-        assert httpx.get(f"http://127.0.0.1:{port}/health", timeout=10).status_code == 200
-        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "sk-local-secret"}):
-            r = httpx.post(f"{api}/audio/speech", json={"input": "hi"}, headers=headers, timeout=30)
-            assert r.status_code == 401
-            assert (
-                r.json()["error"]["code"] == "invalid_api_key" and r.json()["error"]["type"] == "invalid_request_error"
-            )
-        # The lists stay open (LISTS_NEED_API_KEY is off): Open WebUI fetches them without a key.
-        assert httpx.get(f"{api}/models", timeout=10).status_code == 200
-        good = {"Authorization": "Bearer sk-local-secret"}
-        r = httpx.post(
-            f"{api}/audio/speech",
-            json={"input": "Logged and counted.", "response_format": "wav"},
-            headers=good,
-            timeout=60,
-        )
-        assert r.status_code == 200 and duration(decode(r.content)) > 0.5
-
-        # One log line per request, in the rotated server log, never with the key.
-        # Ray forwards replica output to the log as it comes: waited for, not assumed (a loaded machine is slow).
-        def both_logged() -> str:
-            text = (cache / "server.log").read_text()
-            return text if "status=ok" in text and "status=401" in text else ""
-
-        log = wait_for(both_logged, "the speech request's and the 401's log lines", timeout=120)
-        line = next(line_ for line_ in log.splitlines() if "request id=" in line_ and "status=ok" in line_)
-        for part in ("voice=conversational", "format=wav", "chars=19", "ttfb_ms=", "audio_s=", "rtf="):
-            assert part in line
-        assert "status=401" in log
-        assert "sk-local-secret" not in log
-        assert "\x1b[" not in log  # colour codes stripped
-
-        # Ray Serve custom metrics reach the node's Prometheus endpoint (each process exports every few seconds).
-        names = (
-            "ray_sesame_tts_requests",
-            "ray_sesame_tts_time_to_first_byte_seconds_bucket",
-            "ray_sesame_tts_real_time_factor_bucket",
-            "ray_sesame_tts_audio_seconds",
-            "ray_sesame_tts_queue_depth",
-            "ray_sesame_tts_active_batch_size",
-        )
-        deadline = time.monotonic() + 60
-        while not all(_metric_lines(n, ray_dir) for n in names) and time.monotonic() < deadline:
-            time.sleep(2)
-        for name in names:
-            assert _metric_lines(name, ray_dir), f"{name} not exported"
-        requests = _metric_lines("ray_sesame_tts_requests", ray_dir)
-        assert any('status="ok"' in line_ and 'format="wav"' in line_ for line_ in requests)
-        assert any('status="401"' in line_ for line_ in requests)  # only this server (with API_KEY) answers 401
-
-        assert line in ctl("logs", "100000", env=env).stdout  # `logs N` prints the log's last N lines
-
-        # Stop with a stream in flight: it finishes whole, new requests get 503, then everything is gone.
-        result = {}
-
-        def long_request():
-            body = {
-                "input": "A longer answer that keeps the model busy for a few seconds here. " * 3,
-                "response_format": "wav",
-            }
-            result["response"] = httpx.post(f"{api}/audio/speech", json=body, headers=good, timeout=120)
-
-        client = threading.Thread(target=long_request)
-        client.start()
-        deadline = time.monotonic() + 60  # in flight before the stop begins, however busy the machine is
-        while httpx.get(f"http://127.0.0.1:{port}/health", timeout=10).json()["in_flight"] < 1:
-            assert time.monotonic() < deadline, "the long request never reached the server"
-            time.sleep(0.05)
-        stopper = subprocess.Popen([str(CTL), "stop"], env=env, stdout=subprocess.PIPE, text=True)
-        deadline = time.monotonic() + 60  # the stop has begun once the drain flag is there (slow on a busy machine)
-        while not (cache / "draining").exists() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        refused = httpx.post(f"{api}/audio/speech", json={"input": "late"}, headers=good, timeout=30)
-        assert refused.status_code == 503 and refused.json()["error"]["code"] == "shutting_down"
-        client.join(120)
-        stop_out, _ = stopper.communicate(timeout=120)
-        assert stopper.returncode == 0 and "stopped in" in stop_out
-        response = result["response"]
-        assert response.status_code == 200
-        assert duration(decode(response.content)) == pytest.approx(0.5 + 0.05 * 200, abs=0.6)  # not cut short
+        yield Controlled(env, cache, port, ray_dir, started, wall, pid, serve_pid)
     finally:
         ctl("stop", env=env)
+        shutil.rmtree(ray_dir, ignore_errors=True)
+
+
+def test_start_detaches_reports_its_time_and_refuses_a_second_start(controlled):
+    # It reports the wall time it took (the old count of probe turns said 16 s after 70): at least half of
+    # what the test measured around it, however loaded the machine (the rest is only bash starting).
+    reported = int(re.search(r"healthy after (\d+)s", controlled.started.stdout)[1])
+    assert controlled.wall / 2 <= reported <= controlled.wall + 1, (reported, controlled.wall)
+    assert os.getsid(controlled.pid) == controlled.pid  # detached by the launcher itself (no setsid(1) on a Mac)
+    again = ctl("start", env=controlled.env)
+    assert again.returncode != 0 and "already running" in again.stderr
+
+
+def test_status_names_the_server_its_health_and_its_dashboard(controlled):
+    status = ctl("status", env=controlled.env)
+    assert status.returncode == 0, status.stdout + status.stderr
+    assert "service: not installed" in status.stdout
+    assert f"running (pid {controlled.pid})" in status.stdout and "health:  ok" in status.stdout
+    # `serve status` through Ray's token authentication, at this server's own dashboard (another cluster
+    # on the machine, such as the other tests' servers, may hold the default port).
+    dashboard = (controlled.cache / "dashboard.url").read_text().strip()
+    assert f"View the dashboard at {dashboard}" in (controlled.cache / "server.log").read_text()
+    assert f"dashboard: {dashboard}" in status.stdout
+    assert "status: RUNNING" in status.stdout
+
+
+def test_the_api_key_guards_speech_and_not_health_or_the_lists(controlled):
+    assert httpx.get(f"http://127.0.0.1:{controlled.port}/health", timeout=10).status_code == 200
+    for key in (None, WRONG_KEY):
+        r = controlled.speak("hi", key=key)
+        assert r.status_code == 401
+        assert r.json()["error"]["code"] == "invalid_api_key" and r.json()["error"]["type"] == "invalid_request_error"
+    bare = httpx.post(
+        f"{controlled.api}/audio/speech", json={"input": "hi"}, headers={"Authorization": API_KEY}, timeout=30
+    )
+    assert bare.status_code == 401  # the key without "Bearer"
+    # The lists stay open (LISTS_NEED_API_KEY is off): Open WebUI fetches them without a key.
+    assert httpx.get(f"{controlled.api}/models", timeout=10).status_code == 200
+    r = controlled.speak("Logged and counted.", response_format="wav")
+    assert r.status_code == 200 and duration(decode(r.content)) > 0.5
+
+
+def test_each_request_is_one_log_line_without_the_key(controlled):
+    ok = controlled.speak("Logged and counted.", response_format="wav")
+    refused = controlled.speak("hi", key=WRONG_KEY)
+    line = controlled.logged(ok.headers["x-request-id"])
+    for part in ("voice=conversational", "format=wav", "chars=19", "ttfb_ms=", "audio_s=", "rtf=", "status=ok"):
+        assert part in line
+    assert "status=401" in controlled.logged(refused.headers["x-request-id"])
+    log = (controlled.cache / "server.log").read_text()
+    assert API_KEY not in log and WRONG_KEY not in log
+    assert "\x1b[" not in log  # colour codes stripped
+    assert line in ctl("logs", "100000", env=controlled.env).stdout  # `logs N` prints the log's last N lines
+
+
+def test_ray_serve_metrics_reach_prometheus(controlled):
+    """Ray Serve custom metrics reach the node's Prometheus endpoint (each process exports every few seconds)."""
+    assert controlled.speak("Logged and counted.", response_format="wav").status_code == 200
+    assert controlled.speak("hi", key=WRONG_KEY).status_code == 401
+    names = (
+        "ray_sesame_tts_requests",
+        "ray_sesame_tts_time_to_first_byte_seconds_bucket",
+        "ray_sesame_tts_real_time_factor_bucket",
+        "ray_sesame_tts_audio_seconds",
+        "ray_sesame_tts_queue_depth",
+        "ray_sesame_tts_active_batch_size",
+    )
+
+    def exported() -> list[str]:
+        requests = _metric_lines("ray_sesame_tts_requests", controlled.ray_dir)
+        complete = all(_metric_lines(n, controlled.ray_dir) for n in names)
+        return requests if complete and any('status="401"' in line for line in requests) else []
+
+    requests = wait_for(exported, "every metric exported, the 401 counted", timeout=90, every=1)
+    assert any('status="ok"' in line and 'format="wav"' in line for line in requests)
+
+
+def test_stop_lets_the_stream_in_flight_finish_then_everything_is_gone(controlled):
+    """Runs last in this module: it stops the server. A stream in flight finishes whole, new requests get 503,
+    then every process of the server is gone and the control script says so."""
+    env, cache, port = controlled.env, controlled.cache, controlled.port
+    result = {}
+
+    def long_request():
+        text = "A longer answer that keeps the model busy for a few seconds here. " * 3
+        result["response"] = controlled.speak(text, response_format="wav")
+
+    client = threading.Thread(target=long_request)
+    client.start()
+    deadline = time.monotonic() + 60  # in flight before the stop begins, however busy the machine is
+    while httpx.get(f"http://127.0.0.1:{port}/health", timeout=10).json()["in_flight"] < 1:
+        assert time.monotonic() < deadline, "the long request never reached the server"
+        time.sleep(0.05)
+    stopper = subprocess.Popen([str(CTL), "stop"], env=env, stdout=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60  # the stop has begun once the drain flag is there (slow on a busy machine)
+    while not (cache / "draining").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    refused = controlled.speak("late")
+    assert refused.status_code == 503 and refused.json()["error"]["code"] == "shutting_down"
+    client.join(120)
+    stop_out, _ = stopper.communicate(timeout=120)
+    assert stopper.returncode == 0 and "stopped in" in stop_out
+    response = result["response"]
+    assert response.status_code == 200
+    assert duration(decode(response.content)) == pytest.approx(0.5 + 0.05 * 200, abs=0.6)  # not cut short
     assert not (cache / "server.pid").exists()
     assert not (cache / "draining").exists()
-    wait_for(lambda: session_processes(serve_pid) == [], "every process of the server's session ended")
+    wait_for(lambda: session_processes(controlled.serve_pid) == [], "every process of the server's session ended")
     # The supervisor has exited (a zombie until its parent, here the container's init, reaps it, is dead).
-    wait_for(lambda: not processes.is_running(pid), "the supervisor exited")
+    wait_for(lambda: not processes.is_running(controlled.pid), "the supervisor exited")
     assert ctl("status", env=env).returncode != 0
-
-
-def test_supervisor_exits_when_its_ray_cluster_dies(tiny_checkpoint, tmp_path, ray_dir):
-    """`serve run` outlives a dead cluster with its port closed; the supervisor notices (health probes) and
-    exits non-zero, so launchd's KeepAlive / systemd's Restart=on-failure start a fresh server."""
-    from serve_app.supervisor import CLUSTER_GONE_EXIT
-
-    cache = tmp_path / "cache"
-    port = free_port()
-    env = {
-        **os.environ,
-        **TEST_ENV,
-        "MODEL_ID": str(tiny_checkpoint),
-        "CACHE_DIR": str(cache),
-        "HOST": "127.0.0.1",
-        "PORT": str(port),
-        "ENV_FILE": str(tmp_path / "none.env"),
-        "RAY_ADDRESS": "local",
-        "RAY_TMPDIR": str(ray_dir),
-    }
-    (tmp_path / "none.env").write_text("")
-    supervisor = subprocess.Popen(
-        [sys.executable, "-m", "serve_app.launch", "--service"],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    try:
-        deadline = time.monotonic() + 240
-        while True:
-            assert supervisor.poll() is None, (cache / "server.log").read_text()[-3000:]
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "server not healthy"
-            time.sleep(0.5)
-        (serve_pid,) = children(supervisor.pid)
-        processes = session_processes(serve_pid)
-        cluster = [line for line in processes if line.split()[2].rsplit("/", 1)[-1] in ("raylet", "gcs_server")]
-        assert len(cluster) == 2, (serve_pid, processes)
-        for line in cluster:
-            os.kill(int(line.split()[1]), signal.SIGKILL)
-        code = supervisor.wait(timeout=120)
-        log = (cache / "server.log").read_text()
-        assert code == CLUSTER_GONE_EXIT, log[-3000:]
-        assert "raylet exited: the Ray cluster is gone" in log.replace("gcs_server and ", "")
-        wait_for(lambda: session_processes(serve_pid) == [], "every process of the server's session ended")
-        assert not (cache / "server.pid").exists()
-    finally:
-        if supervisor.poll() is None:
-            os.killpg(supervisor.pid, signal.SIGKILL)
-            supervisor.wait()

@@ -1,11 +1,13 @@
 """The real server on a LAN footing (API_KEY set, short body and write deadlines): slow bodies and a reader that stops,
 over real sockets; secrets in no file Ray or Serve writes; Ray's ports on loopback. The header-level checks
-themselves (Host, Origin, lists, /health, docs, log escaping) are tested in-process in test_guard.py."""
+themselves (Host, Origin, lists, /health, docs, log escaping) are tested in-process in test_screen.py."""
 
 from __future__ import annotations
 
 import ipaddress
+import os
 import shutil
+import signal
 import socket
 import stat
 import tempfile
@@ -20,7 +22,7 @@ import pytest
 from ops.bench.stalled_readers import request_status, speech_body, stalled_request, was_reset
 from serve_app.core import processes
 from tests.support.audio import decode, duration, probe, rms
-from tests.support.servers import healthy, launch_server
+from tests.support.servers import healthy, launch_server, session_processes
 from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.server
@@ -38,9 +40,12 @@ def ray_dir():
 
 @pytest.fixture(scope="module")
 def lan_server(tiny_checkpoint, tmp_path_factory, ray_dir):
+    """The server as a LAN-facing Mac runs it: the boot service (the supervisor), API_KEY and a token set, short
+    body and write deadlines. The module's last test ends its Ray cluster."""
     server = launch_server(
         tmp_path_factory.mktemp("lan"),
         tiny_checkpoint,
+        service=True,
         API_KEY=API_KEY,
         HF_TOKEN=HF_TOKEN,
         BODY_TIMEOUT_S="2",
@@ -113,11 +118,11 @@ def test_secrets_are_in_no_file_that_ray_or_serve_writes(lan_server, ray_dir):
         timeout=60,
     )
     assert ok.status_code == 200 and ok.content
-    cache = Path(lan_server.log).parent / "cache"
+    cache = lan_server.work / "cache"
     secrets_file = cache / "secrets.env"
     assert API_KEY in secrets_file.read_text() and stat.S_IMODE(secrets_file.stat().st_mode) == 0o600
     scanned = 0
-    for root in (ray_dir, cache, Path(lan_server.log).parent):
+    for root in (ray_dir, cache, lan_server.work):
         for path in root.rglob("*"):
             if path.is_file() and not path.is_symlink() and path != secrets_file and path.stat().st_size < 50 << 20:
                 data = path.read_bytes()
@@ -137,7 +142,7 @@ def test_rays_ports_listen_on_loopback_only(lan_server):
     Serve replicas' own gRPC servers (Ray's token guards them), which Ray binds to every interface."""
     wide = []
     listening = 0
-    for proc in processes.session_processes(lan_server.proc.pid):
+    for proc in processes.session_processes(lan_server.session_pid):
         try:
             connections = proc.net_connections(kind="inet")
             command = " ".join(proc.cmdline())
@@ -182,3 +187,23 @@ def test_a_client_that_stops_reading_is_cut_off_and_its_generation_cancelled(lan
     samples = decode(ok.content)
     assert ok.status_code == 200 and probe(ok.content)["stream"]["codec_name"] == "pcm_s16le"
     assert duration(samples) > 0.1 and rms(samples) > 0
+
+
+def test_the_supervisor_exits_when_its_ray_cluster_dies(lan_server):
+    """Runs last in this module: it ends the server's Ray cluster. `serve run` outlives a dead cluster with its
+    port closed; the supervisor notices (it watches Ray's core processes) and exits non-zero, so launchd's
+    KeepAlive / systemd's Restart=on-failure start a fresh server."""
+    from serve_app.supervisor import CLUSTER_GONE_EXIT
+
+    serve_pid = lan_server.session_pid
+    running = session_processes(serve_pid)
+    cluster = [line for line in running if line.split()[2].rsplit("/", 1)[-1] in ("raylet", "gcs_server")]
+    assert len(cluster) == 2, (serve_pid, running)
+    for line in cluster:
+        os.kill(int(line.split()[1]), signal.SIGKILL)
+    code = lan_server.proc.wait(timeout=120)
+    log = lan_server.log_text()
+    assert code == CLUSTER_GONE_EXIT, log[-3000:]
+    assert "raylet exited: the Ray cluster is gone" in log.replace("gcs_server and ", "")
+    wait_for(lambda: session_processes(serve_pid) == [], "every process of the server's session ended")
+    assert not (lan_server.work / "cache" / "server.pid").exists()

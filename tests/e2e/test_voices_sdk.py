@@ -9,7 +9,7 @@ import openai
 import pytest
 
 from tests.support.audio import decode, duration, probe, rms
-from tests.support.local_app import make_audio
+from tests.support.local_app import make_clips
 
 pytestmark = pytest.mark.server
 
@@ -18,12 +18,7 @@ TRANSCRIPT = "Hello, this is my voice for the test."
 
 @pytest.fixture(scope="module")
 def clips() -> dict[str, bytes]:
-    tone = "sine=f=220:r=44100"
-    return {
-        "wav": make_audio(tone, 3, "wav"),
-        "mp3": make_audio(tone, 3, "mp3"),
-        "m4a": make_audio(tone, 3, "ipod", "-c:a", "aac"),
-    }
+    return make_clips("wav", "mp3", "m4a")
 
 
 def test_openai_sdk_consents_and_voices_end_to_end(openai_client, server, clips):

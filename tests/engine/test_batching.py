@@ -81,6 +81,7 @@ def alone(engine, voices):
     return [run(engine, voices, [spec], max_batch=1, pipelined=False)[0][0] for spec in REQUESTS]
 
 
+@pytest.mark.slow("generates with every voice, batched and alone")
 def test_batched_output_equals_unbatched_output(engine, voices, alone):
     together, sizes = run(engine, voices, REQUESTS, max_batch=4)
     assert max(sizes) == 4  # they really shared the batch
@@ -92,6 +93,7 @@ def test_batched_output_equals_unbatched_output(engine, voices, alone):
         assert np.sqrt(np.mean(samples.astype(float) ** 2)) > 300
 
 
+@pytest.mark.slow("generates several chunks to watch a stream's rhythm")
 def test_requests_join_a_running_batch_between_frames(engine, voices, alone):
     together, sizes = run(engine, voices, REQUESTS, max_batch=4, join_at={1: 3, 2: 5, 3: 9})
     assert sizes[:3] == [1, 1, 1] and 2 in sizes and 3 in sizes
@@ -122,6 +124,7 @@ def test_every_request_in_a_batch_streams(engine, voices):
     assert all(rec.steps[0] < last_step / 2 for rec in together)
 
 
+@pytest.mark.slow("generates several chunks to watch a stream's rhythm")
 def test_max_batch_size_bounds_the_batch_and_the_rest_wait(engine, voices, alone):
     together, sizes = run(engine, voices, REQUESTS, max_batch=2)
     assert max(sizes) == 2

@@ -42,6 +42,7 @@ def health(model: CSMModel) -> dict:
     return asyncio.run(model.health()).body()
 
 
+@pytest.mark.slow("serves a checkpoint over HTTP and loads it twice")
 def test_first_start_downloads_with_progress_then_loads_offline(hub, tmp_path, voices, caplog):
     settings = Settings(model_id=REPO, cache_dir=tmp_path, hf_endpoint=hub.url, **ENGINE_CAPS)
     with caplog.at_level(logging.INFO, logger="sesame_tts"):

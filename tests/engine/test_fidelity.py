@@ -87,10 +87,10 @@ def test_the_full_audio_vocabulary_is_sampled_and_clipped_before_mimi(tiny_check
     engine = load_engine(Settings(model_id=str(tiny_checkpoint)), voices)
     assert engine.vocab_size == 2051 and engine.mimi.cfg.quantizer_bins == 2048
     sampled, decoded = [], []
-    accept, decode = SpeechSession.accept, scheduler.decode_streams
+    accept, decode = SpeechSession.accept, scheduler.decode_states
     monkeypatch.setattr(SpeechSession, "accept", lambda s, codes: sampled.append(codes.copy()) or accept(s, codes))
     monkeypatch.setattr(
-        scheduler, "decode_streams", lambda streams, codes, *a: decoded.extend(codes) or decode(streams, codes, *a)
+        scheduler, "decode_states", lambda streams, codes, *a: decoded.extend(codes) or decode(streams, codes, *a)
     )
     posted: list = []
     run_jobs(

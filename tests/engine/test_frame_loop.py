@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from serve_app.core.settings import Settings
-from serve_app.engine.codec import MimiStream, decode_streams
+from serve_app.engine.codec import MimiDecodeState, decode_states
 from serve_app.engine.scheduler import BatchScheduler
 from serve_app.model.loading import load_engine
 from tests.support.backend import assert_same_pcm
@@ -62,17 +62,17 @@ def test_compiled_equals_uncompiled(tiny_checkpoint, voices, engine, monkeypatch
 def test_batched_mimi_equals_each_stream_alone(engine):
     rng = np.random.default_rng(0)
     groups = [rng.integers(0, 2048, size=(3, 32, t)).astype(np.int32) for t in (2, 6, 6)]
-    alone = [MimiStream(engine.mimi_decoder) for _ in range(3)]
-    together = [MimiStream(engine.mimi_decoder) for _ in range(3)]
+    alone = [MimiDecodeState(engine.mimi_decoder) for _ in range(3)]
+    together = [MimiDecodeState(engine.mimi_decoder) for _ in range(3)]
     for codes in groups:
         expected = [stream.decode(codes[i]) for i, stream in enumerate(alone)]
-        for got, want in zip(decode_streams(together, list(codes)), expected):
+        for got, want in zip(decode_states(together, list(codes)), expected):
             assert_same_pcm(got, want)
     # Streams that are not aligned (another position, another group length) still decode right, apart.
-    late = MimiStream(engine.mimi_decoder)
-    mixed = decode_streams([together[0], late, together[1]], [groups[1][0], groups[0][2], groups[1][1][:, :4]])
+    late = MimiDecodeState(engine.mimi_decoder)
+    mixed = decode_states([together[0], late, together[1]], [groups[1][0], groups[0][2], groups[1][1][:, :4]])
     assert_same_pcm(mixed[0], alone[0].decode(groups[1][0]))
-    assert_same_pcm(mixed[1], MimiStream(engine.mimi_decoder).decode(groups[0][2]))
+    assert_same_pcm(mixed[1], MimiDecodeState(engine.mimi_decoder).decode(groups[0][2]))
     assert_same_pcm(mixed[2], alone[1].decode(groups[1][1][:, :4]))
     assert max(np.abs(p).max() for p in mixed) > 0
 

@@ -13,7 +13,7 @@ import pytest
 from serve_app.core.messages import SynthesisRequest, Usage
 from serve_app.engine import frame
 from serve_app.engine.batch import CAPACITY_STEP, bucket_for
-from serve_app.engine.codec import MimiDecoder, MimiStream, decode_streams
+from serve_app.engine.codec import MimiDecoder, MimiDecodeState, decode_states
 from serve_app.engine.runners import compile_shapes
 from serve_app.engine.scheduler import BUCKET_LOOKAHEAD, BatchScheduler, GenerationJob
 from tests.support import reference_frame
@@ -95,15 +95,16 @@ def test_mimi_decoder_equals_mimi_decode_step(engine, rows):
     ours = MimiDecoder(engine.mimi, compiled=False)
     reference = MimiDecoder(engine.mimi, compiled=False)
     reference.step = engine.mimi.decode_step  # mlx-audio's own: every codebook alone, a mask per layer
-    mine, theirs = [MimiStream(ours) for _ in range(rows)], [MimiStream(reference) for _ in range(rows)]
+    mine, theirs = [MimiDecodeState(ours) for _ in range(rows)], [MimiDecodeState(reference) for _ in range(rows)]
     rng = np.random.default_rng(rows)
     for frames in (2, 6, 3):
         codes = list(rng.integers(0, 2048, size=(rows, 32, frames)).astype(np.int32))
-        for got, want in zip(decode_streams(mine, codes), decode_streams(theirs, codes)):
+        for got, want in zip(decode_states(mine, codes), decode_states(theirs, codes)):
             assert got.shape == (frames * 1920,) and np.array_equal(got, want)
             assert np.abs(got).max() > 0
 
 
+@pytest.mark.slow("traces a compiled frame per cache size")
 def test_the_next_cache_bucket_is_traced_ahead_of_need(engine, voices, monkeypatch):
     """A compiled frame meets a new shape when the rows outgrow the cache's bucket; the loop traces it a few
     frames ahead, right after a launch, not when the row needs it. (A spy stands in for the compile: the

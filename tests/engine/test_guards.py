@@ -73,6 +73,7 @@ def test_a_loop_on_codebook_0_ends_the_chunk(engine, voices, monkeypatch, caplog
 
 
 @pytest.mark.parametrize("pipelined", [True, False], ids=["pipelined", "unpipelined"])
+@pytest.mark.slow("generates long enough for a guard to act (or not)")
 def test_a_silent_tail_ends_the_chunk_and_the_next_one_follows_a_short_pause(engine, voices, monkeypatch, pipelined):
     """Speech for 8 frames, then quiet: Mimi decodes groups of 2, 6, 6, ...; the 19th quiet frame (1.5 s) is
     frame 26, in the group 26..31, so the chunk ends at its next frame. What is heard: the 8 frames of speech
@@ -92,6 +93,7 @@ def test_a_silent_tail_ends_the_chunk_and_the_next_one_follows_a_short_pause(eng
     assert utterance.codes.shape == (32, 13 + 40)
 
 
+@pytest.mark.slow("generates long enough for a guard to act (or not)")
 def test_a_guard_that_ends_a_chunk_mid_stream_leaves_a_valid_container(engine, voices, monkeypatch):
     """The PCM pieces as the encoder gets them, streamed into ffmpeg: mp3 and opus decode whole."""
     quiet_frames(monkeypatch, 8, 32)
@@ -161,6 +163,7 @@ def test_of_two_short_takes_the_longer_is_kept(engine, voices, monkeypatch):
     assert pcm_of(posts) == pcm_of(off)
 
 
+@pytest.mark.slow("generates long enough for a guard to act (or not)")
 def test_normal_generation_never_triggers_a_guard(engine, voices):
     """Every voice, several seeds, two chunks to their frame caps: no guard acts, nothing is trimmed."""
     for seed, voice in enumerate(["fast", "conversational", "professional", "whisper"]):

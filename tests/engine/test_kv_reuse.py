@@ -84,6 +84,7 @@ def test_a_voice_prefix_prefilled_once_gives_the_same_codes(reusing, reference, 
     assert_same_speech(ours, solo(reference, request))
 
 
+@pytest.mark.slow("generates several chunks to watch a stream's rhythm")
 def test_chunks_continue_their_row_and_match_the_reference(reusing, reference, voices, prefills):
     request = greedy(voices, "conversational", CHUNKS, seed=5)
     ours = solo(reusing, request)
@@ -100,12 +101,14 @@ def test_chunks_continue_their_row_and_match_the_reference(reusing, reference, v
     assert_same_speech(ours, solo(reference, request))
 
 
+@pytest.mark.slow("generates with every voice, batched and alone")
 def test_batched_requests_with_every_voice_match_the_reference_alone(reusing, reference, voices):
     requests = [greedy(voices, v, CHUNKS[: 1 + i % 3], seed=10 + i) for i, v in enumerate(VOICES)]
     for ours, want in zip(batched(reusing, requests), [solo(reference, r) for r in requests], strict=True):
         assert_same_speech(ours, want)
 
 
+@pytest.mark.slow("fills CSM's context to its 2,048 positions")
 def test_a_row_that_no_longer_fits_falls_back_to_a_trimmed_prefill_from_the_prefix(
     reusing, reference, voices, prefills, monkeypatch
 ):
@@ -133,6 +136,7 @@ def test_the_prefix_cache_is_bounded_and_reported(tiny_checkpoint, voices, reusi
     assert usage.output_tokens > 0 and len(pcm) == usage.output_tokens * 1920 * 2
 
 
+@pytest.mark.slow("fills CSM's context to its 2,048 positions")
 def test_a_voice_prompt_too_long_for_a_chunk_is_refused_at_start(tiny_checkpoint, voices, tmp_path):
     import shutil
     import wave
@@ -154,6 +158,7 @@ def test_a_voice_prompt_too_long_for_a_chunk_is_refused_at_start(tiny_checkpoint
         load_engine(Settings(model_id=str(copy), **ENGINE_CAPS), voices)
 
 
+@pytest.mark.slow("generates several chunks to watch a stream's rhythm")
 def test_a_long_prompt_joins_in_pieces_and_the_stream_keeps_its_rhythm(tiny_checkpoint, voices, reference):
     """PREFILL_STEP_POSITIONS=32: a request whose 378-position voice clip must be prefilled (no KV reuse here)
     joins a streaming request over many steps, and the streaming one still gets a frame every step. Both

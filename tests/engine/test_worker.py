@@ -101,6 +101,7 @@ def test_a_job_that_cannot_join_the_batch_fails_alone(model, voices):
     assert_still_serving(model, voices)
 
 
+@pytest.mark.slow("generates several chunks to watch a stream's rhythm")
 def test_a_chunk_that_fails_in_the_batch_fails_only_its_request(model, voices):
     """A chunk is tokenized when it starts, inside a batch step: its failure ends that request only, and a
     request already generating keeps exactly the audio it makes alone."""
@@ -192,6 +193,7 @@ assert asyncio.run(speak())
 """
 
 
+@pytest.mark.slow("starts a Python process of its own that loads a model")
 def test_the_process_exits_cleanly_with_a_model_left_running(tiny_checkpoint):
     """A thread that used MLX still tearing down while the interpreter finalizes aborted the process (exit
     134, "terminate called without an active exception") after every test had passed; the worker's exit

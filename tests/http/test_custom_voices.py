@@ -15,27 +15,14 @@ import pytest
 from serve_app.model.loading import load_engine
 from serve_app.voices.store import MAX_UPLOAD_BYTES
 from tests.support.audio import decode, rms
-from tests.support.local_app import LocalApp, assert_error, make_audio, make_settings
+from tests.support.local_app import LocalApp, assert_error, make_audio, make_clips, make_settings
 
 TRANSCRIPT = "Hello, this is my voice for the test."
 
 
 @pytest.fixture(scope="module")
 def clips() -> dict[str, bytes]:
-    tone = "sine=f=220:r=44100"
-    return {
-        "wav": make_audio(tone, 3, "wav"),
-        "mp3": make_audio(tone, 3, "mp3"),
-        "m4a": make_audio(tone, 3, "ipod", "-c:a", "aac"),  # moov at the end, small: read from a pipe all the same
-        # ffmpeg's default mp4 layout (moov at the end) past what a pipe holds: ffmpeg must seek back to read it.
-        "m4a_default": make_audio(tone, 10, "mp4", "-c:a", "aac"),
-        "flac": make_audio(tone, 3, "flac"),
-        "short": make_audio(tone, 0.3, "wav"),
-        "long": make_audio(tone, 40, "mp3"),
-        "silent": make_audio("anullsrc=r=24000:cl=mono", 3, "wav"),
-        # Two hours of silence in ~1.3 MB: ~690 MB of float samples if decoded without a cap.
-        "bomb": make_audio("anullsrc=r=8000:cl=mono", 7200, "flac"),
-    }
+    return make_clips()
 
 
 # --- in-process: hostile uploads, settings, restarts ---------------------------------------------------
@@ -304,6 +291,7 @@ def test_the_bound_the_key_and_the_switch(tiny_checkpoint, tmp_path_factory, cli
     assert off.request("DELETE", f"/v1/audio/voices/{first.json()['id']}").status_code == 200
 
 
+@pytest.mark.slow("starts a second application and a third engine")
 def test_a_voice_outlives_its_server_and_is_never_encoded_twice(tiny_checkpoint, tmp_path_factory, clips, monkeypatch):
     """Created on one app, then a new app on the same CACHE_DIR (a restart, or another replica): it lists the
     voice, loads its stored Mimi codes without encoding, and the same seed gives the same PCM."""

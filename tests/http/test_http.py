@@ -106,6 +106,7 @@ def test_text_that_cannot_be_spoken_gets_400_before_the_model(local, content, pa
     database=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
+@pytest.mark.slow("property-based: many generated inputs, each spoken")
 def test_any_text_is_spoken_or_refused_with_a_400(local, text):
     """Any code points at all, surrogates and controls included: audio, or a 400 naming `input`."""
     response = local.request(
@@ -219,6 +220,7 @@ def test_elevenlabs_routes_take_the_key_as_xi_api_key_and_answer_in_their_shape(
     assert invalid.status_code == 422 and invalid.json()["detail"][0]["loc"] == ["body", "text"]
 
 
+@pytest.mark.slow("property-based: many generated inputs, each spoken")
 def test_markdown_and_emoji_never_reach_the_model(local, tiny_checkpoint, tmp_path_factory):
     """Same seed: markdown with emoji sounds exactly like its plain words (the model got the same text); with
     STRIP_MARKDOWN off it does not. A reply of only a code block has nothing to speak."""

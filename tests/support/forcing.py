@@ -41,7 +41,7 @@ def end_of_speech_at(engine, monkeypatch, *calls: int, row: int = 0) -> None:
 def quiet_frames(monkeypatch, start: int, stop: int, level: float = 1e-3) -> None:
     """Mimi's output for every stream's frames start..stop-1 (counted per stream) scaled to near silence
     (-65 dBFS)."""
-    decode = scheduler_module.decode_streams
+    decode = scheduler_module.decode_states
 
     def wrapped(streams, codes, stream=None):
         first = [s.frames for s in streams]
@@ -54,4 +54,4 @@ def quiet_frames(monkeypatch, start: int, stop: int, level: float = 1e-3) -> Non
             out.append(pcm)
         return out
 
-    monkeypatch.setattr(scheduler_module, "decode_streams", wrapped)
+    monkeypatch.setattr(scheduler_module, "decode_states", wrapped)

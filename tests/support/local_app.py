@@ -109,3 +109,25 @@ def make_audio(lavfi: str, seconds: float, fmt: str, *codec: str) -> bytes:
             check=True,
         )
         return path.read_bytes()
+
+
+_TONE = "sine=f=220:r=44100"
+# Uploads for the custom-voice tests, by name: (ffmpeg's generator, seconds, container, codec options).
+CLIPS = {
+    "wav": (_TONE, 3, "wav"),
+    "mp3": (_TONE, 3, "mp3"),
+    "m4a": (_TONE, 3, "ipod", "-c:a", "aac"),  # moov at the end, small: read from a pipe all the same
+    # ffmpeg's default mp4 layout (moov at the end) past what a pipe holds: ffmpeg must seek back to read it.
+    "m4a_default": (_TONE, 10, "mp4", "-c:a", "aac"),
+    "flac": (_TONE, 3, "flac"),
+    "short": (_TONE, 0.3, "wav"),
+    "long": (_TONE, 40, "mp3"),
+    "silent": ("anullsrc=r=24000:cl=mono", 3, "wav"),
+    # Two hours of silence in ~1.3 MB: ~690 MB of float samples if decoded without a cap.
+    "bomb": ("anullsrc=r=8000:cl=mono", 7200, "flac"),
+}
+
+
+def make_clips(*names: str) -> dict[str, bytes]:
+    """The named uploads of CLIPS (all of them when none is named), made with ffmpeg."""
+    return {name: make_audio(*CLIPS[name]) for name in names or CLIPS}

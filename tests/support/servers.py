@@ -30,7 +30,26 @@ ENGINE_CAPS = dict(max_audio_base_s=0.5, max_audio_s_per_char=0.05)
 
 
 class Server(LocalServer):
-    """The shared local server; a server that dies or never gets ready fails the test with its log's tail."""
+    """A local server for the tests; one that dies or never gets ready fails the test with its log's tail.
+
+    `service=True` starts it as launchd and systemd do (`python -m serve_app.launch --service`): the
+    supervisor, whose `serve run` runs in a session of its own and writes to the rotated CACHE_DIR/server.log."""
+
+    def __init__(self, work: Path, env: dict, command=None, service: bool = False):
+        if service:
+            command = lambda port: [sys.executable, "-m", "serve_app.launch", "--service"]  # noqa: E731
+        super().__init__(work, env, command)
+        self.service = service
+
+    def log_text(self) -> str:
+        """What the server printed (and, as a service, what its supervisor logged)."""
+        logs = [self.log, self.work / "cache" / "server.log"] if self.service else [self.log]
+        return "".join(log.read_text(errors="replace") for log in logs if log.exists())
+
+    @property
+    def session_pid(self) -> int:
+        """The session that holds Ray's and Serve's processes: the server's own, or its supervisor's child's."""
+        return processes.children(self.proc.pid)[0] if self.service else self.proc.pid
 
     def wait_until(self, ready: Callable[[httpx.Response], bool], timeout: float = 180) -> httpx.Response:
         try:
@@ -39,9 +58,10 @@ class Server(LocalServer):
             pytest.fail(str(exc))
 
 
-def launch_server(work: Path, model_id: Path, **env_overrides: str) -> Server:
-    """Start `python -m serve_app.launch` (as the README does) on a free loopback port; returns at once."""
-    return Server(work, {**TEST_ENV, "MODEL_ID": str(model_id), **env_overrides})
+def launch_server(work: Path, model_id: Path, service: bool = False, **env_overrides: str) -> Server:
+    """Start `python -m serve_app.launch` (as the README does; `service`: as the boot service does) on a
+    free loopback port; returns at once."""
+    return Server(work, {**TEST_ENV, "MODEL_ID": str(model_id), **env_overrides}, service=service)
 
 
 def healthy(response: httpx.Response) -> bool:

@@ -20,7 +20,7 @@ from serve_app.core.errors import (
     status_of,
     unwrap,
 )
-from serve_app.engine.mlx_memory import MemoryGuard
+from serve_app.engine.mlx_memory import MemoryLimit
 
 
 def body(response) -> dict:
@@ -92,14 +92,14 @@ def test_replica_death_is_a_503_with_retry_after():
 
 def test_out_of_memory_is_a_503_and_mlx_allocation_failures_become_it():
     assert to_error_response(OutOfMemoryError("too much")).status_code == 503
-    translated = MemoryGuard.translate(
+    translated = MemoryLimit.translate(
         RuntimeError(
             "[metal::malloc] Attempting to allocate 9 GB which is greater than the maximum allowed buffer size"
         )
     )
     assert isinstance(translated, OutOfMemoryError) and translated.code == "out_of_memory"
     other = ValueError("shape mismatch")
-    assert MemoryGuard.translate(other) is other
+    assert MemoryLimit.translate(other) is other
 
 
 def test_admission_bounds_the_pipeline_and_estimates_retry_after(monkeypatch):

@@ -42,6 +42,7 @@ LINE_STARTS = ["", "# ", "### ", "> ", "- ", "* ", "+ ", "1. ", "- [ ] ", "- [x]
 
 @settings(max_examples=300, deadline=None)
 @given(prose)
+@pytest.mark.slow("property-based: many generated documents")
 def test_plain_prose_keeps_every_word_in_order(text):
     assert words(strip_markdown(text)) == words(text)
 
@@ -56,6 +57,7 @@ def test_plain_prose_keeps_every_word_in_order(text):
         max_size=8,
     )
 )
+@pytest.mark.slow("property-based: many generated documents")
 def test_markdown_keeps_the_words_it_wraps_and_drops_its_markup(lines):
     text = "\n".join(start + " ".join(wrap.format(w) for wrap, w in parts) for start, parts in lines)
     spoken = strip_markdown(text)

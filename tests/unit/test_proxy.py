@@ -15,7 +15,7 @@ from importlib.util import find_spec
 import pytest
 import uvicorn
 
-from serve_app.api.proxy import PROXY_CALLBACK, ProxyGuard, proxy_middlewares
+from serve_app.api.proxy import PROXY_CALLBACK, WriteDeadline, proxy_middlewares
 from serve_app.tools.local_server import free_port
 
 CHUNK = 64 * 1024
@@ -112,7 +112,7 @@ def test_a_client_that_stops_reading_is_cut_off_and_the_app_learns_it_left(http)
     and then nothing. The blocked send gives up after the deadline, the socket is aborted, and `receive`
     reports the disconnect (on which Serve's proxy cancels the request along the chain)."""
     app = Streamer(None)
-    with Server(ProxyGuard(app, timeout_s=1.0), http) as server:
+    with Server(WriteDeadline(app, timeout_s=1.0), http) as server:
         sock = server.connect()
         assert sock.recv(64).startswith(b"HTTP/1.1 200")
         assert app.client_left.wait(60), "the app never learnt that the client stopped reading"
@@ -122,13 +122,14 @@ def test_a_client_that_stops_reading_is_cut_off_and_the_app_learns_it_left(http)
     assert reset, len(data)
 
 
+@pytest.mark.slow("a client that reads slowly for seconds, by design")
 def test_a_slow_but_steady_reader_gets_every_byte():
     """6 MiB read 64 KiB at a time with a pause after each (~0.6 MB/s). The kernel's send buffer fills, and
     a blocked send returns only once the kernel has freed a large part of it (about 2 MB here, 3 s at this
     pace, more than the deadline): the guard sees the client taking bytes in the kernel's queue and waits."""
     total = 6 * 1024 * 1024
     app = Streamer(total)
-    with Server(ProxyGuard(app, timeout_s=2.0), "auto") as server:
+    with Server(WriteDeadline(app, timeout_s=2.0), "auto") as server:
         sock = server.connect(window=64 * 1024)
         data, reset = _read_all(sock, pause_s=0.1, size=64 * 1024)
         sock.close()
@@ -139,13 +140,13 @@ def test_a_slow_but_steady_reader_gets_every_byte():
 
 
 def test_serve_proxy_gets_the_guard_from_the_settings(monkeypatch, tmp_path):
-    """What Serve's proxy calls (the launcher names it): one ProxyGuard with WRITE_TIMEOUT_S."""
+    """What Serve's proxy calls (the launcher names it): one WriteDeadline with WRITE_TIMEOUT_S."""
     env_file = tmp_path / "empty.env"
     env_file.write_text("")
     monkeypatch.setenv("ENV_FILE", str(env_file))
     monkeypatch.setenv("WRITE_TIMEOUT_S", "7.5")
     (middleware,) = proxy_middlewares()
-    assert middleware.cls is ProxyGuard and middleware.kwargs == {"timeout_s": 7.5}
+    assert middleware.cls is WriteDeadline and middleware.kwargs == {"timeout_s": 7.5}
     module, _, function = PROXY_CALLBACK.partition(":")
     assert getattr(__import__(module, fromlist=[function]), function) is proxy_middlewares
 

@@ -1,4 +1,4 @@
-"""RequestGuard (serve_app/api/guard.py) in the real ingress, in-process (Serve's local testing
+"""RequestScreen (serve_app/api/screen.py) in the real ingress, in-process (Serve's local testing
 mode): Host and Origin checks, what the open lists and /health show without the key, the docs' rule, the
 body's deadline, and control characters kept out of the log. The slow-body test with real sockets is in
 test_security.py."""
@@ -215,7 +215,7 @@ def test_an_empty_api_key_is_refused_at_start():
 
 
 def test_host_header_parsing():
-    from serve_app.api.guard import host_of
+    from serve_app.api.screen import host_of
 
     assert host_of("LOCALHOST:8880") == "localhost"
     assert host_of("[::1]:8880") == "::1" and host_of("[fe80::1]") == "fe80::1"

@@ -1,4 +1,4 @@
-"""RequestGuard: what every HTTP request must pass on its headers alone, before a byte of its body is read.
+"""RequestScreen: what every HTTP request must pass on its headers alone, before a byte of its body is read.
 
 The server listens on the LAN by default, so a request is hostile until checked, and checks that need the
 body come too late: a FastAPI dependency runs after the JSON body has been read, and a client that declares
@@ -115,7 +115,7 @@ class HostNames:
         return False
 
 
-class RequestGuard:
+class RequestScreen:
     """ASGI middleware. `access(method, path)` says what a route needs: None (open), "key" (the API key,
     when API_KEY is set) or "trusted" (the key or a loopback client: details and docs); `respond(path,
     error)` gives another dialect's error response for a path (None: OpenAI's)."""
