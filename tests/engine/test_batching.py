@@ -101,6 +101,7 @@ def test_requests_join_a_running_batch_between_frames(engine, voices, alone):
         assert_same_speech((batched.pcm, batched.usage), (solo.pcm, solo.usage))
 
 
+@pytest.mark.slow("needs every request generated alone first, then batched")
 def test_a_request_leaving_does_not_disturb_the_others(engine, voices, alone):
     together, _ = run(engine, voices, REQUESTS, max_batch=4, cancel={0: 4})
     gone = together[0]

@@ -196,6 +196,7 @@ def test_a_long_prompt_joins_in_pieces_and_the_stream_keeps_its_rhythm(tiny_chec
         assert_same_speech((b"".join(items[:-2]), items[-2]), solo(reference, request))
 
 
+@pytest.mark.slow("fills CSM's context to its 2,048 positions")
 def test_a_voice_clip_that_does_not_fit_is_left_out_as_without_reuse(reusing, reference, voices, monkeypatch):
     """With CSM's context made shorter than the voice's clip plus the chunk (420 positions), the reference path
     leaves the clip out; the cached prefix must not sneak it back in."""

@@ -58,6 +58,7 @@ def test_the_prompt_a_request_carries_names_its_codec(engine, voices, made_by_a)
     assert prompt.codes_tag == engine.codes_tag and np.array_equal(prompt.codes, codes_a)
 
 
+@pytest.mark.slow("writes and loads a second checkpoint")
 def test_after_a_change_of_mimi_the_clip_is_encoded_again_and_the_old_codes_are_never_used(
     engine, voices, made_by_a, other_mimi, tmp_path
 ):

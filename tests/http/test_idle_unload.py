@@ -3,6 +3,8 @@ says so and stays 200, and the next request reloads them and gets the same audio
 
 from __future__ import annotations
 
+import pytest
+
 from tests.support.local_app import SPEECH, LocalApp, make_settings
 from tests.support.waiting import wait_for
 
@@ -22,6 +24,7 @@ def model_in(app: LocalApp, state: str) -> dict:
     return wait_for(reached, f"the model became {state!r}")
 
 
+@pytest.mark.slow("waits for an idle unload, then a reload")
 def test_idle_unload_releases_the_weights_and_the_next_request_reloads_them(tiny_checkpoint, tmp_path_factory):
     app = LocalApp(make_settings(tiny_checkpoint, tmp_path_factory, idle_unload_s=1.0))
     body = {"input": "Back from a nap.", "response_format": "pcm", "seed": 5}
