@@ -39,6 +39,11 @@ class VoiceParams(BaseModel):
     # A custom voice (voices/store.py): `name` is its id, and the model replica reads its clip from the store.
     custom: bool = False
 
+    def params(self) -> VoiceParams:
+        """These fields alone, as a plain VoiceParams (a preset's description and prompt left out): what
+        crosses the handle to the model replica."""
+        return VoiceParams(**{name: getattr(self, name) for name in VoiceParams.model_fields})
+
 
 class StageTimes(BaseModel):
     """Where a response's first audio spent its time (ms), each stage measured inside the process that ran
@@ -176,10 +181,9 @@ class SpeechPlan:
     def to_synthesis(self, request_id: str, seed: Optional[int] = None, remember: bool = False) -> SynthesisRequest:
         """The model's request for this plan: the voice's model part alone (a preset's description and
         prompt stay here; the replica has its own copy of the prompts)."""
-        params = VoiceParams(**self.preset.model_dump(include=set(VoiceParams.model_fields)))
         return SynthesisRequest(
             self.chunks,
-            params,
+            self.preset.params(),
             seed=seed,
             context=self.context,
             request_id=request_id,

@@ -232,7 +232,8 @@ class ChunkGuard:
         self.retries += 1
         return self.retries
 
-    def chunk_over(self) -> None:
+    def end_chunk(self) -> None:
+        """The chunk ended (whatever ended it): no take of it is being retried any more."""
         self._retry_of = None
 
     def holding(self, frames: int, chunk_over: bool) -> bool:

@@ -278,7 +278,7 @@ class SpeechSession:
 
     def _end_chunk(self) -> None:
         self._flush_due, self._chunk_over = True, True
-        self.guard.chunk_over()
+        self.guard.end_chunk()
         if self._frames:
             codes = np.stack(self._frames, axis=1)
             self._said.append(codes)

@@ -15,6 +15,8 @@ import logging
 import time
 from typing import Optional
 
+from pydantic import ValidationError
+
 from serve_app.core.constants import LOGGER_NAME
 from serve_app.core.health import ReplicaHealth
 
@@ -81,7 +83,10 @@ def read(app: str) -> list[ReplicaHealth]:
         entry["age_s"] = round(age, 1)
         if age > STALE_S:
             entry["status"] = "gone"
-        found.append(ReplicaHealth.model_validate(entry))
+        try:
+            found.append(ReplicaHealth.model_validate(entry))
+        except ValidationError:  # not a replica's health (another version's, or damaged): not one of ours
+            continue
     return found
 
 

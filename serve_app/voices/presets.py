@@ -66,7 +66,7 @@ def _repo_folder(checkpoint_dir: Path) -> Path:
 
 class VoicePreset(VoiceParams):
     """One voice: what the model needs of it (`VoiceParams`: sampling, speaker id, gain), plus what only the
-    voices folder knows: its description and optional reference prompt. `params()` is the model's part."""
+    voices folder knows: its description and optional reference prompt (`params()` leaves them out)."""
 
     description: str
     prompt: Optional[VoicePrompt] = None
@@ -77,10 +77,6 @@ class VoicePreset(VoiceParams):
         if not _NAME.match(value):
             raise ValueError("must be lower-case letters, digits, '-' or '_' (at most 64)")
         return value
-
-    def params(self) -> VoiceParams:
-        """The model's part alone (what crosses the handle to the model replica)."""
-        return VoiceParams(**{name: getattr(self, name) for name in VoiceParams.model_fields})
 
 
 def unknown_voice(name: str, presets: list[str], aliases: list[str], custom: list[str] = ()) -> InvalidRequestError:
