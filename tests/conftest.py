@@ -46,9 +46,10 @@ TIERS = ("unit", "engine", "http", "e2e")
 def pytest_collection_modifyitems(config, items):
     """Each test gets its tier's marker, `server` when it uses the shared server, and `slow` when it starts
     servers or clusters of its own (the e2e tier) or is marked so."""
+    tiers = {}
     for item in items:
         parts = Path(str(item.fspath)).relative_to(ROOT / "tests").parts
-        tier = parts[0] if parts[0] in TIERS else None
+        tier = tiers[item.nodeid] = parts[0] if parts[0] in TIERS else None
         if tier:
             item.add_marker(getattr(pytest.mark, tier))
         if {"server", "openai_client"} & set(getattr(item, "fixturenames", ())):
@@ -60,11 +61,7 @@ def pytest_collection_modifyitems(config, items):
     # The modules that use the shared server run first, one after another, so it can stop before the
     # servers of the other modules start (pytest_runtest_teardown below): whole modules move, in their order.
     shared = {item.module.__name__ for item in items if "server" in getattr(item, "fixturenames", ())}
-    items.sort(key=lambda item: item.module.__name__ not in shared if _tier(item) == "e2e" else True)
-
-
-def _tier(item) -> str:
-    return Path(str(item.fspath)).relative_to(ROOT / "tests").parts[0]
+    items.sort(key=lambda item: tiers[item.nodeid] != "e2e" or item.module.__name__ not in shared)
 
 
 @pytest.fixture(scope="session")
@@ -104,24 +101,20 @@ def engine_reference(tiny_checkpoint, voices):
 
 # The shared server is stopped right after the last test that uses it (not at the session's end): an idle
 # Ray cluster costs a fifth of a core, which every later test would pay.
-_LAST_USER: dict[str, str] = {}  # a shared server fixture's name -> the node id of its last user
-_RUNNING: dict[str, object] = {}
+_SHARED: dict = {"last_user": None, "server": None}  # the node id of its last user; the server, once started
 
 
 def pytest_collection_finish(session):
-    """Which test is the last to use each shared server, among those that will run (after -k and -m)."""
-    for item in session.items:
-        for name in ("server",):
-            if name in getattr(item, "fixturenames", ()):
-                _LAST_USER[name] = item.nodeid
+    """Which test is the last to use the shared server, among those that will run (after -k and -m)."""
+    users = [item.nodeid for item in session.items if "server" in getattr(item, "fixturenames", ())]
+    _SHARED["last_user"] = users[-1] if users else None
 
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_teardown(item, nextitem):
     yield
-    for name, last in _LAST_USER.items():
-        if item.nodeid == last and name in _RUNNING:
-            _RUNNING.pop(name).stop()
+    if item.nodeid == _SHARED["last_user"] and _SHARED["server"] is not None:
+        _SHARED["server"].stop()
 
 
 @pytest.fixture(scope="session")
@@ -129,12 +122,12 @@ def server(tiny_checkpoint, tmp_path_factory):
     from tests.support.servers import healthy, launch_server
 
     server = launch_server(tmp_path_factory.mktemp("server"), tiny_checkpoint)
-    _RUNNING["server"] = server
+    _SHARED["server"] = server
     try:
         server.wait_until(healthy)
         yield server
     finally:
-        _RUNNING.pop("server", None)
+        _SHARED["server"] = None
         server.stop()
 
 
