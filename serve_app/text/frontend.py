@@ -23,7 +23,7 @@ from serve_app.text.chunking import chunk_text, normalize, why_unspeakable, with
 from serve_app.text.markdown import strip_markdown
 from serve_app.text.utterances import UtteranceMemory
 from serve_app.voices.directory import VoiceDirectory
-from serve_app.voices.presets import VoiceLibrary, VoicePreset
+from serve_app.voices.presets import VoiceLibrary
 from serve_app.voices.store import ConsentRecord, CustomVoiceStore, VoiceRecord
 
 logger = logging.getLogger(LOGGER_NAME)
@@ -96,10 +96,6 @@ class TextFrontend:
             chunks = [with_terminal_punctuation(chunk) for chunk in chunks]
         return SpeechPlan(chunks=chunks, preset=preset, voice_prompt=self._voices.prompt(preset))
 
-    def resolve(self, name: str) -> VoicePreset:
-        """The voice directory's answer for `name` (raises its 400)."""
-        return self._voices.resolve(name)
-
     def voices(self, include_custom: bool = True) -> list[VoiceInfo]:
         return self._voices.list(include_custom)
 
@@ -108,14 +104,14 @@ class TextFrontend:
     @errors_as_values
     def check_new_voice(self, name: str, consent: str) -> None | APIError:
         """Before a sample is decoded: the consent exists, the name is free and there is room."""
-        self._store.check_new_voice(name, consent, self._voices.names())
+        self._store.check_new_voice(name, consent, self._voices.taken_names())
         return None
 
     @errors_as_values
     def add_voice(
         self, record: VoiceRecord, sample: np.ndarray, codes: np.ndarray, codes_tag: str
     ) -> VoiceRecord | APIError:
-        return self._store.add_voice(record, sample, codes, codes_tag, self._voices.names())
+        return self._store.add_voice(record, sample, codes, codes_tag, self._voices.taken_names())
 
     @errors_as_values
     def custom_voice(self, voice_id: str) -> VoiceRecord | APIError:

@@ -1,10 +1,11 @@
 """The voice directory: every voice a request may name, in one place.
 
 It sits over the voices folder's presets (and their aliases, voices/presets.py) and this machine's custom
-voices (voices/store.py), and answers the four questions the rest of the server asks of a voice: which one a
-name means (`resolve`), which there are (`list`, `names`), what a custom voice's clip is as CSM context
-(`prompt`: its transcript and Mimi codes, tagged with the codec that made them), and the 400 for a name nobody
-has (`unknown`, built fresh each time). Dialects map their own ids onto these names before they ask.
+voices (voices/store.py), and answers what the rest of the server asks of a voice: which one a name means
+(`resolve`), which there are (`list`), which names a new custom voice may not take (`taken_names`), what a
+custom voice's clip is as CSM context (`prompt`: its transcript and Mimi codes, tagged with the codec that
+made them), and the 400 for a name nobody has (`unknown`, built fresh each time). Dialects map their own ids
+onto these names before they ask.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ class VoiceDirectory:
         custom = [VoiceInfo(id=v.id, name=v.name, description=v.description()) for v in self.store.voices().values()]
         return presets + custom
 
-    def names(self) -> set[str]:
+    def taken_names(self) -> set[str]:
         """Every name taken by a preset or an alias, casefolded (a custom voice may not take one)."""
         return {n.casefold() for n in [*self.library.presets, *self.library.aliases]}
 
