@@ -76,7 +76,7 @@ def reload_part(checkpoint: str, idle_s: float) -> dict:
     model = CSMModel(settings, voices)
 
     def wait(state: str) -> dict:
-        while (health := asyncio.run(model.health()))["status"] != state:
+        while (health := asyncio.run(model.health()).body())["status"] != state:
             if health["status"] in ("failed", "unhealthy"):
                 raise RuntimeError(health.get("error"))
             time.sleep(0.05)
