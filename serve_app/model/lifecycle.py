@@ -20,7 +20,6 @@ from collections.abc import Callable
 from typing import Any, Optional
 
 from serve_app.core.errors import ModelLoadError, ModelNotReadyError
-from serve_app.core.health import SERVING
 
 
 class ModelState(str, enum.Enum):
@@ -31,10 +30,6 @@ class ModelState(str, enum.Enum):
     UNLOADED = "unloaded"
     RELOADING = "reloading"
     UNHEALTHY = "unhealthy"
-
-
-# The states in which a replica takes requests (after an idle unload, they wait for the reload).
-SERVING_STATES = frozenset(ModelState(state) for state in SERVING)
 
 
 class Lifecycle:
