@@ -36,7 +36,7 @@ from serve_app.engine.hub import DownloadProgress
 from serve_app.engine.mlx_memory import MemoryLimit
 from serve_app.engine.options import EngineOptions
 from serve_app.engine.prefix import PrefixCache
-from serve_app.engine.prompts import MAX_POSITIONS, Tokens, audio_rows, concat, fit_context, text_rows
+from serve_app.engine.prompts import MAX_POSITIONS, Tokens, audio_rows, concat, text_rows
 from serve_app.engine.voice_prompts import VoiceSource
 
 logger = logging.getLogger(LOGGER_NAME)
@@ -78,6 +78,7 @@ class CSMEngine:
         self.files = files
         self.num_codebooks = model.args.audio_num_codebooks
         self.vocab_size = model.args.audio_vocab_size
+        self.quantizer_bins = mimi.cfg.quantizer_bins  # Mimi's codebook size: codes above it are clipped
         compiled = options.mlx_compile == "on" or (options.mlx_compile == "auto" and mx.default_device() == mx.gpu)
         self.frame_step = FrameStep(model, compiled)
         self.mimi_decoder = MimiDecoder(mimi, compiled)
@@ -276,5 +277,3 @@ class CSMEngine:
         """Text rows, then audio rows ending in CSM's all-zero end-of-speech frame (prompts.py)."""
         codes = segment.codes if segment.codes is not None else self.encode_audio(segment.audio)
         return concat(self.text_tokens(segment.text, segment.speaker), audio_rows(codes))
-
-    fit_context = staticmethod(fit_context)

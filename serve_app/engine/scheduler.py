@@ -28,7 +28,7 @@ import logging
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Optional, Protocol
 
 import mlx.core as mx
 import numpy as np
@@ -39,14 +39,27 @@ from serve_app.engine.batch import BatchKV, bucket_for, prefill
 from serve_app.engine.codec import decode_states
 from serve_app.engine.loop_stats import LoopStats
 from serve_app.engine.mlx_memory import MemoryLimit
-from serve_app.engine.session import SpeechSession
+from serve_app.engine.session import SessionEngine, SpeechSession
 
 if TYPE_CHECKING:
-    from serve_app.engine.csm import CSMEngine
+    from serve_app.engine.frame import FrameStep
 
 logger = logging.getLogger(LOGGER_NAME)
 
 BUCKET_LOOKAHEAD = 8  # frames before the cache's next bucket is needed that a compiled frame is traced for it
+
+
+class SchedulerEngine(SessionEngine, Protocol):
+    """What the scheduler reads of the engine (CSMEngine is one), beyond what its sessions do: the model (its
+    layer count, and the prefill runs it), the one frame function, Mimi's stream and the memory limit. The
+    tokenizer, the voice store and Mimi's encoder stay out of the loop."""
+
+    model: Any
+    frame_step: FrameStep
+    memory: MemoryLimit
+
+    @property
+    def mimi_stream(self) -> mx.Stream: ...
 
 
 @dataclass
@@ -84,7 +97,7 @@ class GenerationJob:
 class BatchScheduler:
     """Runs the batch one frame at a time; `add` jobs from the MLX thread, then `step` while `active`."""
 
-    def __init__(self, engine: CSMEngine, max_batch: int, pipelined: Optional[bool] = None):
+    def __init__(self, engine: SchedulerEngine, max_batch: int, pipelined: Optional[bool] = None):
         self.engine = engine
         self.max_batch = max_batch
         self.pipelined = engine.options.pipeline if pipelined is None else pipelined

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Optional, Protocol
 
 import mlx.core as mx
 import numpy as np
@@ -20,12 +20,38 @@ from serve_app.core.messages import END, SynthesisRequest, Usage, Utterance
 from serve_app.engine.codec import MimiDecodeState
 from serve_app.engine.guards import ChunkGuard
 from serve_app.engine.prefix import State, caches_from, token_key
-from serve_app.engine.prompts import MAX_POSITIONS
+from serve_app.engine.prompts import MAX_POSITIONS, Tokens, fit_context
 
 if TYPE_CHECKING:
-    from serve_app.engine.csm import CSMEngine
+    from serve_app.core.messages import ContextSegment, VoiceParams
+    from serve_app.engine.codec import MimiDecoder
+    from serve_app.engine.options import EngineOptions
+    from serve_app.engine.prefix import PrefixCache
 
 logger = logging.getLogger(LOGGER_NAME)
+
+
+class SessionEngine(Protocol):
+    """The part of the engine a session reads (CSMEngine is one): the settings and sizes, how a prompt is
+    tokenised, Mimi's decoder and the voices' prefix cache. The model, the tokenizer and the voice store are
+    not a session's business; tests/unit/test_engine_views.py holds the module to this list."""
+
+    options: EngineOptions
+    vocab_size: int
+    num_codebooks: int
+    quantizer_bins: int
+    mimi_decoder: MimiDecoder
+    prefixes: PrefixCache
+
+    def fixed_context(self, preset: VoiceParams, voice_prompt: Optional[ContextSegment] = None) -> list[Tokens]: ...
+
+    def segment_tokens(self, segment: ContextSegment) -> Tokens: ...
+
+    def text_tokens(self, text: str, speaker: int) -> Tokens: ...
+
+    def segment_codes(self, speaker: int, text: str, codes: np.ndarray) -> Tokens: ...
+
+    def frame_cap(self, text: str) -> int: ...
 
 
 class SpeechSession:
@@ -36,7 +62,7 @@ class SpeechSession:
 
     def __init__(
         self,
-        engine: CSMEngine,
+        engine: SessionEngine,
         request: SynthesisRequest,
         post: Callable[[Any], None],
         cancelled: Callable[[], bool] = lambda: False,
@@ -118,7 +144,7 @@ class SpeechSession:
             seen = resume[0][0].shape[2]
             if seen + len(tail_ids) + len(text) + self._max_frames <= MAX_POSITIONS:
                 return self._prompt([tail_ids, text.ids], [tail_mask, text.mask], caches_from(resume), seen)
-        context = engine.fit_context(self._fixed, self._history, MAX_POSITIONS - len(text) - self._max_frames)
+        context = fit_context(self._fixed, self._history, MAX_POSITIONS - len(text) - self._max_frames)
         cache, seen = None, 0
         fixed = len(self._fixed)
         # The cached prefix applies only when every fixed segment made it into the context, in order.
@@ -259,7 +285,7 @@ class SpeechSession:
             return None  # held back: the chunk may yet end too early and be generated again
         if len(self._pending) >= self._group:
             self._group = self.engine.options.group_frames
-        bins = self.engine.mimi.cfg.quantizer_bins
+        bins = self.engine.quantizer_bins
         codes = np.minimum(np.stack(self._pending, axis=1), bins - 1)
         self._pending, self._flush_due = [], False
         return codes

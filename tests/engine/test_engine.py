@@ -13,8 +13,8 @@ from serve_app.core.constants import SAMPLES_PER_FRAME
 from serve_app.core.errors import ModelNotReadyError
 from serve_app.core.messages import ContextSegment, SynthesisRequest, Usage
 from serve_app.core.settings import Settings
-from serve_app.engine.csm import CSMEngine
-from serve_app.engine.prompts import Tokens
+from serve_app.engine import session as session_module
+from serve_app.engine.prompts import Tokens, fit_context
 from serve_app.engine.runners import synthesize
 from serve_app.engine.worker import ModelWorker
 from serve_app.model.loading import load_engine
@@ -59,14 +59,14 @@ def test_runaway_cap_from_text_length(engine):
 def test_later_chunks_see_earlier_chunks_as_context(engine_reference, monkeypatch):
     """The reference path (no KV reuse) builds each chunk's context from the prompt and earlier chunks."""
     seen = []
-    original = engine_reference.fit_context
+    original = session_module.fit_context
 
     def spy(fixed, history, budget):
         chosen = original(fixed, history, budget)
         seen.append((len(fixed), len(history), len(chosen)))
         return chosen
 
-    monkeypatch.setattr(engine_reference, "fit_context", spy)
+    monkeypatch.setattr(session_module, "fit_context", spy)
     run(engine_reference, ["One.", "Two.", "Three."], seed=1)
     assert seen == [(1, 0, 1), (1, 1, 2), (1, 2, 3)]  # voice prompt + every earlier chunk
 
@@ -76,9 +76,9 @@ def test_context_keeps_the_prompt_and_the_most_recent_history():
         return Tokens(np.zeros((n, 33), np.int32), np.zeros((n, 33), bool))
 
     prompt, old, mid, new = seg(100), seg(300), seg(300), seg(300)
-    chosen = CSMEngine.fit_context([prompt], [old, mid, new], budget=750)
+    chosen = fit_context([prompt], [old, mid, new], budget=750)
     assert chosen == [prompt, mid, new]
-    assert CSMEngine.fit_context([seg(900)], [new], budget=500) == [new]
+    assert fit_context([seg(900)], [new], budget=500) == [new]
 
 
 def test_conversation_context_segments_reach_the_model(engine, monkeypatch):
@@ -88,14 +88,14 @@ def test_conversation_context_segments_reach_the_model(engine, monkeypatch):
     context = [ContextSegment(speaker=1, text="Earlier turn.", audio=audio)]
     expected = len(engine.segment_tokens(context[0]))
     chosen_lengths = []
-    original = engine.fit_context
+    original = session_module.fit_context
 
     def spy(fixed, history, budget):
         chosen = original(fixed, history, budget)
         chosen_lengths.append([len(seg) for seg in chosen])
         return chosen
 
-    monkeypatch.setattr(engine, "fit_context", spy)
+    monkeypatch.setattr(session_module, "fit_context", spy)
     with_context, usage = run(engine, ["Reply."], voice="fast", seed=1, context=context)
     assert chosen_lengths == [[expected]]  # `fast` has no prompt: the context is the whole of it
     assert usage.output_tokens > 0 and with_context
@@ -112,14 +112,14 @@ def test_context_that_does_not_fit_keeps_the_clip_and_the_most_recent_turns(engi
         ContextSegment(speaker=1, text=f"Turn {i}.", codes=np.full((32, 690), i + 1, dtype=np.int32)) for i in range(3)
     ]
     chosen = []
-    original = engine.fit_context
+    original = session_module.fit_context
 
     def spy(fixed, history, budget):
         kept = original(fixed, history, budget)
         chosen.append((len(fixed), [len(seg) for seg in kept]))
         return kept
 
-    monkeypatch.setattr(engine, "fit_context", spy)
+    monkeypatch.setattr(session_module, "fit_context", spy)
     run(engine, ["Reply."], seed=1, context=turns)  # `conversational` has a reference clip
     ((prompts, kept),) = chosen
     clip, lengths = kept[0], [len(engine.segment_tokens(t)) for t in turns]
