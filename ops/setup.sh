@@ -67,9 +67,16 @@ else
   "$python" -m venv .venv || fail "could not create .venv with $python (Debian/Ubuntu: sudo apt-get install python3-venv)"
 fi
 
+test_clients() {  # OpenClaw's CLI (npm) for the tests that drive the server with it: a test tool, set up here
+  [ "$profile" = test ] || return 0
+  step "test clients: OpenClaw's CLI in .cache/openclaw (npm; quick once installed)"
+  .venv/bin/python -m tests.support.openclaw >&2 || step "OpenClaw not installed; its tests will say why"
+}
+
 inputs=$(cat pyproject.toml ops/setup.sh | cksum | cut -d' ' -f1)
 if [ -f ".venv/.installed-test-$inputs" ] || [ -f ".venv/.installed-$profile-$inputs" ]; then
   step "packages: up to date ($profile)"
+  test_clients
   exit 0
 fi
 step "packages: pip (a first install downloads ~1 GB and takes a few minutes)"
@@ -89,4 +96,5 @@ if [ "$profile" = test ]; then
 fi
 rm -f .venv/.installed-*
 touch ".venv/.installed-$profile-$inputs"
+test_clients
 step "done ($profile)"

@@ -1,6 +1,10 @@
 """OpenClaw's own CLI for the tests that drive this server with it: installed once with npm into
 .cache/openclaw (with a Node binary where the system's is too old). Its one network need is that first
-install; an unreachable registry is a skip that names the cause."""
+install; an unreachable registry is a skip that names the cause.
+
+`ops/setup.sh --test` installs it (`python -m tests.support.openclaw`), as it installs the Python test tools:
+a test run then does not begin with a minute of npm inside some test's setup. The fixture installs it only
+where setup could not (then it skips or fails with the cause, as before)."""
 
 from __future__ import annotations
 
@@ -87,3 +91,18 @@ def install() -> tuple[Path, str]:
     if not installed.exists() or json.loads(installed.read_text())["version"] != OPENCLAW_VERSION:
         _npm([f"openclaw@{OPENCLAW_VERSION}"], TOOLS / "app", path)  # its install script checks the Node version
     return cli, path
+
+
+def main() -> int:
+    """For ops/setup.sh: install (or find installed) OpenClaw; 1, with the reason, where it cannot."""
+    try:
+        cli, _ = install()
+    except (pytest.skip.Exception, pytest.fail.Exception, subprocess.SubprocessError, OSError) as exc:
+        print(f"setup: OpenClaw: {exc}", file=sys.stderr)
+        return 1
+    print(f"setup: OpenClaw {OPENCLAW_VERSION}: {cli}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

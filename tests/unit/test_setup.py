@@ -87,6 +87,7 @@ def test_serving_installs_the_package_without_the_test_tools(checkout, tmp_path)
     installs = [c for c in pip_calls(checkout) if "install" in c]
     assert any(c.endswith("-m pip install --quiet -e .") for c in installs), installs
     assert not [c for c in installs if "[test]" in c or "pytest" in c or "llama3.2" in c], installs
+    assert not [c for c in pip_calls(checkout) if "openclaw" in c]
     steps = [line for line in done.stderr.splitlines() if line.startswith("setup: ")]
     assert len(steps) >= 5 and "ffmpeg" in steps[0] and "Python" in steps[1] and steps[-1] == "setup: done (serve)"
 
@@ -96,6 +97,9 @@ def test_serving_installs_the_package_without_the_test_tools(checkout, tmp_path)
     tested = run_setup(checkout, fake_bin(tmp_path, "python3.12"), "--test")
     assert tested.returncode == 0, tested.stderr
     assert any(c.endswith("-m pip install --quiet -e .[test]") for c in pip_calls(checkout))
+    # the test clients are test tools too: OpenClaw's CLI is installed by setup, not inside a test's setup
+    assert [c for c in pip_calls(checkout) if "tests.support.openclaw" in c] == ["MODEL_ID= -m tests.support.openclaw"]
+    assert "test clients: OpenClaw" in tested.stderr
     assert "packages: up to date (serve)" in run_setup(checkout, fake_bin(tmp_path, "python3.12")).stderr
 
 
