@@ -140,6 +140,8 @@ def print_env(settings: Settings) -> None:
         "PORT": str(settings.port),
         "CACHE_DIR": str(settings.cache_dir),
         "URL": base_url(settings),
+        # Home Assistant's port ("" when off); the listener may face loopback only (api/discovery.py)
+        "WYOMING": f"{settings.host}:{settings.wyoming_port}" if settings.wyoming_port else "",
     }
     for key, value in values.items():
         if "\n" in value or "\r" in value:

@@ -119,9 +119,11 @@ def pytest_runtest_teardown(item, nextitem):
 
 @pytest.fixture(scope="session")
 def server(tiny_checkpoint, tmp_path_factory):
+    from serve_app.tools.local_server import free_port
     from tests.support.servers import healthy, launch_server
 
-    server = launch_server(tmp_path_factory.mktemp("server"), tiny_checkpoint)
+    # Wyoming on too (Home Assistant's protocol, tests/e2e/test_wyoming.py): the same server, another port.
+    server = launch_server(tmp_path_factory.mktemp("server"), tiny_checkpoint, WYOMING_PORT=str(free_port()))
     _SHARED["server"] = server
     try:
         server.wait_until(healthy)

@@ -9,6 +9,7 @@ broken chunked body, not a complete file) or ends an SSE stream with an error ev
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 import time
@@ -19,7 +20,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from serve_app.api import elevenlabs
+from serve_app.api import discovery, elevenlabs
 from serve_app.api.errors import create_error_response, install_error_handlers
 from serve_app.api.health import judge
 from serve_app.api.limits import Admission, BodySizeLimit
@@ -29,6 +30,7 @@ from serve_app.api.routing import Route, add_routes
 from serve_app.api.screen import RequestScreen
 from serve_app.api.streaming import CLIENT_GONE, StartedSpeech
 from serve_app.api.voice_routes import UPLOAD_BODY_BYTES, UPLOAD_PATHS, VoiceRoutes
+from serve_app.api.wyoming import WyomingListener
 from serve_app.core.constants import LOGGER_NAME
 from serve_app.core.errors import APIError, NotFoundError, ServiceUnavailableError, status_of, value_of
 from serve_app.core.formats import OPENAI_FORMATS
@@ -147,13 +149,40 @@ class SpeechIngress:
         self._admission = Admission(settings.max_queued_requests, slots=model_replicas * settings.max_batch_size)
         self._replicas: list[ReplicaHealth] = []
         self._replicas_read = 0.0
+        self._wyoming: Optional[WyomingListener] = None
+        if settings.wyoming_port:  # Home Assistant's protocol, over the same start_speech (api/wyoming.py)
+            host = discovery.wyoming_host(settings)
+            self._wyoming = WyomingListener(settings, host, self.start_speech, frontend)
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         """Serve calls this on the replica after __init__; routes are bound methods of this instance."""
         return self.build_asgi_app()
 
+    @contextlib.asynccontextmanager
+    async def _lifespan(self, app: FastAPI):
+        """The other listeners live as long as the app: Serve runs this at the replica's start and stop."""
+        listener = self._wyoming
+        announcement = None
+        if listener is not None:
+            await listener.start()
+            address = discovery.lan_address(listener.host) if self._settings.wyoming_zeroconf else None
+            if address is not None:
+                announcement = discovery.Announcement(discovery.service_info(address, self._settings.wyoming_port))
+                await announcement.start()
+        try:
+            yield
+        finally:
+            if announcement is not None:
+                await announcement.stop()
+            if listener is not None:
+                await listener.stop()
+
     def build_asgi_app(self) -> FastAPI:
-        app = FastAPI(title="Sesame TTS", description="OpenAI-compatible text-to-speech with Sesame CSM-1B on MLX.")
+        app = FastAPI(
+            title="Sesame TTS",
+            description="OpenAI-compatible text-to-speech with Sesame CSM-1B on MLX.",
+            lifespan=self._lifespan,
+        )
         install_error_handlers(
             app, "openai", on_bad_request=lambda request: RequestRecord(request_id_of(request.scope)).finish("400")
         )
@@ -242,11 +271,13 @@ class SpeechIngress:
         stream = await self.start_speech(speech, fmt, request_id_of(request.scope))
         return stream.response(body.stream_format == "sse", {"Cache-Control": "no-cache"})
 
-    async def start_speech(self, speech: SpeechInput, fmt: str, request_id: str) -> StartedSpeech:
+    async def start_speech(
+        self, speech: SpeechInput, fmt: str, request_id: str, protocol: str = "http"
+    ) -> StartedSpeech:
         """Admit, plan, start the encoder and wait for its first chunk: any failure before audio is raised
         here (for the caller's error shape); after it, the stream holds the lease and the request's record.
-        Every dialect's speech route comes through here (the same admission, log line and metrics)."""
-        record = RequestRecord(request_id, characters=len(speech.text), speed=speech.speed)
+        Every dialect's and protocol's speech comes through here (the same admission, log line and metrics)."""
+        record = RequestRecord(request_id, characters=len(speech.text), speed=speech.speed, protocol=protocol)
         clock = [time.perf_counter()]  # started, admitted, planned
         lease = await self._admit(record)
         try:
@@ -343,6 +374,8 @@ class SpeechIngress:
             "model_replicas": {"configured": self._model_replicas, "serving": len(verdict.serving)},
             "utterance_memory": await self._frontend.memory_report.remote(),
         }
+        if self._wyoming is not None:
+            body["wyoming"] = self._wyoming.report()
         if degraded := verdict.degraded():
             body["degraded"] = degraded
         if verdict.reasons:

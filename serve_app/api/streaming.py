@@ -122,6 +122,10 @@ class StartedSpeech:
             except StopAsyncIteration:
                 return
 
+    def audio(self) -> AsyncIterator[bytes]:
+        """The raw audio, for a listener of another protocol (which calls `close` after it, however it ends)."""
+        return self._audio_bytes()
+
     async def _audio_bytes(self) -> AsyncIterator[bytes]:
         """Raw audio. An error after the first byte propagates, so the server aborts the chunked body."""
         record = self._record

@@ -63,6 +63,9 @@ class Usage(BaseModel):
     input_tokens: int = 0
     output_tokens: int = 0
     guards: dict[str, int] = {}
+    # Backbone positions CSM heard before the first chunk's text (the voice's clip and the earlier turns), as
+    # prefilled: the request log's `context=`, where context across requests and sentences shows.
+    context_positions: int = 0
 
     @property
     def total_tokens(self) -> int:
@@ -166,6 +169,7 @@ class SpeechInput:
     conversation: Optional[str] = None
     previous_text: Optional[str] = None
     instructions: Optional[str] = None  # OpenAI's; CSM-1B has no such input (logged, not used)
+    custom_voices: bool = True  # whether `voice` may name a custom voice (not over Wyoming while a key is set)
 
 
 @dataclass

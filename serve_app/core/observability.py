@@ -32,7 +32,7 @@ def metrics() -> Optional[dict]:
         return None
     from ray.serve.metrics import Counter, Gauge, Histogram
 
-    tags = ("format", "voice")
+    tags = ("format", "voice", "protocol")
     return {
         "ttfb": Histogram(
             "sesame_tts_time_to_first_byte_seconds",
@@ -75,6 +75,7 @@ class RequestRecord:
     fmt: str = "-"
     characters: int = 0
     speed: float = 1.0
+    protocol: str = "http"  # the listener it came through: http (OpenAI and ElevenLabs) or wyoming
     started: float = field(default_factory=time.perf_counter)
     first_byte: Optional[float] = None
     usage: Usage = field(default_factory=Usage)
@@ -96,22 +97,25 @@ class RequestRecord:
         rtf = total / self.audio_seconds if self.audio_seconds else None
         ttfb = f"{1000 * self.first_byte:.0f}" if self.first_byte is not None else "-"
         logger.info(
-            "request id=%s voice=%s format=%s chars=%d ttfb_ms=%s audio_s=%.2f rtf=%s total_s=%.2f status=%s guards=%s",
+            "request id=%s voice=%s format=%s chars=%d context=%d ttfb_ms=%s audio_s=%.2f rtf=%s total_s=%.2f"
+            " status=%s guards=%s protocol=%s",
             self.request_id,
             self.voice,
             self.fmt,
             self.characters,
+            self.usage.context_positions,
             ttfb,
             self.audio_seconds,
             f"{rtf:.2f}" if rtf is not None else "-",
             total,
             status,
             ",".join(f"{name}:{count}" for name, count in sorted(self.usage.guards.items())) or "-",
+            self.protocol,
         )
         m = metrics()
         if m is None:
             return
-        tags = {"format": self.fmt, "voice": self.voice}
+        tags = {"format": self.fmt, "voice": self.voice, "protocol": self.protocol}
         m["requests"].inc(tags={"status": status, **tags})
         for guard, count in self.usage.guards.items():
             m["guards"].inc(count, tags={"guard": guard, **tags})

@@ -51,6 +51,16 @@ class Settings(BaseModel):
     can create or delete voices unless API_KEY is set); `127.0.0.1` keeps the server to this machine."""
     port: int = Field(8880, ge=1, le=65535)
     """Listen port (HTTP)."""
+    wyoming_port: int = Field(0, ge=0, le=65535)
+    """Home Assistant's Wyoming protocol on this TCP port (on HOST, beside HTTP; the documented value is 10200);
+    0 turns it off. Same voices, admission, limits and request log line as HTTP (docs: Home Assistant)."""
+    wyoming_zeroconf: bool = True
+    """With WYOMING_PORT on and a LAN-facing HOST, announce `_wyoming._tcp.local.` on the LAN address, so Home
+    Assistant discovers the server by itself. Off: add it by hand (host and port)."""
+    wyoming_without_key: bool = False
+    """Wyoming has no authentication. With API_KEY set and a LAN-facing HOST, the Wyoming port listens on
+    127.0.0.1 only, unless this says that anyone on the network may ask it for speech without the key (custom
+    voices stay unusable over Wyoming while a key is set)."""
     model_id: str = Field("mlx-community/csm-1b", min_length=1)
     """A Hugging Face repo id, downloaded once into CACHE_DIR, or a local checkpoint folder (never completed from
     the network). `sesame/csm-1b` is gated: it needs HF_TOKEN."""

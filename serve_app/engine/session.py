@@ -156,6 +156,8 @@ class SpeechSession:
             cache = engine.prefixes.lookup(self._fixed_key)
             if cache is not None:
                 context, seen = context[fixed:], cache[0].offset
+        if self._chunk_index == 1 and not retrying:
+            self.usage.context_positions = seen + sum(len(segment) for segment in context)
         return self._prompt([s.ids for s in context] + [text.ids], [s.mask for s in context] + [text.mask], cache, seen)
 
     def _prompt(self, ids: list[np.ndarray], mask: list[np.ndarray], cache: Optional[list], seen: int):

@@ -17,6 +17,12 @@ from typing import Optional
 # A sentence ends at terminal punctuation (plus closing quotes/brackets) before a space or the end, or
 # right after CJK terminal punctuation, which is written without a following space.
 _SENTENCE_END = re.compile(r"[.!?…]+[\"'”’»)\]]*(?=\s|$)|[。！？]+[\"'”’」』)\]]*")
+# A dot after one of these (or after a single capital letter, an initial) does not end a sentence.
+_ABBREVIATIONS = frozenset(
+    ("mr", "mrs", "ms", "mx", "dr", "prof", "sr", "jr", "st", "mt", "vs", "e.g", "i.e", "cf", "approx")
+    + ("fig", "gen", "gov", "sen", "rep", "capt", "lt", "col", "sgt")
+)
+_WORD_BEFORE = re.compile(r"(\S+)$")
 # A clause ends at a comma, semicolon or colon before a space, at a spaced dash, or after CJK commas.
 _CLAUSE_END = re.compile(r"[,;:][\"'”’)\]]*(?=\s)|\s[—–-]{1,2}(?=\s)|[，、；：]")
 _SPACES = re.compile(r"\s+")
@@ -55,12 +61,33 @@ def why_unspeakable(text: str) -> Optional[str]:
 Span = tuple[int, int]  # [start, end) in the normalised text
 
 
+def _abbreviation_before(text: str, match: re.Match) -> bool:
+    """Whether a sentence end's dot belongs to an abbreviation ("Dr.", "e.g.") or an initial ("J.")."""
+    if text[match.start()] != "." or match.end() - match.start() != 1:
+        return False
+    word = _WORD_BEFORE.search(text, 0, match.start())
+    if word is None:
+        return False
+    word = word.group(1).lstrip("\"'“‘(«[")
+    return word.casefold() in _ABBREVIATIONS or (len(word) == 1 and word.isupper())
+
+
+def _sentence_ends(text: str, start: int, end: int) -> list[int]:
+    """Where sentences end in `text[start:end]` (after the punctuation and its closing quotes)."""
+    return [m.end() for m in _SENTENCE_END.finditer(text, start, end) if not _abbreviation_before(text, m)]
+
+
 def _split_after(pattern: re.Pattern, text: str, start: int, end: int) -> list[Span]:
-    """`text[start:end]` cut after each match of `pattern`, as spans with the spaces at their ends left out."""
+    """`text[start:end]` cut after each match of `pattern`, as spans with the spaces at their ends left out;
+    the sentence pattern's matches only where a sentence ends (not after an abbreviation)."""
     spans, begin = [], start
-    for match in pattern.finditer(text, start, end):
-        spans.append((begin, match.end()))
-        begin = match.end()
+    if pattern is _SENTENCE_END:
+        cuts = _sentence_ends(text, start, end)
+    else:
+        cuts = [m.end() for m in pattern.finditer(text, start, end)]
+    for cut in cuts:
+        spans.append((begin, cut))
+        begin = cut
     spans.append((begin, end))
     stripped = []
     for a, b in spans:
@@ -90,6 +117,34 @@ def split_sentences(text: str) -> list[str]:
     """Sentences of `text`; a newline always ends one."""
     normal, spans = _sentences(text)
     return [normal[a:b] for a, b in spans]
+
+
+class SentenceStream:
+    """Sentences out of text that arrives in pieces (an LLM's reply, streamed), by the chunker's own rules.
+
+    A sentence is complete once something follows its end in the text so far: a bare "3." may yet become
+    "3.5", and a quote may yet close after the dot. A newline ends one at once, as in `split_sentences`. A
+    run-on longer than `max_chars` without an end is let go at its last space, so a stream without
+    punctuation still speaks. `finish` gives what is left."""
+
+    def __init__(self, max_chars: int = 1000):
+        self.max_chars = max_chars
+        self._buffer = ""
+
+    def feed(self, text: str) -> list[str]:
+        self._buffer += text
+        buffer = self._buffer
+        cut = buffer.rfind("\n") + 1
+        ends = [end for end in _sentence_ends(buffer, 0, len(buffer)) if end < len(buffer)]
+        cut = max([cut, *ends])
+        if not cut and len(buffer) > self.max_chars:
+            cut = buffer.rfind(" ", 0, self.max_chars) + 1 or self.max_chars
+        self._buffer = buffer[cut:]
+        return split_sentences(buffer[:cut])
+
+    def finish(self) -> list[str]:
+        rest, self._buffer = self._buffer, ""
+        return split_sentences(rest)
 
 
 def _cut(word: str, limit: int) -> int:

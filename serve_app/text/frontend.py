@@ -52,7 +52,7 @@ class TextFrontend:
         """Check the input and voice, split the text into chunks, and find the context: the utterances
         named by `previous_request_ids` (oldest first), else the `conversation`'s last turns, else (the
         ElevenLabs dialect's `previous_text`) the latest utterance of this voice with that text."""
-        plan = self._plan(speech.text, speech.voice)
+        plan = self._plan(speech.text, speech.voice, speech.custom_voices)
         if speech.previous_request_ids:
             plan.context = self._memory.context(speech.previous_request_ids)
         elif speech.conversation is not None:
@@ -68,7 +68,7 @@ class TextFrontend:
     def memory_report(self) -> dict:
         return self._memory.report()
 
-    def _plan(self, text: str, voice: Optional[str]) -> SpeechPlan:
+    def _plan(self, text: str, voice: Optional[str], custom_voices: bool = True) -> SpeechPlan:
         limit = self._settings.max_input_length
         if len(text) > limit:
             raise InvalidRequestError(
@@ -77,7 +77,7 @@ class TextFrontend:
                 code="string_above_max_length",
             )
         # The voice first: a request for a voice that does not exist costs a lookup, not a pass over its text.
-        preset = self._voices.resolve(voice or self._settings.default_voice)
+        preset = self._voices.resolve(voice or self._settings.default_voice, custom_voices)
         if not normalize(text):
             raise InvalidRequestError("Input is empty: give some text to speak.", param="input", code="empty_input")
         problem = why_unspeakable(text)
@@ -98,6 +98,11 @@ class TextFrontend:
 
     def voices(self, include_custom: bool = True) -> list[VoiceInfo]:
         return self._voices.list(include_custom)
+
+    @errors_as_values
+    def check_voice(self, voice: Optional[str], custom_voices: bool = True) -> str | APIError:
+        """The voice's resolved name, or its 400 (a streaming protocol asks before any text arrives)."""
+        return self._voices.resolve(voice or self._settings.default_voice, custom_voices).name
 
     # --- the custom-voice store's writes ---------------------------------------------------------------
 

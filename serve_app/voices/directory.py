@@ -24,19 +24,19 @@ class VoiceDirectory:
         self.store = store
         self._prompts: dict[str, ContextSegment] = {}
 
-    def resolve(self, name: str) -> VoicePreset:
-        """A preset or alias first, then a custom voice by id or name; else `unknown(name)`."""
+    def resolve(self, name: str, custom_voices: bool = True) -> VoicePreset:
+        """A preset or alias first, then (`custom_voices`) a custom voice by id or name; else `unknown(name)`."""
         preset = self.library.find(name)
         if preset is not None:
             return preset
-        record = self.store.find(name)
+        record = self.store.find(name) if custom_voices else None
         if record is None:
-            raise self.unknown(name)
+            raise self.unknown(name, custom_voices)
         return VoicePreset(name=record.id, description=record.description(), custom=True)
 
-    def unknown(self, name: str) -> InvalidRequestError:
-        """The 400 for `name`, naming the presets, the aliases and the custom voices."""
-        custom = [v.name for v in self.store.voices().values()]
+    def unknown(self, name: str, custom_voices: bool = True) -> InvalidRequestError:
+        """The 400 for `name`, naming the presets, the aliases and (`custom_voices`) the custom voices."""
+        custom = [v.name for v in self.store.voices().values()] if custom_voices else []
         return unknown_voice(name, self.library.names(), sorted(self.library.aliases), custom)
 
     def list(self, include_custom: bool = True) -> list[VoiceInfo]:

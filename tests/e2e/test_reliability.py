@@ -6,6 +6,7 @@ that it must answer 429 with Retry-After and OpenAI's body, before any audio.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -27,10 +28,14 @@ from schemathesis.specs.openapi.checks import (
     response_schema_conformance,
     status_code_conformance,
 )
+from wyoming.tts import Synthesize
 
 from serve_app.audio.pool import MAX_COMMANDS
+from serve_app.tools.local_server import free_port
 from tests.support.audio import decode, duration, rms
 from tests.support.servers import ROOT, healthy, launch_server, run_loadtest, session_processes
+from tests.support.wyoming import client as wyoming_client
+from tests.support.wyoming import closed, read_until
 
 pytestmark = pytest.mark.server
 
@@ -48,12 +53,21 @@ def busy(tiny_checkpoint, tmp_path_factory):
         MAX_QUEUED_REQUESTS="1",
         MAX_AUDIO_BASE_S="0.24",
         MAX_AUDIO_S_PER_CHAR="0.02",
+        WYOMING_PORT=str(free_port()),
     )
     try:
         server.wait_until(healthy)
         yield server
     finally:
         server.stop()
+
+
+async def wyoming_one_shot(server, text: str):
+    """A Wyoming `synthesize`: the events up to its audio-stop or error, and whether the server then closed."""
+    async with wyoming_client(server) as wyoming:
+        await wyoming.write_event(Synthesize(text=text).event())
+        events = await read_until(wyoming, "audio-stop", "error")
+        return events, events[-1].type == "error" and await closed(wyoming)
 
 
 def in_flight(server) -> int:
@@ -93,6 +107,10 @@ def test_over_capacity_gets_429_with_retry_after_before_any_audio(busy):
     error = response.json()["error"]
     assert set(error) == {"message", "type", "param", "code"}
     assert (error["type"], error["code"]) == ("requests", "rate_limit_exceeded")
+    # Wyoming goes through the same admission: busy is an error event that says to retry, and no audio.
+    events, was_closed = asyncio.run(wyoming_one_shot(busy, "One more."))
+    assert [e.type for e in events] == ["error"] and was_closed
+    assert "retry in" in events[0].data["text"] and events[0].data["code"] == "rate_limit_exceeded"
     # The admitted requests are unharmed: each is whole, audible audio.
     for held in holders.join():
         assert held.status_code == 200

@@ -5,6 +5,7 @@ themselves (Host, Origin, lists, /health, docs, log escaping) are tested in-proc
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 import shutil
 import signal
@@ -21,9 +22,11 @@ import pytest
 
 from ops.bench.stalled_readers import request_status, speech_body, stalled_request, was_reset
 from serve_app.core import processes
+from serve_app.tools.local_server import free_port
 from tests.support.audio import decode, duration, probe, rms
 from tests.support.servers import healthy, launch_server, session_processes
 from tests.support.waiting import wait_for
+from tests.support.wyoming import request_lines
 
 pytestmark = pytest.mark.server
 
@@ -52,6 +55,7 @@ def lan_server(tiny_checkpoint, tmp_path_factory, ray_dir):
         BODY_MIN_RATE="1024",
         WRITE_TIMEOUT_S="2",
         RAY_TMPDIR=str(ray_dir),
+        WYOMING_PORT=str(free_port()),  # with the key set: on 127.0.0.1 only (HOST is loopback here anyway)
     )
     try:
         server.wait_until(healthy)
@@ -187,6 +191,29 @@ def test_a_client_that_stops_reading_is_cut_off_and_its_generation_cancelled(lan
     samples = decode(ok.content)
     assert ok.status_code == 200 and probe(ok.content)["stream"]["codec_name"] == "pcm_s16le"
     assert duration(samples) > 0.1 and rms(samples) > 0
+
+
+def test_a_wyoming_client_that_stops_reading_is_cut_off_and_its_generation_cancelled(lan_server):
+    """Wyoming's write deadline is HTTP's: a client with a small receive buffer asks for ~60 s of speech and
+    reads nothing. Once the bounded buffers between them are full, the server waits WRITE_TIMEOUT_S (2 s),
+    closes the connection and cancels the request while the model is still generating it."""
+    before = len(lan_server.log_text())
+    port = lan_server.health().json()["wyoming"]["port"]
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", port))
+    text = "A long paragraph that would take many seconds to speak in full. " * 18
+    data = json.dumps({"text": text}).encode()
+    sock.sendall(json.dumps({"type": "synthesize", "data_length": len(data)}).encode() + b"\n" + data)
+    line = wait_for(
+        lambda: next((line for line in request_lines(lan_server.log_text()[before:])), None),
+        "the request's log line",
+        timeout=240,
+    )
+    assert line["status"] == "cancelled" and float(line["audio_s"]) < 50, line
+    assert "took no audio for 2 s" in lan_server.log_text()[before:]
+    sock.close()
+    wait_for(lambda: lan_server.health().json()["model"]["generating"] == 0, "the model's batch is empty")
 
 
 def test_the_supervisor_exits_when_its_ray_cluster_dies(lan_server):

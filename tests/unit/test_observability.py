@@ -30,7 +30,7 @@ def test_guards_reach_the_log_line_and_their_counter(monkeypatch, caplog):
     with caplog.at_level(logging.INFO, logger="sesame_tts"):
         record.finish("ok")
     [line] = [r.getMessage() for r in caplog.records]
-    assert line.endswith("status=ok guards=silent_tail:1,too_short:2") and "audio_s=2.00" in line
+    assert line.endswith("status=ok guards=silent_tail:1,too_short:2 protocol=http") and "audio_s=2.00" in line
     guards = sorted((c[2], c[3]["guard"]) for c in calls if c[0] == "guards")
     assert guards == [(1, "silent_tail"), (2, "too_short")]
     assert all(c[3]["format"] == "wav" and c[3]["voice"] == "fast" for c in calls if c[0] == "guards")
@@ -40,4 +40,4 @@ def test_a_request_no_guard_acted_on_says_so(monkeypatch, caplog):
     monkeypatch.setattr(observability, "metrics", lambda: None)
     with caplog.at_level(logging.INFO, logger="sesame_tts"):
         RequestRecord("req-2").finish("ok")
-    assert caplog.records[-1].getMessage().endswith("status=ok guards=-")
+    assert caplog.records[-1].getMessage().endswith("status=ok guards=- protocol=http")
