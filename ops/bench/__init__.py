@@ -7,6 +7,7 @@
     voices, context       what a voice's reference clip and a conversation's context cost the first audio
     stalled_readers       what clients that stop reading cost the server
     cluster               one replica against two, through the load test
+    wyoming               Home Assistant's Wyoming against HTTP, first audio side by side
     parts                 Mimi's dtypes, the idle unload's reload
 """
 

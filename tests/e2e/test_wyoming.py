@@ -190,3 +190,18 @@ def test_data_that_is_not_an_object_closes_the_connection_too(server):
         return answer
 
     assert asyncio.run(go()) == b""
+
+
+def test_the_side_by_side_benchmark_measures_all_three_clients(server, tmp_path):
+    """ops/bench/wyoming.py's measurements and report, against this server (its own server part is the
+    users' benchmark's, tested in test_bench.py)."""
+    from ops.bench import wyoming as bench
+
+    times = bench.measure(server.base_url, server.health().json()["wyoming"]["port"], rounds=1)
+    assert {key: len(values) for key, values in times.items()} == dict.fromkeys(times, 1)
+    assert all(0 < value < 120 for values in times.values() for value in values)
+    result = {"checkpoint": "tiny", "rounds": 1, "frames": 0, **bench.summarize(times)}
+    bench.save_side_bench(result, "ops.bench.wyoming", "wyoming-tiny", tmp_path, bench.render, [])
+    [folder] = list(tmp_path.iterdir())
+    assert "| Wyoming one-shot" in (folder / "wyoming-tiny.md").read_text()
+    assert set(result["targets"]) == {"one_shot_within_1.1x", "stream_within_http_plus_50ms"}
