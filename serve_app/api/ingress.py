@@ -163,8 +163,7 @@ class SpeechIngress:
         """The other listeners live as long as the app: Serve runs this at the replica's start and stop."""
         listener = self._wyoming
         announcement = None
-        if listener is not None:
-            await listener.start()
+        if listener is not None and await listener.start():
             address = discovery.lan_address(listener.host) if self._settings.wyoming_zeroconf else None
             if address is not None:
                 announcement = discovery.Announcement(discovery.service_info(address, self._settings.wyoming_port))

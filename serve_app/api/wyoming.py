@@ -45,7 +45,8 @@ from serve_app.core.constants import LOGGER_NAME, SAMPLE_RATE
 from serve_app.core.errors import APIError, RateLimitError, as_api_error, value_of
 from serve_app.core.messages import SpeechInput, VoiceInfo
 from serve_app.core.settings import Settings
-from serve_app.text.chunking import SentenceStream
+from serve_app.text.chunking import SentenceStream, normalize, why_unspeakable
+from serve_app.text.markdown import strip_markdown
 
 logger = logging.getLogger(LOGGER_NAME)
 
@@ -178,7 +179,7 @@ class Connection:
             while not self._worker.done():
                 reading = reading or asyncio.ensure_future(read_event(self.reader, max_data, settings.body_timeout_s))
                 done, _ = await asyncio.wait(
-                    {reading, self._worker}, timeout=IDLE_TIMEOUT_S, return_when="FIRST_COMPLETED"
+                    {reading, self._worker}, timeout=IDLE_TIMEOUT_S, return_when=asyncio.FIRST_COMPLETED
                 )
                 if not done and self._idle():
                     reason = "idle"
@@ -269,15 +270,16 @@ class Connection:
     async def _speak_stream(self, stream: _Stream) -> None:
         await self.listener.check_voice(stream.voice)  # an unknown voice is refused before any text
         said: list[str] = []
+        turns = self.listener.settings.conversation_turns  # the latest sentences, as a conversation keeps
         while (sentence := await stream.waiting.get()) is not None:
-            # the latest sentences, as many as a conversation keeps (CONVERSATION_TURNS): CSM's positions fit them
-            said.append(await self._speak(sentence, stream.voice, said[-self.listener.settings.conversation_turns :]))
+            if self.listener.speakable(sentence):  # a markdown rule or an emoji alone is no sentence
+                said.append(await self._speak(sentence, stream.voice, said[-turns:]))
         await self.write(SynthesizeStopped().event())
 
     async def _speak(self, text: str, voice: Optional[str], earlier: Optional[list[str]] = None) -> str:
         """One text's audio-start, chunks and audio-stop; its request id."""
         request_id = new_request_id()
-        if not text.strip():  # empty text speaks nothing, and asks the model nothing
+        if not self.listener.speakable(text):  # an empty clip, and the model is not asked
             await self.listener.check_voice(voice)
             for event in (AudioStart(SAMPLE_RATE, WIDTH, CHANNELS), AudioStop()):
                 await self.write(event.event())
@@ -312,12 +314,26 @@ class WyomingListener:
         self.custom_voices = settings.api_key is None  # without a key everyone may use them, as on HTTP
         self._server: Optional[asyncio.base_events.Server] = None
         self._connections: set[asyncio.Task] = set()
+        self.error: Optional[str] = None  # why it does not listen
 
-    async def start(self) -> None:
-        self._server = await asyncio.start_server(
-            self._accept, self.host, self.settings.wyoming_port, limit=MAX_HEADER_BYTES
-        )
+    async def start(self) -> bool:
+        """Listen; a port that cannot be had is an error in the log and in /health, and HTTP goes on."""
+        try:
+            self._server = await asyncio.start_server(
+                self._accept, self.host, self.settings.wyoming_port, limit=MAX_HEADER_BYTES
+            )
+        except OSError as exc:
+            self.error = f"cannot listen on {self.host}:{self.settings.wyoming_port}: {exc.strerror or exc}"
+            logger.error("wyoming: %s", self.error)
+            return False
         logger.info("wyoming: listening on %s:%d", self.host, self.settings.wyoming_port)
+        return True
+
+    def speakable(self, text: str) -> bool:
+        """Whether the text frontend would find something to speak (markdown and emoji out, as it does)."""
+        if self.settings.strip_markdown:
+            text = strip_markdown(text)
+        return bool(normalize(text)) and why_unspeakable(text) is None
 
     async def stop(self) -> None:
         if self._server is not None:
@@ -327,7 +343,8 @@ class WyomingListener:
         await asyncio.gather(*self._connections, return_exceptions=True)
 
     def report(self) -> dict:
-        return {"host": self.host, "port": self.settings.wyoming_port, "connections": len(self._connections)}
+        report = {"host": self.host, "port": self.settings.wyoming_port, "connections": len(self._connections)}
+        return {**report, "error": self.error} if self.error else report
 
     async def voices(self) -> list[VoiceInfo]:
         return await self._frontend.voices.remote(include_custom=self.custom_voices)

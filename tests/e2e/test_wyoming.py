@@ -61,9 +61,10 @@ def test_one_shot_synthesis_streams_frame_groups_of_audible_speech(server):
 
 def test_streaming_speaks_each_sentence_as_it_completes_with_the_earlier_ones_as_context(server):
     """Three sentences split mid-word across chunks: the first is spoken before the second has arrived; each
-    is its own audio group; the compatibility copy says nothing; each later sentence hears the earlier ones."""
+    is its own audio group; a markdown rule between them is no sentence; the compatibility copy says nothing;
+    each later sentence hears the earlier ones."""
     before = len(server.log_text())
-    pieces = ["Good morni", "ng to you. How did you sl", "eep last night? I hope it was w", "ell."]
+    pieces = ["Good morni", "ng to you. How did you sl", "eep last night?\n---\n👋 I hope it was w", "ell."]
 
     async def go():
         async with client(server) as wyoming:
@@ -90,7 +91,7 @@ def test_streaming_speaks_each_sentence_as_it_completes_with_the_earlier_ones_as
         return found if len(found) == 3 else None
 
     lines = wait_for(three_lines, "the stream's three request log lines")
-    sentences = ["Good morning to you.", "How did you sleep last night?", "I hope it was well."]
+    sentences = ["Good morning to you.", "How did you sleep last night?", "👋 I hope it was well."]
     assert [int(line["chars"]) for line in lines] == [len(sentence) for sentence in sentences]
     context = [int(line["context"]) for line in lines]
     assert 0 < context[0] < context[1] < context[2]  # the voice's clip, then it and the earlier sentences
@@ -133,13 +134,17 @@ def test_an_unknown_voice_is_an_error_event_naming_it_and_the_voices_and_no_audi
     assert "nobody-here" in message and "conversational" in message and events[0].data["code"]
 
 
-def test_empty_text_is_an_empty_clip(server):
+@pytest.mark.parametrize("text", ["   ", "👍 👍", "---"], ids=["spaces", "emoji", "markdown-rule"])
+def test_text_with_nothing_to_speak_is_an_empty_clip_and_asks_no_model(server, text):
+    before = len(server.log_text())
+
     async def go():
         async with client(server) as wyoming:
-            await wyoming.write_event(Synthesize(text="   ").event())
+            await wyoming.write_event(Synthesize(text=text).event())
             return await read_until(wyoming, "audio-stop")
 
     assert [e.type for e in asyncio.run(go())] == ["audio-start", "audio-stop"]
+    assert request_lines(server.log_text()[before:]) == []
 
 
 @pytest.mark.parametrize(

@@ -131,3 +131,26 @@ def test_info_lists_the_voices_given_as_english_and_installed():
     (program,) = program_info(voices).tts
     assert [v.name for v in program.voices] == ["fast"] and program.voices[0].languages == ["en"]
     assert program.supports_synthesize_streaming and program.voices[0].description == "Quick."
+
+
+def test_a_port_that_cannot_be_had_is_reported_and_nothing_else_stops():
+    from serve_app.api.wyoming import WyomingListener
+
+    async def go():
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            port = taken.getsockname()[1]
+            listener = WyomingListener(settings(WYOMING_PORT=str(port)), "127.0.0.1", None, None)
+            return await listener.start(), listener.report()
+
+    started, report = asyncio.run(go())
+    assert not started and "cannot listen on 127.0.0.1:" in report["error"]
+
+
+def test_only_text_with_something_to_speak_goes_to_the_model():
+    from serve_app.api.wyoming import WyomingListener
+
+    listener = WyomingListener(settings(), "127.0.0.1", None, None)
+    assert listener.speakable("Hello **there**.") and listener.speakable("👋 Hi.")
+    assert not any(listener.speakable(text) for text in ("", "  ", "👍", "---", "```", "\ud800"))
