@@ -2,7 +2,7 @@
 wyoming package's own AsyncTcpClient: describe, one-shot and streaming synthesis with the audio decoded,
 context across a stream's sentences as prefilled (the request log's `context=`), a client that leaves,
 unknown voices, and malformed, oversized and unknown events. (A client that stops reading:
-test_security.py; busy: test_reliability.py; the framing's bounds and zeroconf: tests/unit/test_wyoming.py.)"""
+test_security.py; busy: test_reliability.py; the framing's bounds and zeroconf: tests/unit/test_wyoming_framing.py.)"""
 
 from __future__ import annotations
 
