@@ -113,7 +113,7 @@ def _length(header: dict, key: str) -> int:
 async def read_event(reader: asyncio.StreamReader, max_data: int, timeout: float) -> Optional[Event]:
     """The next event, or None at the end of the stream. Its lengths are checked before anything they claim
     is read: data beyond `max_data` or any payload (a TTS server is sent none) is a ProtocolError."""
-    line = await asyncio.wait_for(reader.readline(), IDLE_TIMEOUT_S)  # the reader's limit bounds the line
+    line = await reader.readline()  # the reader's limit bounds the line; the connection, how long it waits
     if not line.endswith(b"\n"):
         return None  # the client left (mid-line or between events)
     header = json.loads(line)
@@ -205,7 +205,8 @@ class Connection:
             logger.info("wyoming: connection from %s closed (%s)", self.peer, reason)
 
     def _idle(self) -> bool:
-        return not self._speaking and self._jobs.empty() and self._stream is None
+        """No event for IDLE_TIMEOUT_S and nothing being spoken (a stream waiting for text counts as idle)."""
+        return not self._speaking and self._jobs.empty()
 
     async def _handle(self, event: Event) -> None:
         kind, data = event.type, event.data
@@ -252,12 +253,10 @@ class Connection:
         try:
             while True:
                 job = await self._jobs.get()
-                self._speaking = True
                 if isinstance(job, _Stream):
                     await self._speak_stream(job)
                 else:
                     await self._speak(*job)
-                self._speaking = False
         except ConnectionError as exc:
             logger.info("wyoming: %s: %s", self.peer, exc)
         except Exception as exc:  # APIError's typed refusals; anything else as the 500 it would be on HTTP
@@ -287,14 +286,18 @@ class Connection:
         speech = SpeechInput(
             text, voice, previous_request_ids=list(earlier or []) or None, custom_voices=self.listener.custom_voices
         )
-        started = await self.listener.start_speech(speech, "pcm", request_id, PROTOCOL)
+        self._speaking = True
         try:
-            await self.write(AudioStart(SAMPLE_RATE, WIDTH, CHANNELS).event())
-            async for pcm in started.audio():
-                await self.write(AudioChunk(SAMPLE_RATE, WIDTH, CHANNELS, pcm).event())
-            await self.write(AudioStop().event())
+            started = await self.listener.start_speech(speech, "pcm", request_id, PROTOCOL)
+            try:
+                await self.write(AudioStart(SAMPLE_RATE, WIDTH, CHANNELS).event())
+                async for pcm in started.audio():
+                    await self.write(AudioChunk(SAMPLE_RATE, WIDTH, CHANNELS, pcm).event())
+                await self.write(AudioStop().event())
+            finally:
+                started.close()
         finally:
-            started.close()
+            self._speaking = False
         return request_id
 
 
