@@ -22,7 +22,7 @@ _ABBREVIATIONS = frozenset(
     ("mr", "mrs", "ms", "mx", "dr", "prof", "sr", "jr", "st", "mt", "vs", "e.g", "i.e", "cf", "approx")
     + ("fig", "gen", "gov", "sen", "rep", "capt", "lt", "col", "sgt")
 )
-_WORD_BEFORE = re.compile(r"(\S+)$")
+_LONGEST_ABBREVIATION = 8  # characters looked at before a dot (quotes included): longer words are no abbreviation
 # A clause ends at a comma, semicolon or colon before a space, at a spaced dash, or after CJK commas.
 _CLAUSE_END = re.compile(r"[,;:][\"'”’)\]]*(?=\s)|\s[—–-]{1,2}(?=\s)|[，、；：]")
 _SPACES = re.compile(r"\s+")
@@ -65,10 +65,10 @@ def _abbreviation_before(text: str, match: re.Match) -> bool:
     """Whether a sentence end's dot belongs to an abbreviation ("Dr.", "e.g.") or an initial ("J.")."""
     if text[match.start()] != "." or match.end() - match.start() != 1:
         return False
-    word = _WORD_BEFORE.search(text, 0, match.start())
-    if word is None:
-        return False
-    word = word.group(1).lstrip("\"'“‘(«[")
+    # The word before the dot, looked at through a short window (an abbreviation is short): constant work per
+    # dot, so text of nothing but dots costs linear time.
+    head = text[max(0, match.start() - _LONGEST_ABBREVIATION) : match.start()].split()
+    word = head[-1].lstrip("\"'“‘(«[") if head else ""
     return word.casefold() in _ABBREVIATIONS or (len(word) == 1 and word.isupper())
 
 
