@@ -29,6 +29,25 @@ from serve_app.voices.store import ConsentRecord, CustomVoiceStore, VoiceRecord
 logger = logging.getLogger(LOGGER_NAME)
 
 
+def spoken_text(text: str, strip: bool) -> str:
+    """What will be spoken of `text` (markdown, code blocks and emoji out with `strip`), or the 400 that says
+    why nothing would be. Every listener asks this: HTTP refuses, Wyoming answers with an empty clip."""
+    if not normalize(text):
+        raise InvalidRequestError("Input is empty: give some text to speak.", param="input", code="empty_input")
+    problem = why_unspeakable(text)
+    if problem:
+        raise InvalidRequestError(problem, param="input", code="invalid_input")
+    if strip:
+        text = strip_markdown(text)
+        if why_unspeakable(text):
+            raise InvalidRequestError(
+                "Input has nothing to speak once markdown, code blocks and emoji are left out (STRIP_MARKDOWN).",
+                param="input",
+                code="empty_input",
+            )
+    return text
+
+
 class TextFrontend:
     def __init__(self, settings: Settings, voices: VoiceLibrary):
         configure_logging(settings.log_level)
@@ -78,19 +97,7 @@ class TextFrontend:
             )
         # The voice first: a request for a voice that does not exist costs a lookup, not a pass over its text.
         preset = self._voices.resolve(voice or self._settings.default_voice, custom_voices)
-        if not normalize(text):
-            raise InvalidRequestError("Input is empty: give some text to speak.", param="input", code="empty_input")
-        problem = why_unspeakable(text)
-        if problem:
-            raise InvalidRequestError(problem, param="input", code="invalid_input")
-        if self._settings.strip_markdown:
-            text = strip_markdown(text)
-            if why_unspeakable(text):
-                raise InvalidRequestError(
-                    "Input has nothing to speak once markdown, code blocks and emoji are left out (STRIP_MARKDOWN).",
-                    param="input",
-                    code="empty_input",
-                )
+        text = spoken_text(text, self._settings.strip_markdown)
         chunks = chunk_text(text, self._settings.chunk_max_chars, self._settings.first_chunk_max_chars)
         if self._settings.terminal_punctuation:
             chunks = [with_terminal_punctuation(chunk) for chunk in chunks]
