@@ -31,6 +31,7 @@ from wyoming.tts import Synthesize, SynthesizeChunk, SynthesizeStart, Synthesize
 
 from ops.bench import save_side_bench
 from serve_app.core.constants import PROJECT_ROOT
+from serve_app.core.settings import Settings
 from serve_app.tools.bench.__main__ import checkpoint_path
 from serve_app.tools.bench.server import start_server
 from serve_app.tools.local_server import free_port
@@ -146,8 +147,9 @@ def main(argv=None) -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--frames", type=int, default=12, help="frames every request generates (the cap)")
     parser.add_argument("--out", type=Path, default=PROJECT_ROOT / "results" / "bench")
+    parser.add_argument("--cache", type=Path, default=Settings().cache_dir)
     args = parser.parse_args(argv)
-    name, checkpoint = checkpoint_path(args.checkpoint, PROJECT_ROOT / ".cache")
+    name, checkpoint = checkpoint_path(args.checkpoint, args.cache)
     port = free_port()
     server = start_server(str(checkpoint), args.frames, max_batch=2, env={"WYOMING_PORT": str(port)})
     try:
