@@ -11,23 +11,30 @@ per frame, log line and metrics as OpenAI's route; only the request and the outp
 
 from __future__ import annotations
 
+import asyncio
+import base64
 import hashlib
+import json
 import logging
 import re
+from collections.abc import AsyncIterator
 from typing import Any, Optional
 
 from fastapi import FastAPI, Query, Request
-from fastapi.responses import StreamingResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictStr
 
+from serve_app.api.contexts import SpeechContext, whole
 from serve_app.api.errors import install_error_handlers
 from serve_app.api.request_ids import request_id_of
 from serve_app.api.routing import Route, add_routes
+from serve_app.api.sockets import ElevenLabsSockets
 from serve_app.core.constants import LOGGER_NAME, MODEL_NAME
 from serve_app.core.errors import APIError, InvalidRequestError, NotFoundError
 from serve_app.core.formats import ElevenLabsFormat
 from serve_app.core.messages import SpeechInput
 from serve_app.core.settings import Settings
+from serve_app.text.chunking import split_sentences
 
 logger = logging.getLogger(LOGGER_NAME)
 
@@ -82,6 +89,28 @@ class TextToSpeechRequest(BaseModel):
     apply_text_normalization: Optional[str] = None
 
 
+def _voice_not_found(exc: APIError, voice_id: str) -> APIError:
+    """The voice is a path parameter: ElevenLabs answers an unknown one with 404."""
+    if exc.code == "invalid_voice":
+        return NotFoundError(f"A voice with the voice_id {voice_id} was not found.", code="voice_not_found")
+    return exc
+
+
+async def _events(context: SpeechContext, queue: asyncio.Queue):
+    """A context's events as they come; its error, if it ends with one."""
+    while True:
+        if queue.empty() and context.task.done():
+            if not context.task.cancelled() and (exc := context.task.exception()) is not None:
+                raise exc
+            return
+        getter = asyncio.ensure_future(queue.get())
+        done, _ = await asyncio.wait({getter, context.task}, return_when=asyncio.FIRST_COMPLETED)
+        if getter in done:
+            yield getter.result()
+        else:
+            getter.cancel()
+
+
 class ElevenLabsRoutes:
     """The dialect's routes as data, bound to the ingress (its settings, frontend and `start_speech`)."""
 
@@ -89,6 +118,7 @@ class ElevenLabsRoutes:
         self._settings = settings
         self._frontend = frontend
         self._start_speech = start_speech
+        self._sockets = ElevenLabsSockets(settings, frontend, start_speech, self._voice_name)
 
     def app(self) -> FastAPI:
         app = FastAPI(title="Sesame TTS (ElevenLabs dialect)", docs_url=None, redoc_url=None)
@@ -101,12 +131,15 @@ class ElevenLabsRoutes:
             [
                 Route("/v1/text-to-speech/{voice_id}", self.convert, "POST"),
                 Route("/v1/text-to-speech/{voice_id}/stream", self.convert, "POST"),
+                Route("/v1/text-to-speech/{voice_id}/with-timestamps", self.convert_with_timestamps, "POST"),
+                Route("/v1/text-to-speech/{voice_id}/stream/with-timestamps", self.stream_with_timestamps, "POST"),
                 Route("/v1/voices", self.list_voices),
                 Route("/v2/voices", self.search_voices),
                 Route("/v1/voices/{voice_id}", self.get_voice),
                 Route("/v1/models", self.list_models),
             ],
         )
+        self._sockets.add_to(app)  # stream-input and multi-stream-input (api/sockets.py)
         return app
 
     async def convert(
@@ -120,13 +153,21 @@ class ElevenLabsRoutes:
     ) -> StreamingResponse:
         """Audio for the text, streamed as it is generated (both routes: the whole file arrives the same way
         it would be streamed; `optimize_streaming_latency` is accepted, every frame streams anyway)."""
+        speech = await self._speech(voice_id, body)
+        try:
+            stream = await self._start_speech(speech, output_format, request_id_of(http.scope))
+        except APIError as exc:
+            raise _voice_not_found(exc, voice_id) from None
+        return stream.response(False, {"Cache-Control": "no-cache"}, "request-id")
+
+    async def _speech(self, voice_id: str, body: TextToSpeechRequest) -> SpeechInput:
         speed = body.voice_settings.speed if body.voice_settings and body.voice_settings.speed else 1.0
         for field in ("previous_request_ids", "next_request_ids"):
             if len(getattr(body, field) or ()) > MAX_STITCHED:
                 raise InvalidRequestError(
                     f"{field} may hold at most {MAX_STITCHED} request ids.", param=field, code="invalid_request"
                 )
-        speech = SpeechInput(
+        return SpeechInput(
             body.text,
             await self._voice_name(voice_id),
             float(speed),
@@ -134,15 +175,93 @@ class ElevenLabsRoutes:
             body.previous_request_ids or None,
             previous_text=body.previous_text,
         )
+
+    async def convert_with_timestamps(
+        self,
+        voice_id: str,
+        body: TextToSpeechRequest,
+        http: Request,
+        output_format: ElevenLabsFormat = Query(DEFAULT_OUTPUT_FORMAT),  # type: ignore[valid-type]
+    ) -> JSONResponse:
+        """The whole audio (base64) and the alignment of its characters (docs: Voice agents)."""
+        audio, alignments = bytearray(), []
+        async for kind, payload in await self._timed(voice_id, body, output_format, http):
+            if kind == "audio":
+                audio += payload
+            else:
+                alignments.append(payload)
+        given, spoken = whole(alignments)
+        return JSONResponse(
+            {"audio_base64": base64.b64encode(audio).decode(), "alignment": given, "normalized_alignment": spoken}
+        )
+
+    async def stream_with_timestamps(
+        self,
+        voice_id: str,
+        body: TextToSpeechRequest,
+        http: Request,
+        output_format: ElevenLabsFormat = Query(DEFAULT_OUTPUT_FORMAT),  # type: ignore[valid-type]
+    ) -> StreamingResponse:
+        """NDJSON: audio as it is generated, and each sentence's alignment (times from the response's start)
+        on the next line once the sentence's audio is complete."""
+        events = await self._timed(voice_id, body, output_format, http)
+
+        async def lines() -> AsyncIterator[str]:
+            alignments: list = []
+            async for kind, payload in events:
+                if kind == "audio":
+                    line = {"audio_base64": base64.b64encode(payload).decode()}
+                    line.update(alignment=None, normalized_alignment=None)
+                else:
+                    offset = sum(sum(a[0].durations_ms) for a in alignments)
+                    alignments.append(payload)
+                    line = {"audio_base64": "", "alignment": payload[0].http(offset)}
+                    line["normalized_alignment"] = payload[1].http(offset)
+                yield json.dumps(line, separators=(",", ":")) + "\n"
+
+        return StreamingResponse(lines(), media_type="application/x-ndjson", headers={"Cache-Control": "no-cache"})
+
+    async def _timed(self, voice_id: str, body: TextToSpeechRequest, fmt: str, http: Request):
+        """The text's sentences as one context (api/contexts.py): its events, the first already received,
+        so that a refusal before audio gets its status."""
+        speech = await self._speech(voice_id, body)
+        queue: asyncio.Queue = asyncio.Queue()
+        context = SpeechContext(
+            self._start_speech,
+            self._settings,
+            self._sockets.ffmpeg,
+            voice=speech.voice,
+            fmt=fmt,
+            speed=speech.speed,
+            protocol="http",
+            emit=lambda kind, payload: queue.put((kind, payload)),
+            custom_voices=http.state.api_key_ok,
+            auto_mode=True,
+            stitching=speech,
+            request_id=request_id_of(http.scope),
+        )
+        for sentence in split_sentences(body.text):
+            context.add_text(sentence)
+        context.flush()
+        context.close()
+        events = _events(context, queue)
         try:
-            stream = await self._start_speech(speech, output_format, request_id_of(http.scope))
+            first = await events.__anext__()
+        except StopAsyncIteration:
+            first = None
         except APIError as exc:
-            if exc.code == "invalid_voice":  # a path parameter: ElevenLabs answers 404
-                raise NotFoundError(
-                    f"A voice with the voice_id {voice_id} was not found.", code="voice_not_found"
-                ) from None
-            raise
-        return stream.response(False, {"Cache-Control": "no-cache"}, "request-id")
+            raise _voice_not_found(exc, voice_id) from None
+
+        async def all_events():
+            try:
+                if first is not None:
+                    yield first
+                    async for event in events:
+                        yield event
+            finally:
+                context.cancel()
+
+        return all_events()
 
     async def _voice_name(self, voice_id: str) -> str:
         """Our name for a voice id in ElevenLabs' form (`elevenlabs_id`); anything else (a preset's own name, an

@@ -271,12 +271,20 @@ class SpeechIngress:
         return stream.response(body.stream_format == "sse", {"Cache-Control": "no-cache"})
 
     async def start_speech(
-        self, speech: SpeechInput, fmt: str, request_id: str, protocol: str = "http"
+        self,
+        speech: SpeechInput,
+        fmt: str,
+        request_id: str,
+        protocol: str = "http",
+        part_of: Optional[RequestRecord] = None,
     ) -> StartedSpeech:
         """Admit, plan, start the encoder and wait for its first chunk: any failure before audio is raised
         here (for the caller's error shape); after it, the stream holds the lease and the request's record.
-        Every dialect's and protocol's speech comes through here (the same admission, log line and metrics)."""
-        record = RequestRecord(request_id, characters=len(speech.text), speed=speech.speed, protocol=protocol)
+        Every dialect's and protocol's speech comes through here (the same admission, log line and metrics);
+        `part_of` is the record of a whole this is one piece of (a WebSocket context), which logs for it."""
+        record = RequestRecord(
+            request_id, characters=len(speech.text), speed=speech.speed, protocol=protocol, part_of=part_of
+        )
         clock = [time.perf_counter()]  # started, admitted, planned
         lease = await self._admit(record)
         try:

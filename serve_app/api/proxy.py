@@ -3,8 +3,10 @@
 Serve applies the Starlette middlewares that `RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH` names
 (`proxy_middlewares` below; the launcher sets it) around its own ASGI app, right on uvicorn. `WriteDeadline`
 is that middleware:
-- **Write deadline** (WRITE_TIMEOUT_S): a response the client stops reading ends. Its log line names the
-  request by the response's `x-request-id` (Serve's own id, which the app adopts: api/request_ids.py).
+- **Write deadline** (WRITE_TIMEOUT_S): a response the client stops reading ends; so does a WebSocket whose
+  client stops reading (its messages queue in the proxy the same way), and the app hears that it closed.
+  Its log line names the request by the response's `x-request-id` (Serve's own id, which the app adopts:
+  api/request_ids.py).
 
 The write deadline, why here: in Ray Serve 2.60 the ingress replica never sees the client's socket. Its
 ASGI `send` appends to an unbounded queue, and the replica streams that queue to the proxy as a Ray
@@ -122,8 +124,11 @@ class _Connection:
 class _Response:
     """One HTTP exchange under the guard: its `send` and `receive` as the wrapped app sees them."""
 
-    def __init__(self, send: Send, receive: Receive, timeout_s: float):
+    def __init__(self, send: Send, receive: Receive, timeout_s: float, websocket: bool = False):
         self._send = send
+        # A WebSocket's messages are its "body"; once it is dropped the app hears that the socket closed.
+        self._body_type = "websocket.send" if websocket else "http.response.body"
+        self._disconnect: Message = {"type": "websocket.disconnect", "code": 1006} if websocket else _DISCONNECT
         self._receive = receive
         self._timeout_s = timeout_s
         self._connection = _Connection(send)
@@ -143,8 +148,8 @@ class _Response:
         if not await self._taken(message):
             self._drop()
             return
-        if message["type"] == "http.response.body":
-            self.sent += len(message.get("body", b""))
+        if message["type"] == self._body_type:
+            self.sent += len(message.get("body", b"") or message.get("bytes", b"") or message.get("text", ""))
 
     async def _taken(self, message: Message) -> bool:
         """Send `message`; False if the client took no bytes for the whole deadline while it waited."""
@@ -189,7 +194,7 @@ class _Response:
         """The server's messages; `http.disconnect` once the response is dropped, even while the server's
         own `receive` is still waiting (Serve's proxy waits on it to learn that a client left)."""
         if self._dropped.is_set():
-            return _DISCONNECT
+            return self._disconnect
         if self._pending is None:
             self._pending = asyncio.ensure_future(self._receive())
         dropped = asyncio.ensure_future(self._dropped.wait())
@@ -204,7 +209,7 @@ class _Response:
         if self._pending.done():
             message, self._pending = self._pending.result(), None
             return message
-        return _DISCONNECT
+        return self._disconnect
 
 
 class WriteDeadline:
@@ -215,8 +220,10 @@ class WriteDeadline:
         self.timeout_s = timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] not in ("http", "websocket"):
             await self.app(scope, receive, send)
             return
-        response = _Response(send, receive, self.timeout_s)
+        response = _Response(send, receive, self.timeout_s, websocket=scope["type"] == "websocket")
+        if response.request_id == "-" and scope["type"] == "websocket":
+            response.request_id = "websocket " + scope.get("path", "")[-80:]
         await self.app(scope, response.receive, response.send)

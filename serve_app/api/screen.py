@@ -19,7 +19,10 @@ middleware runs first and decides, in this order:
    the network could otherwise store or delete a person's voice. What the request may see is left in
    `scope["state"]` for the handlers: whether it carried the key (`api_key_ok`), and whether it may see
    details (`trusted`: the key, or loopback).
-4. **Body deadline**: the body's bytes are due within BODY_TIMEOUT_S of the start plus what has arrived at
+4. **WebSockets** (ElevenLabs' sockets): Host and Origin as above, any Origin but the server's own and
+   CORS_ORIGINS refused at the handshake (a page may open a socket to any address); the key may also come
+   in the socket's first message, so that check is the socket's own (api/sockets.py).
+5. **Body deadline**: the body's bytes are due within BODY_TIMEOUT_S of the start plus what has arrived at
    BODY_MIN_RATE bytes per second; a client that falls behind gets 408 `request_timeout`, and its slot is
    free again.
 """
@@ -139,6 +142,8 @@ class RequestScreen:
         self.origins = set(settings.cors_origins)
 
     async def __call__(self, scope, receive, send):
+        if scope["type"] == "websocket":
+            return await self._socket(scope, receive, send)
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = Headers(scope=scope)
@@ -156,6 +161,24 @@ class RequestScreen:
             response = self.respond(path, error) or to_error_response(error)
             return await response(scope, receive, send)
         await self.app(scope, self._timed(receive), send)
+
+    async def _socket(self, scope, receive, send):
+        """A WebSocket handshake: Host as for HTTP; any Origin but this server's own and CORS_ORIGINS is refused
+        (a browser lets every page open a socket anywhere, with no preflight); the key is left in the state,
+        because ElevenLabs' sockets may also carry it in their first message (api/sockets.py checks)."""
+        headers = Headers(scope=scope)
+        path = scope.get("path", "")
+        key_ok, key_given = self._key(headers, path)
+        state = scope.setdefault("state", {})
+        state["api_key_ok"], state["trusted"] = key_ok, key_given or _is_loopback((scope.get("client") or ("",))[0])
+        origin = headers.get("origin")
+        if (
+            not self.hosts.allows(headers.get("host"))
+            or origin is not None
+            and not self._origin_allowed(origin, headers)
+        ):
+            return await send({"type": "websocket.close", "code": 1008})  # before accept: an HTTP 403
+        await self.app(scope, receive, send)
 
     def _key(self, headers: Headers, path: str) -> tuple[bool, bool]:
         """(may use what the key guards: a valid key, or no API_KEY set; carried a valid key)."""

@@ -42,11 +42,11 @@ from wyoming.tts import SynthesizeStopped
 from serve_app.api.request_ids import new_request_id
 from serve_app.api.streaming import StartedSpeech
 from serve_app.core.constants import LOGGER_NAME, SAMPLE_RATE
-from serve_app.core.errors import APIError, InvalidRequestError, RateLimitError, as_api_error, value_of
+from serve_app.core.errors import APIError, RateLimitError, as_api_error, value_of
 from serve_app.core.messages import SpeechInput, VoiceInfo
 from serve_app.core.settings import Settings
 from serve_app.text.chunking import SentenceStream
-from serve_app.text.frontend import spoken_text
+from serve_app.text.frontend import speakable
 
 logger = logging.getLogger(LOGGER_NAME)
 
@@ -334,11 +334,7 @@ class WyomingListener:
 
     def speakable(self, text: str) -> bool:
         """Whether the text frontend would find something to speak (its own check: text/frontend.py)."""
-        try:
-            spoken_text(text, self.settings.strip_markdown)
-        except InvalidRequestError:
-            return False
-        return True
+        return speakable(text, self.settings.strip_markdown)
 
     async def stop(self) -> None:
         if self._server is not None:

@@ -80,6 +80,21 @@ class RequestRecord:
     first_byte: Optional[float] = None
     usage: Usage = field(default_factory=Usage)
     done: bool = False
+    # A request that is one piece of a longer one (a sentence of a WebSocket context): it logs nothing and
+    # counts in no metric itself; what it generated is added to the whole's record, which has the log line.
+    part_of: Optional[RequestRecord] = None
+
+    def add(self, part: RequestRecord) -> None:
+        """A part's tokens and guards into this whole (its first part's context, its voice)."""
+        usage = self.usage
+        if not usage.output_tokens and not usage.input_tokens:
+            usage.context_positions = part.usage.context_positions
+        usage.input_tokens += part.usage.input_tokens
+        usage.output_tokens += part.usage.output_tokens
+        for guard, count in part.usage.guards.items():
+            usage.guards[guard] = usage.guards.get(guard, 0) + count
+        if self.voice == "-":
+            self.voice = part.voice
 
     def mark_first_byte(self) -> None:
         self.first_byte = time.perf_counter() - self.started
@@ -93,6 +108,9 @@ class RequestRecord:
         if self.done:
             return
         self.done = True
+        if self.part_of is not None:
+            self.part_of.add(self)
+            return
         total = time.perf_counter() - self.started
         rtf = total / self.audio_seconds if self.audio_seconds else None
         ttfb = f"{1000 * self.first_byte:.0f}" if self.first_byte is not None else "-"

@@ -61,6 +61,9 @@ class Settings(BaseModel):
     """Wyoming has no authentication. With API_KEY set and a LAN-facing HOST, the Wyoming port listens on
     127.0.0.1 only, unless this says that anyone on the network may ask it for speech without the key (custom
     voices stay unusable over Wyoming while a key is set)."""
+    alignment: bool = True
+    """Character timing (ElevenLabs' `alignment`) on the WebSocket and with-timestamps routes: each sentence's
+    start and end are exact, the characters inside it are estimated (docs: Voice agents). Off: null."""
     model_id: str = Field("mlx-community/csm-1b", min_length=1)
     """A Hugging Face repo id, downloaded once into CACHE_DIR, or a local checkpoint folder (never completed from
     the network). `sesame/csm-1b` is gated: it needs HF_TOKEN."""

@@ -142,6 +142,15 @@ class SentenceStream:
         self._buffer = buffer[cut:]
         return split_sentences(buffer[:cut])
 
+    def release(self, min_chars: int) -> str:
+        """What is buffered, up to its last space, once it holds `min_chars` or more (ElevenLabs'
+        `chunk_length_schedule`: speech may start before a sentence ends); "" until then."""
+        cut = self._buffer.rfind(" ") + 1
+        if len(self._buffer) < min_chars or not normalize(self._buffer[:cut]):
+            return ""
+        piece, self._buffer = normalize(self._buffer[:cut]), self._buffer[cut:]
+        return piece
+
     def finish(self) -> list[str]:
         rest, self._buffer = self._buffer, ""
         return split_sentences(rest)

@@ -48,6 +48,15 @@ def spoken_text(text: str, strip: bool) -> str:
     return text
 
 
+def speakable(text: str, strip: bool) -> bool:
+    """Whether `spoken_text` finds something to speak (a listener of text streams skips what it does not)."""
+    try:
+        spoken_text(text, strip)
+    except InvalidRequestError:
+        return False
+    return True
+
+
 class TextFrontend:
     def __init__(self, settings: Settings, voices: VoiceLibrary):
         configure_logging(settings.log_level)

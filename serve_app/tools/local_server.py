@@ -50,6 +50,7 @@ class LocalServer:
             "RAY_ADDRESS": "local",
             **env,
         }
+        self.port = port
         self.base_url = f"http://127.0.0.1:{port}"
         self.api = f"{self.base_url}/v1"
         self.log = work / "server.log"

@@ -19,10 +19,12 @@ from pathlib import Path
 import httpx
 import psutil
 import pytest
+from websockets.sync.client import connect
 
 from ops.bench.stalled_readers import request_status, speech_body, stalled_request, was_reset
 from serve_app.core import processes
 from serve_app.tools.local_server import free_port
+from tests.support import sockets
 from tests.support.audio import decode, duration, probe, rms
 from tests.support.servers import healthy, launch_server, session_processes
 from tests.support.waiting import wait_for
@@ -213,6 +215,56 @@ def test_a_wyoming_client_that_stops_reading_is_cut_off_and_its_generation_cance
     assert line["status"] == "cancelled" and float(line["audio_s"]) < 50, line
     assert "took no audio for 2 s" in lan_server.log_text()[before:]
     sock.close()
+    wait_for(lambda: lan_server.health().json()["model"]["generating"] == 0, "the model's batch is empty")
+
+
+def test_elevenlabs_sockets_take_the_key_in_the_header_or_the_first_message(lan_server):
+    """As ElevenLabs allows: the `xi-api-key` header, or `xi_api_key` / `xi-api-key` in the first message
+    (the SDK spells it both ways); without it, or with a wrong one, ElevenLabs' 401 error and a close."""
+    for headers, first in (
+        ({"xi-api-key": API_KEY}, {}),
+        (None, {"xi_api_key": API_KEY}),
+        (None, {"xi-api-key": API_KEY}),
+    ):
+        with sockets.socket(lan_server, "stream-input", headers=headers, output_format="pcm_24000") as ws:
+            sockets.send(ws, text=" ", **first)
+            sockets.send(ws, text="Hello there.")
+            sockets.send(ws, text="")
+            received = sockets.messages(ws)
+        assert received[-1] == {"isFinal": True} and sockets.audio_by_context(received)[""], (headers, first)
+    for first in ({}, {"xi_api_key": "sk-wrong"}):
+        with sockets.socket(lan_server, "multi-stream-input") as ws:
+            sockets.send(ws, text=" ", context_id="c", **first)
+            (error,) = sockets.messages(ws)
+            assert ws.close_code == 1008
+        assert (error["code"], error["error"]) == (401, "invalid_api_key")
+    assert API_KEY not in lan_server.log_text()
+
+
+def test_a_websocket_client_that_stops_reading_is_cut_off_and_its_generation_cancelled(lan_server):
+    """The proxy's write deadline holds for WebSockets too: a client with a small receive buffer that reads
+    nothing (its library's queue full) is cut off after WRITE_TIMEOUT_S, and the context's generation is
+    cancelled while the model is still at it."""
+    before = len(lan_server.log_text())  # (the key test's lines may come later: Ray forwards them with a lag)
+    raw = socket.socket()
+    raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    raw.connect(("127.0.0.1", lan_server.port))
+    url = f"ws://127.0.0.1:{lan_server.port}/elevenlabs/v1/text-to-speech/conversational/stream-input"
+    with connect(
+        url + "?output_format=pcm_48000", sock=raw, max_queue=1, additional_headers={"xi-api-key": API_KEY}
+    ) as ws:
+        sockets.send(ws, text=" ")
+        sockets.send(ws, text="A long paragraph that would take many seconds to speak in full. " * 18)
+        sockets.send(ws, text="")
+        line = wait_for(
+            lambda: next(
+                (x for x in request_lines(lan_server.log_text(), "websocket") if x["format"] == "pcm_48000"), 0
+            ),
+            "the context's log line",
+            timeout=240,
+        )
+    assert line["status"] == "cancelled" and float(line["audio_s"]) < 50, line
+    assert "took no response bytes for 2 s" in lan_server.log_text()[before:]
     wait_for(lambda: lan_server.health().json()["model"]["generating"] == 0, "the model's batch is empty")
 
 
