@@ -31,7 +31,7 @@ from serve_app.api.request_ids import new_request_id
 from serve_app.audio.ffmpeg import ffmpeg_command
 from serve_app.audio.pool import Process, kill, start
 from serve_app.core.constants import SAMPLE_RATE
-from serve_app.core.errors import InvalidRequestError, ServiceUnavailableError, status_of
+from serve_app.core.errors import GenerationError, InvalidRequestError, ServiceUnavailableError, status_of
 from serve_app.core.formats import FORMATS
 from serve_app.core.messages import SpeechInput
 from serve_app.core.observability import RequestRecord
@@ -70,7 +70,9 @@ class _Encoder:
             return
         if self._proc is None:
             if self._ffmpeg is None:
-                raise ServiceUnavailableError("Audio encoding is unavailable: ffmpeg was not found.")
+                raise ServiceUnavailableError(
+                    "Audio encoding is unavailable: ffmpeg was not found.", code="ffmpeg_unavailable"
+                )
             self._proc = await start(ffmpeg_command(self._ffmpeg, self._fmt))
             self._reader = asyncio.create_task(self._read(self._proc))
         try:
@@ -93,7 +95,7 @@ class _Encoder:
         await reader
         if await proc.wait() != 0:
             stderr = (await proc.stderr.read()).decode(errors="replace").strip()
-            raise ServiceUnavailableError(f"Audio encoding failed (ffmpeg exited {proc.returncode}): {stderr[-200:]}")
+            raise GenerationError(f"Audio encoding failed (ffmpeg exited {proc.returncode}): {stderr[-200:]}")
 
     async def close(self) -> None:
         if self._reader is not None:

@@ -32,6 +32,7 @@ from wyoming.tts import Synthesize
 
 from serve_app.audio.pool import MAX_COMMANDS
 from serve_app.tools.local_server import free_port
+from tests.support import sockets
 from tests.support.audio import decode, duration, rms
 from tests.support.servers import ROOT, healthy, launch_server, run_loadtest, session_processes
 from tests.support.wyoming import client as wyoming_client
@@ -111,6 +112,12 @@ def test_over_capacity_gets_429_with_retry_after_before_any_audio(busy):
     events, was_closed = asyncio.run(wyoming_one_shot(busy, "One more."))
     assert [e.type for e in events] == ["error"] and was_closed
     assert "retry in" in events[0].data["text"] and events[0].data["code"] == "rate_limit_exceeded"
+    # So do ElevenLabs' sockets: ElevenLabs' error shape, naming the context, then a close (try again later).
+    with sockets.socket(busy, "multi-stream-input", auto_mode="true") as ws:
+        sockets.send(ws, text="One more. ", context_id="c")
+        received = sockets.messages(ws)
+        assert ws.close_code == 1013
+    assert [(m["code"], m["error"], m["contextId"]) for m in received] == [(429, "rate_limit_exceeded", "c")]
     # The admitted requests are unharmed: each is whole, audible audio.
     for held in holders.join():
         assert held.status_code == 200
