@@ -1,0 +1,159 @@
+"""`python -m ops.bench.agents`: ElevenLabs' multi-stream-input WebSocket against its HTTP stream, side by side.
+
+    python -m ops.bench.agents                        # tiny checkpoint, ~a minute
+    python -m ops.bench.agents --checkpoint /path/to/csm-1b --rounds 10
+
+One real server (the launcher, a frame cap so every request generates the same frames), the same sentence and
+voice, rounds alternating the clients so drift hits them alike:
+
+- HTTP: POST /elevenlabs/v1/text-to-speech/{voice}/stream (pcm_24000) on a kept-alive connection, time to its
+  first byte;
+- WebSocket: a socket and context already open (as Pipecat keeps them, `auto_mode=true`), time from sending
+  the sentence to its first audio message;
+- Barge-in: a long sentence unflushed, `close_context` once its first audio arrived; the audio that still
+  arrives for it after the close was sent, in frame groups (GROUP_FRAMES frames of 80 ms).
+
+Targets (issue 34): WebSocket first audio within 1.1x of HTTP's first byte; after `close_context` on unflushed
+text, audio stops within two frame groups. Results: results/bench/<machine>/agents-<checkpoint>.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import statistics
+import time
+from pathlib import Path
+
+import httpx
+from websockets.sync.client import connect
+
+from ops.bench import save_side_bench
+from serve_app.core.constants import PROJECT_ROOT, SAMPLES_PER_FRAME
+from serve_app.core.settings import Settings
+from serve_app.tools.bench.__main__ import checkpoint_path
+from serve_app.tools.bench.server import start_server
+
+SENTENCE = "The quick brown fox jumps over the lazy dog."
+LONG = "This is a long sentence that would go on for quite a while if nobody stopped it at all. "
+VOICE = "conversational"
+GROUP_FRAMES = Settings().group_frames
+
+
+def http_first_byte(client: httpx.Client, url: str) -> float:
+    started = time.perf_counter()
+    route = f"{url}/elevenlabs/v1/text-to-speech/{VOICE}/stream?output_format=pcm_24000"
+    with client.stream("POST", route, json={"text": SENTENCE}) as response:
+        response.raise_for_status()
+        chunks = response.iter_raw()
+        next(chunks)
+        first = time.perf_counter() - started
+        for _ in chunks:
+            pass
+    return first
+
+
+def _until(ws, context: str, audio_only: bool = False) -> list[dict]:
+    received = []
+    while True:
+        message = json.loads(ws.recv(timeout=120))
+        if message.get("error"):
+            raise RuntimeError(message)
+        received.append(message)
+        if audio_only and message.get("audio") or message.get("isFinal") and message["contextId"] == context:
+            return received
+
+
+def socket_round(url: str, index: int) -> tuple[float, float]:
+    """(first audio after the sentence was sent, frame groups of audio after a barge-in's close_context)."""
+    ws_url = url.replace("http://", "ws://", 1)
+    route = f"{ws_url}/elevenlabs/v1/text-to-speech/{VOICE}/multi-stream-input?output_format=pcm_24000&auto_mode=true"
+    with connect(route, max_size=2**24) as ws:
+        speak, cut = f"s{index}", f"b{index}"
+        ws.send(json.dumps({"text": " ", "context_id": speak}))
+        started = time.perf_counter()
+        ws.send(json.dumps({"text": SENTENCE + " ", "context_id": speak}))
+        _until(ws, speak, audio_only=True)
+        first = time.perf_counter() - started
+        ws.send(json.dumps({"context_id": speak, "flush": True}))
+        ws.send(json.dumps({"context_id": speak, "close_context": True}))
+        _until(ws, speak)
+        ws.send(json.dumps({"text": " ", "context_id": cut}))
+        ws.send(json.dumps({"text": LONG, "context_id": cut}))
+        _until(ws, cut, audio_only=True)
+        ws.send(json.dumps({"context_id": cut, "close_context": True}))
+        after = sum(len(base64.b64decode(m["audio"])) for m in _until(ws, cut) if m.get("audio"))
+        ws.send(json.dumps({"close_socket": True}))
+    return first, after / 2 / SAMPLES_PER_FRAME / GROUP_FRAMES
+
+
+def measure(url: str, rounds: int) -> dict[str, list[float]]:
+    times: dict[str, list[float]] = {"http": [], "websocket": [], "barge_in_groups": []}
+    with httpx.Client(timeout=120) as client:
+        for warm in range(rounds + 1):  # the first round warms every path and is not counted
+            http = http_first_byte(client, url)
+            first, groups = socket_round(url, warm)
+            if warm:
+                times["http"].append(http)
+                times["websocket"].append(first)
+                times["barge_in_groups"].append(groups)
+    return times
+
+
+def summarize(times: dict[str, list[float]]) -> dict:
+    median = {key: round(1000 * statistics.median(times[key]), 1) for key in ("http", "websocket")}
+    ratio = round(median["websocket"] / median["http"], 3)
+    worst_groups = round(max(times["barge_in_groups"]), 2)
+    return {
+        "median_ms": median,
+        "all_ms": {key: [round(1000 * v, 1) for v in times[key]] for key in ("http", "websocket")},
+        "websocket_ratio": ratio,
+        "barge_in_groups_after_close": [round(g, 2) for g in times["barge_in_groups"]],
+        "targets": {"websocket_within_1.1x": ratio <= 1.1, "barge_in_within_2_groups": worst_groups <= 2},
+    }
+
+
+def render(result: dict, machine: dict) -> str:
+    median = result["median_ms"]
+    return "\n".join(
+        [
+            f"# ElevenLabs' WebSocket against its HTTP stream ({result['checkpoint']}, {machine['name']})",
+            "",
+            f"{result['date']}, `{result['command']}`; {result['rounds']} rounds, {result['frames']} frames per "
+            f'request (the cap), "{SENTENCE}", voice {VOICE}, pcm_24000. Medians:',
+            "",
+            "| Client | First audio (ms) |",
+            "|---|---|",
+            f"| HTTP `/stream` (first byte) | {median['http']} |",
+            f"| WebSocket, auto_mode (sentence sent to first audio message) | {median['websocket']} |",
+            "",
+            f"WebSocket / HTTP: {result['websocket_ratio']} (target <= 1.1). Audio after a barge-in's "
+            f"`close_context`, in frame groups of {GROUP_FRAMES} frames, each round: "
+            f"{result['barge_in_groups_after_close']} (target <= 2). Targets met: {result['targets']}.",
+            "",
+        ]
+    )
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint", default="tiny", help="tiny (written once), full, or a folder")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--frames", type=int, default=60, help="frames every request generates (the cap)")
+    parser.add_argument("--out", type=Path, default=PROJECT_ROOT / "results" / "bench")
+    parser.add_argument("--cache", type=Path, default=Settings().cache_dir)
+    args = parser.parse_args(argv)
+    name, checkpoint = checkpoint_path(args.checkpoint, args.cache)
+    server = start_server(str(checkpoint), args.frames, max_batch=2)
+    try:
+        server.wait_until(lambda r: r.status_code == 200)
+        times = measure(server.base_url, args.rounds)
+    finally:
+        server.stop()
+    result = {"checkpoint": name, "rounds": args.rounds, "frames": args.frames, **summarize(times)}
+    save_side_bench(result, "ops.bench.agents", f"agents-{name}", args.out, render, argv)
+
+
+if __name__ == "__main__":
+    main()
