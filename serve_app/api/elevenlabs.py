@@ -35,6 +35,7 @@ from serve_app.core.formats import ElevenLabsFormat
 from serve_app.core.messages import SpeechInput
 from serve_app.core.settings import Settings
 from serve_app.text.chunking import split_sentences
+from serve_app.text.frontend import spoken_text
 
 logger = logging.getLogger(LOGGER_NAME)
 
@@ -225,6 +226,7 @@ class ElevenLabsRoutes:
         """The text's sentences as one context (api/contexts.py): its events, the first already received,
         so that a refusal before audio gets its status."""
         speech = await self._speech(voice_id, body)
+        spoken_text(body.text, self._settings.strip_markdown)  # nothing to speak: HTTP's 400, not an empty clip
         queue: asyncio.Queue = asyncio.Queue()
         context = SpeechContext(
             self._start_speech,

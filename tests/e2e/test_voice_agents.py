@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 
+import httpx
 import pytest
 from elevenlabs import ElevenLabs, VoiceSettings
 from websockets.exceptions import InvalidStatus
@@ -194,3 +195,12 @@ def test_with_timestamps_whole_and_streamed_through_the_sdk(server):
     spans = [c.alignment for c in chunks if c.alignment is not None]
     assert ["".join(a.characters) for a in spans] == SENTENCES
     assert spans[1].character_start_times_seconds[0] == spans[0].character_end_times_seconds[-1]
+
+
+@pytest.mark.parametrize("route", ["with-timestamps", "stream/with-timestamps"])
+def test_with_timestamps_refuses_what_has_nothing_to_speak_or_an_unknown_voice_as_elevenlabs_does(server, route):
+    base = f"{server.base_url}/elevenlabs/v1/text-to-speech"
+    empty = httpx.post(f"{base}/conversational/{route}", json={"text": "👋 🙂"}, timeout=60)
+    assert empty.status_code == 400 and empty.json()["detail"]["status"] == "empty_input"
+    unknown = httpx.post(f"{base}/nobody/{route}", json={"text": "Hello."}, timeout=60)
+    assert unknown.status_code == 404 and unknown.json()["detail"]["status"] == "voice_not_found"
