@@ -136,6 +136,7 @@ class SpeechContext:
         self._wake = asyncio.Event()
         self._closed = False
         self._released = 0  # pieces let go by the schedule so far
+        self._aligned = False  # whether a piece's alignment has been sent
         # An HTTP request's own context: its seed, and its earlier requests (ids or text) before the first piece.
         self._stitching = stitching or SpeechInput("")
         self.record = RequestRecord(request_id or new_request_id(), speed=speed, protocol=protocol)
@@ -251,9 +252,13 @@ class SpeechContext:
         finally:
             started.close()
         if self._alignment:
+            # After the first piece, a leading space: a client that joins the characters across alignments
+            # (Pipecat, LiveKit) would otherwise run the last word of one piece into the first of the next.
+            lead = " " if self._aligned else ""
+            self._aligned = True
             duration_ms = round(1000 * samples / SAMPLE_RATE)
-            spoken = spoken_text(text, self._settings.strip_markdown).strip()
-            await self._emit("alignment", (estimate(text, duration_ms), estimate(spoken, duration_ms)))
+            spoken = lead + spoken_text(text, self._settings.strip_markdown).strip()
+            await self._emit("alignment", (estimate(lead + text, duration_ms), estimate(spoken, duration_ms)))
         return request_id
 
 
@@ -267,12 +272,8 @@ def whole(alignments: list[tuple[Alignment, Alignment]]) -> tuple[Optional[dict]
         starts: list[int] = []
         durations: list[int] = []
         offset = 0
-        for pair in alignments:
+        for pair in alignments:  # (each piece after the first starts with its space)
             part = pair[index]
-            if chars:  # the pieces were separated by a space in the text
-                chars.append(" ")
-                starts.append(offset)
-                durations.append(0)
             chars += part.chars
             starts += [offset + s for s in part.starts_ms]
             durations += part.durations_ms

@@ -41,10 +41,10 @@ def test_the_forms_of_elevenlabs_websocket_and_http():
 
 
 def test_pieces_made_one_follow_each_other_exactly():
-    first, second = estimate("Hello there.", 1200), estimate("Bye.", 400)
+    first, second = estimate("Hello there.", 1200), estimate(" Bye.", 400)
     given, spoken = whole([(first, first), (second, second)])
     assert "".join(given["characters"]) == "Hello there. Bye."
-    assert given["character_start_times_seconds"][len("Hello there. ")] == 1.2
+    assert given["character_start_times_seconds"][len("Hello there.")] == 1.2  # the second piece's space
     assert given["character_end_times_seconds"][-1] == 1.6 and spoken == given
     assert whole([]) == (None, None)
 
