@@ -36,3 +36,21 @@ def save_side_bench(result: dict, module: str, name: str, out: Path, render, arg
     (folder / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
     (folder / f"{name}.md").write_text(table)
     print(table)
+
+
+def side_bench_options(doc: str, argv, frames: int) -> tuple:
+    """The options every side-by-side harness takes, parsed: (args, checkpoint name, checkpoint folder)."""
+    import argparse
+
+    from serve_app.core.constants import PROJECT_ROOT
+    from serve_app.core.settings import Settings
+    from serve_app.tools.bench.__main__ import checkpoint_path
+
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("--checkpoint", default="tiny", help="tiny (written once), full, or a folder")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--frames", type=int, default=frames, help="frames every request generates (the cap)")
+    parser.add_argument("--out", type=Path, default=PROJECT_ROOT / "results" / "bench")
+    parser.add_argument("--cache", type=Path, default=Settings().cache_dir)
+    args = parser.parse_args(argv)
+    return (args, *checkpoint_path(args.checkpoint, args.cache))

@@ -19,20 +19,17 @@ text, audio stops within two frame groups. Results: results/bench/<machine>/agen
 
 from __future__ import annotations
 
-import argparse
 import base64
 import json
 import statistics
 import time
-from pathlib import Path
 
 import httpx
 from websockets.sync.client import connect
 
-from ops.bench import save_side_bench
-from serve_app.core.constants import PROJECT_ROOT, SAMPLES_PER_FRAME
+from ops.bench import save_side_bench, side_bench_options
+from serve_app.core.constants import SAMPLES_PER_FRAME
 from serve_app.core.settings import Settings
-from serve_app.tools.bench.__main__ import checkpoint_path
 from serve_app.tools.bench.server import start_server
 
 SENTENCE = "The quick brown fox jumps over the lazy dog."
@@ -137,14 +134,7 @@ def render(result: dict, machine: dict) -> str:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--checkpoint", default="tiny", help="tiny (written once), full, or a folder")
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--frames", type=int, default=60, help="frames every request generates (the cap)")
-    parser.add_argument("--out", type=Path, default=PROJECT_ROOT / "results" / "bench")
-    parser.add_argument("--cache", type=Path, default=Settings().cache_dir)
-    args = parser.parse_args(argv)
-    name, checkpoint = checkpoint_path(args.checkpoint, args.cache)
+    args, name, checkpoint = side_bench_options(__doc__, argv, frames=60)
     server = start_server(str(checkpoint), args.frames, max_batch=2)
     try:
         server.wait_until(lambda r: r.status_code == 200)

@@ -19,20 +19,15 @@ Results: results/bench/<machine>/wyoming-<checkpoint>.{json,md}.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import statistics
 import time
-from pathlib import Path
 
 import httpx
 from wyoming.client import AsyncTcpClient
 from wyoming.tts import Synthesize, SynthesizeChunk, SynthesizeStart, SynthesizeStop, SynthesizeVoice
 
-from ops.bench import save_side_bench
-from serve_app.core.constants import PROJECT_ROOT
-from serve_app.core.settings import Settings
-from serve_app.tools.bench.__main__ import checkpoint_path
+from ops.bench import save_side_bench, side_bench_options
 from serve_app.tools.bench.server import start_server
 from serve_app.tools.local_server import free_port
 
@@ -142,14 +137,7 @@ def render(result: dict, machine: dict) -> str:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--checkpoint", default="tiny", help="tiny (written once), full, or a folder")
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--frames", type=int, default=12, help="frames every request generates (the cap)")
-    parser.add_argument("--out", type=Path, default=PROJECT_ROOT / "results" / "bench")
-    parser.add_argument("--cache", type=Path, default=Settings().cache_dir)
-    args = parser.parse_args(argv)
-    name, checkpoint = checkpoint_path(args.checkpoint, args.cache)
+    args, name, checkpoint = side_bench_options(__doc__, argv, frames=12)
     port = free_port()
     server = start_server(str(checkpoint), args.frames, max_batch=2, env={"WYOMING_PORT": str(port)})
     try:
