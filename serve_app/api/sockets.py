@@ -148,8 +148,8 @@ class _Socket:
             error = as_api_error(exc)
             self.end(_close_code(error), error.message, context_id, error)
             return
-        if self.ended.done():
-            return
+        if self.ended.done() and self.ended.result()[3] is not None:
+            return  # the socket ends on an error: that is the last message
         try:
             await self.send(self._tagged(context_id, {"isFinal": True}))
         except Exception:  # the client has gone: nobody is left to tell

@@ -121,7 +121,8 @@ def test_barge_in_stops_one_context_and_the_other_speaks_to_its_end(server):
 
 def test_keepalives_end_nothing_and_a_context_ends_on_close_context(server):
     """Pipecat's keepalives (`text: ""` with and without a context) neither end a context nor produce
-    audio; the context speaks what it was given once flushed, then isFinal."""
+    audio; the context speaks what it was given once flushed, then isFinal; close_socket speaks what was
+    flushed before it closes."""
     with socket(server, "multi-stream-input", output_format="pcm_16000") as ws:
         send(ws, text=" ", context_id="c1")
         send(ws, text="")
@@ -131,6 +132,12 @@ def test_keepalives_end_nothing_and_a_context_ends_on_close_context(server):
         send(ws, context_id="c1", flush=True)
         send(ws, context_id="c1", close_context=True)
         received = messages(ws, until_final("c1"))
+        # close_socket delivers what was flushed first: c2's audio, its isFinal, then the close.
+        send(ws, text=" ", context_id="c2")
+        send(ws, text=SENTENCES[0], context_id="c2", flush=True)
+        send(ws, close_socket=True)
+        closing = messages(ws)
+        assert ws.close_code == 1000 and finals(closing) == ["c2"] and audio_by_context(closing)["c2"]
     alignments = [m["alignment"] for m in received if m.get("alignment")]
     assert [("".join(a["chars"])) for a in alignments] == [SENTENCES[1]]
     samples, rate = decode_format(audio_by_context(received)["c1"], "pcm_16000")
