@@ -136,7 +136,7 @@ class SpeechContext:
         self._wake = asyncio.Event()
         self._closed = False
         self._released = 0  # pieces let go by the schedule so far
-        self._aligned = False  # whether a piece's alignment has been sent
+        self._spoken = 0  # pieces spoken so far
         # An HTTP request's own context: its seed, and its earlier requests (ids or text) before the first piece.
         self._stitching = stitching or SpeechInput("")
         self.record = RequestRecord(request_id or new_request_id(), speed=speed, protocol=protocol)
@@ -231,14 +231,13 @@ class SpeechContext:
     async def _speak(self, text: str, earlier: list[str]) -> str:
         """One piece through the ingress and the context's encoder; its alignment after its audio."""
         request_id = new_request_id()
-        first = self.record.usage.input_tokens == 0 and self.record.first_byte is None
         speech = SpeechInput(
             text,
             self._voice,
             self._speed,
             self._stitching.seed,
             previous_request_ids=earlier or None,
-            previous_text=self._stitching.previous_text if first else None,
+            previous_text=None if self._spoken else self._stitching.previous_text,
             custom_voices=self._custom_voices,
         )
         started = await self._start_speech(speech, "pcm", request_id, self.record.protocol, part_of=self.record)
@@ -254,11 +253,11 @@ class SpeechContext:
         if self._alignment:
             # After the first piece, a leading space: a client that joins the characters across alignments
             # (Pipecat, LiveKit) would otherwise run the last word of one piece into the first of the next.
-            lead = " " if self._aligned else ""
-            self._aligned = True
+            lead = " " if self._spoken else ""
             duration_ms = round(1000 * samples / SAMPLE_RATE)
             spoken = lead + spoken_text(text, self._settings.strip_markdown).strip()
             await self._emit("alignment", (estimate(lead + text, duration_ms), estimate(spoken, duration_ms)))
+        self._spoken += 1
         return request_id
 
 
@@ -277,6 +276,6 @@ def whole(alignments: list[tuple[Alignment, Alignment]]) -> tuple[Optional[dict]
             chars += part.chars
             starts += [offset + s for s in part.starts_ms]
             durations += part.durations_ms
-            offset += sum(pair[0].durations_ms)
+            offset += part.duration_ms
         forms.append(Alignment(chars, starts, durations).http())
     return forms[0], forms[1]

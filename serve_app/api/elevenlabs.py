@@ -208,16 +208,15 @@ class ElevenLabsRoutes:
         events = await self._timed(voice_id, body, output_format, http)
 
         async def lines() -> AsyncIterator[str]:
-            alignments: list = []
+            offset = 0  # ms of audio the earlier sentences' alignments cover
             async for kind, payload in events:
                 if kind == "audio":
                     line = {"audio_base64": base64.b64encode(payload).decode()}
                     line.update(alignment=None, normalized_alignment=None)
                 else:
-                    offset = sum(sum(a[0].durations_ms) for a in alignments)
-                    alignments.append(payload)
                     line = {"audio_base64": "", "alignment": payload[0].http(offset)}
                     line["normalized_alignment"] = payload[1].http(offset)
+                    offset += payload[0].duration_ms
                 yield json.dumps(line, separators=(",", ":")) + "\n"
 
         return StreamingResponse(lines(), media_type="application/x-ndjson", headers={"Cache-Control": "no-cache"})

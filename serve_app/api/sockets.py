@@ -117,15 +117,14 @@ class _Socket:
                 f"At most {MAX_CONTEXTS} contexts may be open on one socket; close one first.",
                 "max_active_conversations",
             )
-        settings = _voice_settings(message)
-        schedule = _schedule(message)
+        speed, schedule = _speed(message), _schedule(message)
         context = SpeechContext(
             self.sockets.start_speech,
             self.sockets.settings,
             self.sockets.ffmpeg,
             voice=self.voice,
             fmt=self.options.fmt,
-            speed=settings,
+            speed=speed,
             protocol=PROTOCOL,
             emit=self._emitter(context_id),
             custom_voices=self.sockets.custom_voices(self.ws),
@@ -225,7 +224,7 @@ def _text(message: dict) -> str:
     return text
 
 
-def _voice_settings(message: dict) -> float:
+def _speed(message: dict) -> float:
     """The speed of a context's voice_settings (1.0 without), in HTTP's range; the other settings have no CSM
     counterpart and are accepted."""
     raw = message.get("voice_settings") or {}

@@ -37,6 +37,11 @@ class Alignment:
     starts_ms: list[int]
     durations_ms: list[int]
 
+    @property
+    def duration_ms(self) -> int:
+        """The length of the audio it covers (where its last character ends)."""
+        return self.starts_ms[-1] + self.durations_ms[-1] if self.chars else 0
+
     def websocket(self) -> dict:
         """ElevenLabs' WebSocket form."""
         return {"chars": self.chars, "charStartTimesMs": self.starts_ms, "charDurationsMs": self.durations_ms}
