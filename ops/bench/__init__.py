@@ -54,3 +54,15 @@ def side_bench_options(doc: str, argv, frames: int) -> tuple:
     parser.add_argument("--cache", type=Path, default=Settings().cache_dir)
     args = parser.parse_args(argv)
     return (args, *checkpoint_path(args.checkpoint, args.cache))
+
+
+def measure_on_server(checkpoint: Path, frames: int, measure, env=None):
+    """`measure(server)` on one real server (the launcher, this frame cap, a batch of 2), stopped after."""
+    from serve_app.tools.bench.server import start_server
+
+    server = start_server(str(checkpoint), frames, max_batch=2, env=env or {})
+    try:
+        server.wait_until(lambda r: r.status_code == 200)
+        return measure(server)
+    finally:
+        server.stop()

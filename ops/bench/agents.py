@@ -27,10 +27,9 @@ import time
 import httpx
 from websockets.sync.client import connect
 
-from ops.bench import save_side_bench, side_bench_options
+from ops.bench import measure_on_server, save_side_bench, side_bench_options
 from serve_app.core.constants import SAMPLES_PER_FRAME
 from serve_app.core.settings import Settings
-from serve_app.tools.bench.server import start_server
 
 SENTENCE = "The quick brown fox jumps over the lazy dog."
 LONG = "This is a long sentence that would go on for quite a while if nobody stopped it at all. "
@@ -135,12 +134,7 @@ def render(result: dict, machine: dict) -> str:
 
 def main(argv=None) -> None:
     args, name, checkpoint = side_bench_options(__doc__, argv, frames=60)
-    server = start_server(str(checkpoint), args.frames, max_batch=2)
-    try:
-        server.wait_until(lambda r: r.status_code == 200)
-        times = measure(server.base_url, args.rounds)
-    finally:
-        server.stop()
+    times = measure_on_server(checkpoint, args.frames, lambda server: measure(server.base_url, args.rounds))
     result = {"checkpoint": name, "rounds": args.rounds, "frames": args.frames, **summarize(times)}
     save_side_bench(result, "ops.bench.agents", f"agents-{name}", args.out, render, argv)
 

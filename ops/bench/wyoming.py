@@ -27,8 +27,7 @@ import httpx
 from wyoming.client import AsyncTcpClient
 from wyoming.tts import Synthesize, SynthesizeChunk, SynthesizeStart, SynthesizeStop, SynthesizeVoice
 
-from ops.bench import save_side_bench, side_bench_options
-from serve_app.tools.bench.server import start_server
+from ops.bench import measure_on_server, save_side_bench, side_bench_options
 from serve_app.tools.local_server import free_port
 
 SENTENCE = "The quick brown fox jumps over the lazy dog."
@@ -139,12 +138,8 @@ def render(result: dict, machine: dict) -> str:
 def main(argv=None) -> None:
     args, name, checkpoint = side_bench_options(__doc__, argv, frames=12)
     port = free_port()
-    server = start_server(str(checkpoint), args.frames, max_batch=2, env={"WYOMING_PORT": str(port)})
-    try:
-        server.wait_until(lambda r: r.status_code == 200)
-        times = measure(server.base_url, port, args.rounds)
-    finally:
-        server.stop()
+    env = {"WYOMING_PORT": str(port)}
+    times = measure_on_server(checkpoint, args.frames, lambda server: measure(server.base_url, port, args.rounds), env)
     result = {"checkpoint": name, "rounds": args.rounds, "frames": args.frames, **summarize(times)}
     save_side_bench(result, "ops.bench.wyoming", f"wyoming-{name}", args.out, render, argv)
 
