@@ -56,8 +56,8 @@ def decode_format(data: bytes, fmt: str) -> tuple[np.ndarray, int]:
     return np.frombuffer(out.stdout, dtype="<i2").astype(np.float32) / 32768.0, rate
 
 
-def duration(samples: np.ndarray) -> float:
-    return len(samples) / 24000.0
+def duration(samples: np.ndarray, rate: int = 24000) -> float:
+    return len(samples) / rate
 
 
 def rms(samples: np.ndarray) -> float:
