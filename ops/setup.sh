@@ -82,7 +82,7 @@ fi
 step "packages: pip (a first install downloads ~1 GB and takes a few minutes)"
 .venv/bin/python -m pip install --quiet --upgrade pip
 if [ "$profile" = test ]; then
-  step "packages: sesame-tts, what it needs to serve, and the test tools (pytest, ruff, the SDKs, mkdocs, ...)"
+  step "packages: sesame-tts, what it needs to serve, and the test tools (pytest, ruff, the SDKs, Pipecat, LiveKit, mkdocs, ...; ~0.3 GB more)"
 else
   step "packages: sesame-tts and what it needs to serve (ray[serve], mlx, mlx-audio, ...)"
 fi

@@ -133,19 +133,29 @@ class _Response:
         self._timeout_s = timeout_s
         self._connection = _Connection(send)
         self._dropped = asyncio.Event()
+        self._client_left = False  # its send failed: the client closed (`receive` brings its close)
         self._pending: Optional[asyncio.Future] = None  # the server's receive, kept across calls
         self.request_id = "-"
         self.sent = 0  # body bytes the connection has accepted
 
     async def send(self, message: Message) -> None:
-        if self._dropped.is_set():
+        if self._dropped.is_set() or self._client_left:
             # The client is gone for the app: nothing more is written or kept. Still a suspension point, so an
             # app that sends in a loop lets its own `receive` (which now says so) run.
             await asyncio.sleep(0)
             return
         if message["type"] == "http.response.start":
             self.request_id = Headers(raw=message.get("headers", [])).get("x-request-id", "-")
-        if not await self._taken(message):
+        try:
+            taken = await self._taken(message)
+        except OSError:
+            # uvicorn's ClientDisconnected: a WebSocket client closed while a message was on its way. What
+            # comes after goes nowhere, as for a dropped response; `receive` still hands on the client's
+            # own close. Raised into Serve's proxy instead, it closes the proxy's response generator, whose
+            # error handler catches the GeneratorExit, logs it and yields again: two tracebacks per socket.
+            self._client_left = True
+            return
+        if not taken:
             self._drop()
             return
         if message["type"] == self._body_type:

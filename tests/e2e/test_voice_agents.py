@@ -211,3 +211,21 @@ def test_with_timestamps_refuses_what_has_nothing_to_speak_or_an_unknown_voice_a
     assert empty.status_code == 400 and empty.json()["detail"]["status"] == "empty_input"
     unknown = httpx.post(f"{base}/nobody/{route}", json={"text": "Hello."}, timeout=60)
     assert unknown.status_code == 404 and unknown.json()["detail"]["status"] == "voice_not_found"
+
+
+def test_the_side_by_side_benchmark_measures_both_clients_and_the_barge_in(server, tmp_path):
+    """ops/bench/agents.py's measurements and report, against this server (its own server part is the users'
+    benchmark's, tested in test_bench.py): the long sentence is cut off by close_context, so what follows the
+    close is at most the groups already on their way, never the rest of the sentence."""
+    from ops.bench import agents as bench
+
+    times = bench.measure(server.base_url, rounds=1)
+    assert {key: len(values) for key, values in times.items()} == dict.fromkeys(times, 1)
+    assert all(0 < value < 120 for value in times["http"] + times["websocket"])
+    # The long sentence runs to the cap here (4.9 s, ~61 frames): its rest would be ~10 groups of 6 frames.
+    assert 0 <= times["barge_in_groups"][0] < 5
+    result = {"checkpoint": "tiny", "rounds": 1, "frames": 0, **bench.summarize(times)}
+    bench.save_side_bench(result, "ops.bench.agents", "agents-tiny", tmp_path, bench.render, [])
+    [folder] = list(tmp_path.iterdir())
+    assert "| WebSocket, auto_mode" in (folder / "agents-tiny.md").read_text()
+    assert set(result["targets"]) == {"websocket_within_1.1x", "barge_in_within_2_groups"}

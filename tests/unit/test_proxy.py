@@ -122,6 +122,50 @@ def test_a_client_that_stops_reading_is_cut_off_and_the_app_learns_it_left(http)
     assert reset, len(data)
 
 
+class Chatter:
+    """A WebSocket app that keeps sending until `receive` brings the client's close (as a socket does whose
+    audio is still on its way when the client leaves): what `send` raised, and the close it heard."""
+
+    def __init__(self):
+        self.send_errors: list[BaseException] = []
+        self.close_code: int | None = None
+        self.done = threading.Event()
+
+    async def __call__(self, scope, receive, send):
+        assert (await receive())["type"] == "websocket.connect"
+        await send({"type": "websocket.accept"})
+        talker = asyncio.ensure_future(self._talk(send))
+        while (message := await receive())["type"] != "websocket.disconnect":
+            pass
+        self.close_code = message["code"]
+        await asyncio.sleep(0.1)  # messages that were already on their way
+        talker.cancel()
+        self.done.set()
+
+    async def _talk(self, send):
+        while True:
+            try:
+                await send({"type": "websocket.send", "text": "x" * 1024})
+            except Exception as exc:  # what Serve's proxy would have had to handle
+                self.send_errors.append(exc)
+            await asyncio.sleep(0.005)
+
+
+def test_a_websocket_client_that_closes_while_messages_flow_ends_quietly():
+    """A client closes while the app is still sending (LiveKit closes once it has its isFinal): the guard
+    keeps uvicorn's ClientDisconnected from the app (in Serve's proxy it became a traceback per socket), and
+    the app still hears the client's own close code."""
+    from websockets.sync.client import connect
+
+    app = Chatter()
+    with Server(WriteDeadline(app, timeout_s=5.0), "h11") as server:
+        with connect(f"ws://127.0.0.1:{server.port}/socket") as ws:
+            ws.recv(timeout=30)
+            ws.close(code=1001)
+        assert app.done.wait(30), "the app never heard the client's close"
+    assert app.send_errors == [] and app.close_code == 1001
+
+
 @pytest.mark.slow("a client that reads slowly for seconds, by design")
 def test_a_slow_but_steady_reader_gets_every_byte():
     """6 MiB read 64 KiB at a time with a pause after each (~0.6 MB/s). The kernel's send buffer fills, and
