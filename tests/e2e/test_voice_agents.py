@@ -221,11 +221,11 @@ def test_the_side_by_side_benchmark_measures_both_clients_and_the_barge_in(serve
 
     times = bench.measure(server.base_url, rounds=1)
     assert {key: len(values) for key, values in times.items()} == dict.fromkeys(times, 1)
-    assert all(0 < value < 120 for value in times["http"] + times["websocket"])
+    assert all(0 < value < 120 for value in times["http"] + times["websocket"] + times["websocket_gap"])
     # The long sentence runs to the cap here (4.9 s, ~61 frames): its rest would be ~10 groups of 6 frames.
     assert 0 <= times["barge_in_groups"][0] < 5
     result = {"checkpoint": "tiny", "rounds": 1, "frames": 0, **bench.summarize(times)}
     bench.save_side_bench(result, "ops.bench.agents", "agents-tiny", tmp_path, bench.render, [])
     [folder] = list(tmp_path.iterdir())
     assert "| WebSocket, auto_mode" in (folder / "agents-tiny.md").read_text()
-    assert set(result["targets"]) == {"websocket_within_1.1x", "barge_in_within_2_groups"}
+    assert set(result["targets"]) == {"websocket_within_1.1x", "gaps_under_3s", "barge_in_within_2_groups"}
