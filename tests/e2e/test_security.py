@@ -253,7 +253,7 @@ def test_a_websocket_client_that_stops_reading_is_cut_off_and_its_generation_can
     with connect(
         url + "?output_format=pcm_48000", sock=raw, max_queue=1, additional_headers={"xi-api-key": API_KEY}
     ) as ws:
-        sockets.send(ws, text=" ")
+        sockets.send(ws, text=" ", voice_settings={"speed": 0.25})  # four times the bytes per generated second
         sockets.send(ws, text="A long paragraph that would take many seconds to speak in full. " * 18)
         sockets.send(ws, text="")
         line = wait_for(
