@@ -16,6 +16,7 @@ from __future__ import annotations
 import datetime
 import json
 import sys
+import time
 from pathlib import Path
 
 from serve_app.tools.bench import report
@@ -66,3 +67,17 @@ def measure_on_server(checkpoint: Path, frames: int, measure, env=None):
         return measure(server)
     finally:
         server.stop()
+
+
+def http_first_byte(client, route: str, body: dict) -> float:
+    """Seconds from a streamed POST to its first body bytes, on a kept-alive `client` (httpx); the rest is
+    read to the end, so the next round starts on an idle server."""
+    started = time.perf_counter()
+    with client.stream("POST", route, json=body) as response:
+        response.raise_for_status()
+        chunks = response.iter_raw()
+        next(chunks)
+        first = time.perf_counter() - started
+        for _ in chunks:
+            pass
+    return first

@@ -29,6 +29,7 @@ import time
 import httpx
 from websockets.sync.client import connect
 
+from ops.bench import http_first_byte as first_byte
 from ops.bench import measure_on_server, save_side_bench, side_bench_options
 from serve_app.core.constants import SAMPLES_PER_FRAME
 from serve_app.core.settings import Settings
@@ -40,16 +41,8 @@ GROUP_FRAMES = Settings().group_frames
 
 
 def http_first_byte(client: httpx.Client, url: str) -> float:
-    started = time.perf_counter()
     route = f"{url}/elevenlabs/v1/text-to-speech/{VOICE}/stream?output_format=pcm_24000"
-    with client.stream("POST", route, json={"text": SENTENCE}) as response:
-        response.raise_for_status()
-        chunks = response.iter_raw()
-        next(chunks)
-        first = time.perf_counter() - started
-        for _ in chunks:
-            pass
-    return first
+    return first_byte(client, route, {"text": SENTENCE})
 
 
 def _until(ws, context: str, audio_only: bool = False, arrivals: list | None = None) -> list[dict]:

@@ -27,6 +27,7 @@ import httpx
 from wyoming.client import AsyncTcpClient
 from wyoming.tts import Synthesize, SynthesizeChunk, SynthesizeStart, SynthesizeStop, SynthesizeVoice
 
+from ops.bench import http_first_byte as first_byte
 from ops.bench import measure_on_server, save_side_bench, side_bench_options
 from serve_app.tools.local_server import free_port
 
@@ -73,15 +74,7 @@ async def wyoming_stream(port: int) -> float:
 
 def http_first_byte(client: httpx.Client, url: str) -> float:
     body = {"model": "csm-1b", "input": SENTENCE, "voice": VOICE, "response_format": "pcm"}
-    started = time.perf_counter()
-    with client.stream("POST", f"{url}/v1/audio/speech", json=body) as response:
-        response.raise_for_status()
-        chunks = response.iter_raw()
-        next(chunks)
-        first = time.perf_counter() - started
-        for _ in chunks:
-            pass
-    return first
+    return first_byte(client, f"{url}/v1/audio/speech", body)
 
 
 def measure(url: str, port: int, rounds: int) -> dict[str, list[float]]:
