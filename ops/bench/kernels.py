@@ -75,10 +75,13 @@ def by_primitive(outputs: list) -> dict[str, int]:
     return dict(Counter(names).most_common())
 
 
-def _opaque(out_like: mx.array, *inputs) -> mx.array:
-    """One kernel of `out_like`'s shape and dtype that reads every input, and that compile does not fuse."""
+def _opaque(out_like: mx.array, *inputs, attention: bool = False) -> mx.array:
+    """One kernel of `out_like`'s shape and dtype that reads every input, and that compile does not fuse: a
+    softmax, or for an attention a running max (`CumMax`), so that a dispatch count can tell the attentions
+    apart (dispatch.py: Metal's two-pass attention) by their inputs, (out_like, q, k, v, mask)."""
     deps = [a for a in inputs if isinstance(a, mx.array)]
-    return mx.softmax(mx.depends([out_like], deps)[0], axis=-1)
+    held = mx.depends([out_like], deps)[0]
+    return mx.cummax(held, axis=-1) if attention else mx.softmax(held, axis=-1)
 
 
 @contextmanager
@@ -100,7 +103,7 @@ def gpu_fast_ops() -> Iterator[None]:
 
     def scaled_dot_product_attention(q, k, v, *, scale, mask=None, sinks=None, **_):
         out = q if q.shape[-1] == v.shape[-1] else mx.zeros((*q.shape[:-1], v.shape[-1]), dtype=q.dtype)
-        return _opaque(out, q, k, v, mask if isinstance(mask, mx.array) else None, sinks)
+        return _opaque(out, q, k, v, mask if isinstance(mask, mx.array) else None, sinks, attention=True)
 
     stand_ins = {
         "rms_norm": rms_norm,

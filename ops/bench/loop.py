@@ -101,6 +101,8 @@ def loop_part(
             "frames_per_s_best": round(frames / best["wall_s"], 2),
             "kernels_per_frame": counted.get("kernels_per_frame"),
             "kernels_by_component": counted.get("kernels_by_component"),
+            "dispatches_per_frame": counted.get("dispatches_per_frame"),
+            "metal_graph_nodes": counted.get("metal_graph_nodes"),
             "kernel_count": counted,
             **{
                 k: statistics.median(r[k] for r in runs) if best.get(k) is not None else None
@@ -204,7 +206,15 @@ def baseline_tree(rev: str) -> Path:
         )
     bench = tree / "ops" / "bench"  # a baseline from before the harnesses left the package has none
     bench.mkdir(parents=True, exist_ok=True)
-    for name in ("__init__.py", "loop.py", "loop_report.py", "kernels.py", "frame_kernels.py"):
+    for name in (
+        "__init__.py",
+        "loop.py",
+        "loop_report.py",
+        "kernels.py",
+        "frame_kernels.py",
+        "dispatch.py",
+        "metal_rules.py",
+    ):
         (bench / name).write_text((Path(__file__).parent / name).read_text())
     return tree
 

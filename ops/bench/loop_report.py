@@ -39,6 +39,7 @@ def summarize(results: dict, batches: list[int]) -> dict:
                 "frames_per_s": fps,
                 "aggregate_frames_per_s": _sig(fps * int(b)),
                 "kernels_by_component": rows[0].get("kernels_by_component"),  # counted exactly: same every round
+                "count": rows[0].get("kernel_count"),
                 **{
                     k: _median(r.get(k) for r in rows)
                     for k in (
@@ -152,6 +153,7 @@ def to_markdown(results: dict, batches: list[int]) -> str:
             "|---|---|" + "---|" * len(keys),
         ]
         lines += [f"| {n} | {b} | " + " | ".join(_v(c.get(k)) for k in keys) + " |" for n, b, c in components]
+    lines += _dispatch_lines(s)
     lines += [
         "",
         "Kernels: what a GPU launches for one steady frame with Mimi's share (ops/bench/frame_kernels.py); "
@@ -163,3 +165,53 @@ def to_markdown(results: dict, batches: list[int]) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _span(r: dict) -> str:
+    return f"{r['low']:g}" if r["low"] == r["high"] else f"{r['low']:g}-{r['high']:g}"
+
+
+def _dispatch_lines(s: dict) -> list[str]:
+    """What Metal launches per frame (ops/bench/dispatch.py), where this tree's counter reports it."""
+    rows = [
+        (name, b, r["count"])
+        for name, per in sorted(s["loop"].items())
+        for b, r in per.items()
+        if (r.get("count") or {}).get("dispatches_per_frame") and "pipeline=off" not in name
+    ]
+    if not rows:
+        return []
+    keys = list(rows[0][2]["dispatches_by_component"])
+    chips = list(rows[0][2]["dispatches_by_chip"])
+    lines = [
+        "",
+        f"## Metal dispatches per frame ({rows[0][2]['chip']}; a range where an update's copy depends on donation)",
+        "",
+        "| Configuration | Batch | Kernels | Dispatches | Frame dispatches | Metal graph nodes | CPU graph nodes | "
+        "Build ms, Metal-shaped | Build ms, CPU graph |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for n, b, c in rows:
+        build = c.get("graph_build_ms") or {}
+        lines.append(
+            f"| {n} | {b} | {c['kernels_per_frame']} | {_span(c['dispatches_per_frame'])} | "
+            f"{_span(c['frame_dispatches'])} | {c['metal_graph_nodes']} | {c['frame_graph_nodes']} | "
+            f"{_v(build.get('metal_shaped'))} | {_v(build.get('cpu_graph'))} |"
+        )
+    lines += ["", "| Configuration | Batch | " + " | ".join(keys) + " |", "|---|---|" + "---|" * len(keys)]
+    lines += [
+        f"| {n} | {b} | " + " | ".join(_span(c["dispatches_by_component"][k]) for k in keys) + " |" for n, b, c in rows
+    ]
+    capacities = list(rows[0][2]["dispatches_by_chip"][chips[0]])
+    lines += [
+        "",
+        "| Configuration | Batch | Chip | " + " | ".join(capacities) + " |",
+        "|---|---|---|" + "---|" * len(capacities),
+    ]
+    for n, b, c in rows:
+        for chip in chips:
+            at = c["dispatches_by_chip"][chip]
+            lines.append(f"| {n} | {b} | {chip} | " + " | ".join(_span(at[k]) for k in capacities) + " |")
+    extras = "; ".join(f"{n} batch {b}: {c['dispatch_extras'] or 'none'}" for n, b, c in rows)
+    lines += ["", f"Dispatches beyond one per kernel, in the frame: {extras}."]
+    return lines

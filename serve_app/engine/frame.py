@@ -16,14 +16,19 @@ same dtypes, so the same bits: tests/engine/test_frame_math.py runs it against t
 - RoPE as two products and a sum on the interleaved pairs (the rotated pair is a view), instead of four
   products, a difference, a sum and a stack: `x_even*cos - x_odd*sin` is `x_even*cos + x_odd*(-sin)` to the
   bit, as negation is exact.
-- The depth decoder restarts at position 0 every frame, so its cache is a fixed array per layer written in
-  place at known positions (CSM needs 33), read as views of exactly the positions written, as mlx-audio's
-  own cache reads it.
+- The depth decoder restarts at position 0 every frame, so its cache is a fixed array per layer (keys and
+  values together, CSM needs 33 positions) written by a select at known positions, fused with k's rotation,
+  read as views of exactly the positions written, as mlx-audio's own cache reads it (`write_cache`).
+- What Metal launches, not only the graph's nodes (ops/bench/dispatch.py counts both): caches written by
+  selects rather than updates in place (which copy the buffer whenever the step before still reads it),
+  the top-k threshold without Metal's four-kernel sort of 2,051 logits (`TopK`), the codes gathered by
+  selects rather than stacked (one copy kernel per codebook), and the heads-first layout at one position
+  per row as a reshape of the projection (one view where two were).
 - Every row's Gumbel noise in one draw (`mx.vmap` over the rows' keys): the same bits as each row drawing
   its own, so a request's samples still do not depend on who shares its batch.
 
-Sampling takes a Gumbel noise tensor per row (drawn from that request's own PRNG key): argmax(top-k(logits) / T
-+ g) samples the top-k softmax exactly, as Sesame's `sample_topk` does.
+Sampling (engine/sampling.py) takes a Gumbel noise tensor per row, drawn from that request's own PRNG key:
+argmax(top-k(logits) / T + g) samples the top-k softmax exactly, as Sesame's `sample_topk` does.
 """
 
 from __future__ import annotations
@@ -35,14 +40,16 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_audio.lm.models.activations import swiglu
 
+from serve_app.engine.sampling import TopK, sample
+
 
 class FrameWeights:
     """What the frame reads besides the model's own modules, made once per loaded model: RoPE tables in the
     interleaved form, each plain linear layer's weight as its transposed view (`linear`), each codebook's
-    head as a view of `audio_head`, and each codebook's first row in the embedding table. Views of the
-    weights, evaluated once: the graph of a frame then holds no transpose or slice of them (each such view is
-    a node the host builds, or a compiled call replays, every frame), and the matmuls read the very arrays
-    they read before."""
+    head as a view of `audio_head`, each codebook's rows of the embedding table (`embed_code`), and the
+    masks the selects write by. Views of the weights, evaluated once: the graph of a frame then holds no
+    transpose or slice of them (each such view is a node the host builds, or a compiled call replays, every
+    frame), and the matmuls read the very arrays they read before."""
 
     def __init__(self, model):
         # The dtype activations have (quantized layers too): `audio_head` is a plain array of the model's dtype.
@@ -54,8 +61,24 @@ class FrameWeights:
         cos, sin = rope_tables(model.decoder.layers[0].self_attn.rope, self.dtype)
         starts = [(0, 2)] + [(start, start + 1) for start in range(2, model.args.audio_num_codebooks + 1)]
         self.decoder_steps = {
-            start: (cos[start:end][None, :, None], sin[start:end][None, :, None]) for start, end in starts
-        }
+            start: (cos[start:end][None, None], sin[start:end][None, None]) for start, end in starts
+        }  # (1, 1, S, D/2, ...): heads first, as `_attention_inputs` lays q and k out
+        # Where each step of the depth decoder writes in its cache (CSM needs 33 positions), and which column
+        # of the frame's codes each codebook fills: masks made once.
+        slots = mx.arange(model.args.audio_num_codebooks + 1)[None, None, None, :, None, None]
+        self.decoder_slots = {start: slots == start for start in range(model.args.audio_num_codebooks + 1)}
+        self.is_keys = (mx.arange(2) == 0)[:, None, None, None, None, None]  # the cache's first half: keys
+        self.first = (mx.arange(2) == 0)[None, :, None]  # a frame's first depth step: the backbone's state first
+        columns = mx.arange(model.args.audio_num_codebooks)[None, :]
+        self.code_columns = [columns == i for i in range(model.args.audio_num_codebooks)]
+        # Each codebook's rows of the embedding table, as views made once (None: quantized rows, not plain ones).
+        table, vocab = model.audio_embeddings, model.args.audio_vocab_size
+        self._embed_audio = model._embed_audio
+        self.code_tables = (
+            [table.weight[i * vocab : (i + 1) * vocab] for i in range(model.args.audio_num_codebooks)]
+            if isinstance(table, nn.Embedding)
+            else None
+        )
         self._transposed = {
             id(module): module.weight.T
             for _, module in model.named_modules()
@@ -64,10 +87,22 @@ class FrameWeights:
         mx.eval(
             self.backbone_tables,
             self.decoder_steps,
+            self.decoder_slots,
+            self.is_keys,
+            self.first,
+            self.code_columns,
+            self.code_tables or [],
             self.offsets,
             self.heads,
             list(self._transposed.values()),
         )
+
+    def embed_code(self, codebook: int, tokens: mx.array) -> mx.array:
+        """mlx-audio's `_embed_audio`: codebook `codebook`'s embedding of tokens (B,) -> (B, D), read from that
+        codebook's rows of the table (a view made once) rather than offsetting every token (one kernel fewer)."""
+        if self.code_tables is None:
+            return self._embed_audio(codebook, tokens)
+        return self.code_tables[codebook][tokens]
 
     def linear(self, layer, x: mx.array, rows: Optional[int] = None) -> mx.array:
         """`layer(x)` for x (B * S, D): `x @ weight.T` as nn.Linear computes it (its matmul flattens the (B, S,
@@ -92,24 +127,37 @@ def rope_tables(rope, dtype) -> tuple[mx.array, mx.array]:
 
 
 def rope(pairs: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
-    """Llama3ScaledRoPE on interleaved pairs: pairs (B, S, H, D/2, 2), cos (B|1, S, 1, D/2, 1), sin (B|1, S, 1,
-    D/2, 2) -> (B, S, H, D)."""
-    rotated = pairs * cos + pairs[..., ::-1] * sin
-    return rotated.reshape(*rotated.shape[:3], -1)
+    """Llama3ScaledRoPE on interleaved pairs: pairs (..., D/2, 2), cos (..., D/2, 1), sin (..., D/2, 2) broadcast
+    to them (positions on the axis that holds them) -> the rotated pairs (..., D/2, 2)."""
+    return pairs * cos + pairs[..., ::-1] * sin
 
 
-def _attention_inputs(weights, attn, y: mx.array, rows: int, length: int, cos, sin):
-    """q, k, v (B, heads, S, head_dim) of rows y (B * S, D), q and k rotated."""
-    pairs = (rows, length, -1, attn.head_dim // 2, 2)
-    q = rope(weights.linear(attn.q_proj, y, rows).reshape(pairs), cos, sin).swapaxes(1, 2)
-    k = rope(weights.linear(attn.k_proj, y, rows).reshape(pairs), cos, sin).swapaxes(1, 2)
-    v = weights.linear(attn.v_proj, y, rows).reshape(rows, length, -1, attn.head_dim).swapaxes(1, 2)
-    return q, k, v
+def _attention_inputs(weights, attn, y: mx.array, rows: int, length: int, cos, sin, kv_lead: tuple = ()):
+    """q (B, heads, S, head_dim), k and v as pairs (*kv_lead, B, kv_heads, S, head_dim/2, 2) of rows y (B * S,
+    D), q and k rotated. k and v stay pairs because the cache is written in that shape (`write_cache`): the
+    select that writes it then fuses with k's rotation, one kernel for both. At one position per row (every
+    step but a frame's first) the heads-first layout is the projection's own reshape: one view per array
+    where moving S past the heads takes two, and the graph of a frame is mostly such views
+    (`metal_graph_nodes`, ops/bench/frame_kernels.py)."""
+    pair = (attn.head_dim // 2, 2)
+
+    def heads(x: mx.array, lead: tuple = ()) -> mx.array:  # (*lead, B, heads, S, D/2, 2)
+        if length == 1:
+            return x.reshape(*lead, rows, -1, 1, *pair)
+        moved = x.reshape(rows, length, -1, *pair).swapaxes(1, 2)
+        return moved[None] if lead else moved
+
+    q = rope(heads(weights.linear(attn.q_proj, y, rows)), cos, sin)
+    k = rope(heads(weights.linear(attn.k_proj, y, rows), kv_lead), cos, sin)
+    v = heads(weights.linear(attn.v_proj, y, rows), kv_lead)
+    return q.reshape(*q.shape[:-2], -1), k, v
 
 
 def _attention_out_and_mlp(weights, layer, x: mx.array, out: mx.array, rows: int) -> mx.array:
-    """The layer's rest on x (B * S, D): attention output projected and added, then the MLP (SwiGLU)."""
-    x = x + weights.linear(layer.self_attn.o_proj, out.swapaxes(1, 2).reshape(x.shape[0], -1), rows)
+    """The layer's rest on x (B * S, D): attention output (B, heads, S, head_dim) projected and added, then the
+    MLP (SwiGLU)."""
+    out = out.reshape(x.shape[0], -1) if out.shape[2] == 1 else out.swapaxes(1, 2).reshape(x.shape[0], -1)
+    x = x + weights.linear(layer.self_attn.o_proj, out, rows)
     y, mlp = layer.post_attention_layernorm(x), layer.mlp
     gated = swiglu(weights.linear(mlp.gate_proj, y, rows), weights.linear(mlp.up_proj, y, rows))
     return x + weights.linear(mlp.down_proj, gated, rows)
@@ -122,39 +170,65 @@ def backbone_math(backbone, weights, h: mx.array, positions: mx.array, keys: lis
     its own position, its own write into the cache and its own mask."""
     rows, capacity = h.shape[0], keys[0].shape[2]
     mask = (mx.arange(capacity)[None, :] <= positions[:, None]).reshape(rows, 1, 1, capacity)
-    write_at = positions.reshape(rows, 1, 1, 1)
+    slot = (mx.arange(capacity)[None, :] == positions[:, None]).reshape(rows, 1, capacity, 1)
     cos, sin = (t[positions][:, None, None] for t in weights.backbone_tables)
     keys, values = list(keys), list(values)
+
+    def written(cache: mx.array, new: mx.array) -> mx.array:  # a select, as `write_cache` says why
+        pairs = cache.reshape(*cache.shape[:-1], *new.shape[-2:])
+        return mx.where(slot[..., None], new.astype(cache.dtype), pairs).reshape(cache.shape)
+
     for i, layer in enumerate(backbone.layers):
         attn = layer.self_attn
         q, k, v = _attention_inputs(weights, attn, layer.input_layernorm(h), rows, 1, cos, sin)
-        index = mx.broadcast_to(write_at, k.shape)
-        keys[i] = mx.put_along_axis(keys[i], index, k.astype(keys[i].dtype), axis=2)
-        values[i] = mx.put_along_axis(values[i], index, v.astype(values[i].dtype), axis=2)
+        keys[i], values[i] = written(keys[i], k), written(values[i], v)
         out = mx.fast.scaled_dot_product_attention(q, keys[i], values[i], scale=attn.scale, mask=mask)
         h = _attention_out_and_mlp(weights, layer, h, out, rows)
     return backbone.norm(h), keys, values
 
 
+def write_cache(weights, cache: Optional[mx.array], k: mx.array, v: mx.array, start: int) -> mx.array:
+    """A depth-decoder layer's cache (2, B, kv_heads, 33, head_dim/2, 2): its keys then its values, with k and
+    v (1, B, kv_heads, S, head_dim/2, 2) written at positions start..start+S-1 (None: the frame's first step,
+    nothing written yet; what is never written is never read). One select over the whole cache, keys and
+    values together, fused with k's rotation, not two updates in place: on Metal an update copies the whole
+    buffer first whenever a kernel still in flight reads it (the attention of the step before does, always),
+    so this is one kernel where rotation and updates are three to five, and it writes the same values (a
+    select moves bits). The backbone's cache is written by a select too. Keys and values read as the two
+    halves (`cache_halves`), each a contiguous block the attention reads in place at any batch."""
+    for j in range(k.shape[3]):
+        new = mx.where(weights.is_keys, *((x if x.shape[3] == 1 else x[:, :, :, j : j + 1]) for x in (k, v)))
+        cache = mx.where(weights.decoder_slots[start + j], new, 0 if cache is None else cache)
+    return cache
+
+
+def cache_halves(cache: mx.array, end: int) -> tuple[mx.array, mx.array]:
+    """The keys and values (B, kv_heads, end, head_dim) of a `write_cache` cache: three views."""
+    rows = cache.shape[1]
+    both = cache.reshape(2 * rows, *cache.shape[2:4], -1)
+    return both[:rows, :, :end], both[rows:, :, :end]
+
+
 def decoder_math(decoder, weights, x: mx.array, rows: int, cache: list, start: int) -> mx.array:
     """The depth decoder on rows x (B * S, D), each row's S positions start..start+S-1 (S is 2 on a frame's
-    first step, 1 after), its cache a fixed [keys, values] array pair per layer written in place: mlx-audio's
-    LlamaModel with its KVCache, operation for operation -> the last position's state (B, D)."""
+    first step, 1 after), its cache one array per layer (`write_cache`): mlx-audio's LlamaModel
+    with its KVCache, operation for operation -> the last position's state (B, D)."""
     length = x.shape[0] // rows
     end = start + length
     cos, sin = weights.decoder_steps[start]
     mask = "causal" if length > 1 else None  # as mlx-audio's cache makes it
-    for layer, kv in zip(decoder.layers, cache):
+    for n, layer in enumerate(decoder.layers):
         attn = layer.self_attn
-        q, k, v = _attention_inputs(weights, attn, layer.input_layernorm(x), rows, length, cos, sin)
-        kv[0][..., start:end, :] = k
-        kv[1][..., start:end, :] = v
-        out = mx.fast.scaled_dot_product_attention(
-            q, kv[0][..., :end, :], kv[1][..., :end, :], scale=attn.scale, mask=mask
-        )
+        q, k, v = _attention_inputs(weights, attn, layer.input_layernorm(x), rows, length, cos, sin, (1,))
+        cache[n] = write_cache(weights, cache[n], k, v, start)
+        out = mx.fast.scaled_dot_product_attention(q, *cache_halves(cache[n], end), scale=attn.scale, mask=mask)
         x = _attention_out_and_mlp(weights, layer, x, out, rows)
     x = decoder.norm(x)
-    return x if length == 1 else x.reshape(rows, length, -1)[:, -1, :]
+    if length == 1:
+        return x
+    # One row's last position as a whole row (the next matmul reads a one-row operand in place only if its row
+    # stride is its width: Metal's `check_transpose` copies it otherwise).
+    return x[-1:] if rows == 1 else x.reshape(rows, length, -1)[:, -1, :]
 
 
 def embed_frame(model, codes: mx.array, offsets: mx.array) -> mx.array:
@@ -163,25 +237,13 @@ def embed_frame(model, codes: mx.array, offsets: mx.array) -> mx.array:
     return model.audio_embeddings(codes + offsets).sum(axis=1)
 
 
-def embed_code(model, codebook: int, tokens: mx.array) -> mx.array:
-    """mlx-audio's `_embed_audio`: codebook `codebook`'s embedding of tokens (B,) -> (B, D), read from that
-    codebook's rows of the table (a view) rather than offsetting every token (one kernel fewer)."""
-    table = model.audio_embeddings
-    if not isinstance(table, nn.Embedding):  # quantized: its rows are not plain rows
-        return model._embed_audio(codebook, tokens)
-    vocab = model.args.audio_vocab_size
-    return table.weight[codebook * vocab : (codebook + 1) * vocab][tokens]
-
-
-def sample(logits: mx.array, noise: mx.array, inv_temperature: mx.array, kth: mx.array) -> mx.array:
-    """Top-k sampling per row with that row's Gumbel noise: argmax(top-k(logits) / T + g), as uint32 (the
-    caller casts the frame's codes once); `kth` (B, 1) is vocab - top_k, the k-th largest logit's place once
-    sorted. It is found in the logits' own dtype (an exact cast to float32 keeps every value and their
-    order), so the cast joins the fused elementwise group instead of being a kernel of its own."""
-    threshold = mx.take_along_axis(mx.sort(logits, axis=-1), kth, axis=-1).astype(mx.float32)
-    logits = logits.astype(mx.float32)
-    logits = mx.where(logits >= threshold, logits, -mx.inf)
-    return mx.argmax(logits * inv_temperature + noise, axis=-1)
+def gather_codes(weights: FrameWeights, codes: list) -> mx.array:
+    """The frame's codes (B, K) as int32 from each codebook's (B,): each placed in its column by a select, a
+    chain `mx.compile` fuses into a few kernels, where a stack is one copy kernel per codebook on Metal."""
+    out = 0
+    for column, code in zip(weights.code_columns, codes):
+        out = mx.where(column, code[:, None].astype(mx.int32), out)
+    return out
 
 
 def draw_noise(keys: mx.array, codebooks: int, vocab: int) -> tuple[mx.array, mx.array]:
@@ -206,10 +268,10 @@ def depth_frame(model, weights: FrameWeights, last: mx.array, next_input: NextIn
     kernel counter substitutes inputs it made)."""
     codebooks, rows = model.args.audio_num_codebooks, last.shape[0]
     # The first step's two positions per row: the backbone state, then codebook 0's embedding.
-    x = mx.stack([last, next_input(0, weights.linear(model.codebook0_head, last))], axis=1).reshape(2 * rows, -1)
-    attn = model.decoder.layers[0].self_attn
-    shape = (rows, attn.n_kv_heads, codebooks + 1, attn.head_dim)
-    cache = [[mx.zeros(shape, last.dtype), mx.zeros(shape, last.dtype)] for _ in model.decoder.layers]
+    # (A select of the two, where a stack is one copy kernel per input on Metal.)
+    code0 = next_input(0, weights.linear(model.codebook0_head, last))
+    x = mx.where(weights.first, last[:, None], code0[:, None]).reshape(2 * rows, -1)
+    cache: list = [None] * len(model.decoder.layers)
     start = 0
     for i in range(1, codebooks):
         out = decoder_math(model.decoder, weights, weights.linear(model.projection, x, rows), rows, cache, start)
@@ -281,11 +343,12 @@ class FrameStep:
         last = mx.concatenate(hidden) if len(hidden) > 1 else hidden[0]
         noise, rng = draw_noise(rng, args.audio_num_codebooks, args.audio_vocab_size)
         noise = mx.split(noise, args.audio_num_codebooks, axis=1)  # one node for the 32 codebooks' views
+        top_k = TopK(kth, args.audio_vocab_size)
         codes: list[mx.array] = []
 
         def next_input(i: int, logits: mx.array) -> Optional[mx.array]:
-            codes.append(sample(logits, noise[i].squeeze(1), inv_temperature, kth))
-            return embed_code(model, i, codes[-1]) if i + 1 < args.audio_num_codebooks else None
+            codes.append(sample(logits, noise[i].squeeze(1), inv_temperature, top_k))
+            return weights.embed_code(i, codes[-1]) if i + 1 < args.audio_num_codebooks else None
 
         depth_frame(model, weights, last, next_input)
-        return mx.stack(codes, axis=1).astype(mx.int32), rng, keys, values
+        return gather_codes(weights, codes), rng, keys, values

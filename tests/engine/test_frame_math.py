@@ -77,6 +77,7 @@ def test_rope_on_pairs_is_mlx_audios_rope_bit_for_bit(engine, dtype):
         expected = rope(x, offset=offset)
         pairs = x.reshape(*x.shape[:-1], -1, 2)
         got = frame.rope(pairs, cos[offset : offset + 2][None, :, None], sin[offset : offset + 2][None, :, None])
+        got = got.reshape(x.shape)  # (rotated pairs back to head_dim)
         assert got.dtype == expected.dtype and mx.array_equal(got, expected).item()
 
 
