@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The whole accelerator benchmark in one call, for a lent GPU machine (no network; Python 3.12, CUDA 13; no
-# MLX until the wheels that ../shared/gpu/prepare.sh readied travel with the call). Kernels per frame, graph
-# build time and frames/s of the frame loop at full size (random weights), batch 1 and 4, compiled and not,
-# pipelined and not, and mlx-audio's own loop on the same weights; results under $OUT/bench/<machine>/.
+# MLX until the wheels that ../shared/gpu/prepare.sh readied travel with the call). Kernels and modelled
+# Metal dispatches per frame (ops/bench/dispatch.py), graph build time and frames/s of the frame loop at full
+# size (random weights), batch 1 and 4, compiled and not, pipelined and not, and mlx-audio's own loop on the
+# same weights; results under $OUT/bench/<machine>/.
 #
 #   From the project's root, here:  ../shared/gpu/prepare.sh
 #   device call 1, carry [".gpu/a"]:  mkdir -p /tmp/keep && cp .gpu/a/part.aa /tmp/keep/

@@ -68,7 +68,7 @@ class FrameWeights:
         slots = mx.arange(model.args.audio_num_codebooks + 1)[None, None, None, :, None, None]
         self.decoder_slots = {start: slots == start for start in range(model.args.audio_num_codebooks + 1)}
         self.is_keys = (mx.arange(2) == 0)[:, None, None, None, None, None]  # the cache's first half: keys
-        self.first = (mx.arange(2) == 0)[None, :, None]  # a frame's first depth step: the backbone's state first
+        self.first_position = (mx.arange(2) == 0)[None, :, None]  # a frame's first depth step: the backbone state
         columns = mx.arange(model.args.audio_num_codebooks)[None, :]
         self.code_columns = [columns == i for i in range(model.args.audio_num_codebooks)]
         # Each codebook's rows of the embedding table, as views made once (None: quantized rows, not plain ones).
@@ -89,7 +89,7 @@ class FrameWeights:
             self.decoder_steps,
             self.decoder_slots,
             self.is_keys,
-            self.first,
+            self.first_position,
             self.code_columns,
             self.code_tables or [],
             self.offsets,
@@ -270,7 +270,7 @@ def depth_frame(model, weights: FrameWeights, last: mx.array, next_input: NextIn
     # The first step's two positions per row: the backbone state, then codebook 0's embedding.
     # (A select of the two, where a stack is one copy kernel per input on Metal.)
     code0 = next_input(0, weights.linear(model.codebook0_head, last))
-    x = mx.where(weights.first, last[:, None], code0[:, None]).reshape(2 * rows, -1)
+    x = mx.where(weights.first_position, last[:, None], code0[:, None]).reshape(2 * rows, -1)
     cache: list = [None] * len(model.decoder.layers)
     start = 0
     for i in range(1, codebooks):

@@ -101,8 +101,11 @@ def test_the_gpu_script_runs_the_loop_bench_end_to_end(tmp_path):
         components = row["kernels_by_component"]
         assert set(components) == {"embeddings", "backbone", "depth_decoder", "noise", "sampling", "mimi_per_frame"}
         assert row["kernels_per_frame"] == round(sum(components.values()))  # uncompiled: nothing fuses across
+        dispatches = row["count"]["dispatches_per_frame"]  # what Metal launches: at least one per kernel
+        assert row["kernels_per_frame"] <= dispatches["low"] <= dispatches["high"]
     assert loop["this compile=off pipeline=on"]["2"]["batching_gain"] > 0
     reference = result["summary"]["reference"]
     assert reference["frames_per_s"] > 0 and reference["kernels_per_frame"] > 100  # mlx-audio's loop, same weights
     markdown = (folder / "loop-tiny.md").read_text()
     assert "vs mlx-audio loop" in markdown and "| depth_decoder |" in markdown
+    assert "## Metal dispatches per frame" in markdown and "| M3/M4 Max/Ultra |" in markdown
