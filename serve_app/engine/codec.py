@@ -50,6 +50,7 @@ def contiguous_conv_weights(mimi) -> None:
             module.weight = mx.contiguous(module.weight)
             made.append(module.weight)
         if isinstance(module, ConvTranspose1d):
+            module.update_in_place()  # its call's weight, from the contiguous one (a view of it, or it)
             module._expanded_weight = mx.contiguous(module._expanded_weight)
             made.append(module._expanded_weight)
     mx.eval(made)
