@@ -85,6 +85,7 @@ class Node:
     arguments: list
     inputs: list  # array names
     outputs: list
+    copies_reshape: bool = False  # a reshape whose input layout cannot be reshaped in place
 
 
 @dataclass
@@ -144,6 +145,7 @@ class Graph:
                 self.outputs = [name for name, _, _ in event["outputs"]]
             elif kind == "primitive":
                 self._primitive(event)
+        self._producers = {name: node for node in self.nodes for name in node.outputs}
 
     def _evaluated(self, name, shape, dtype, value) -> None:
         try:
@@ -160,7 +162,6 @@ class Graph:
             [name for name, _, _ in event["inputs"]],
             [(name, tuple(shape), dtype) for name, shape, dtype in event["outputs"]],
         )
-        node.copies_reshape = False
         self.nodes.append(node)
         source = [self.arrays[n] for n in node.inputs]
         for index, (name, shape, dtype) in enumerate(node.outputs):
@@ -170,7 +171,7 @@ class Graph:
     def _layout(self, node: Node, source: list, index: int, shape, dtype, name) -> Array:
         kind, args = node.name, node.arguments
         first = source[0] if source else None
-        if kind in ("Depends",) or kind == "StopGradient" or kind == "View":
+        if kind in ("Depends", "StopGradient", "View"):
             base = source[index] if kind == "Depends" else first
             return Array(shape, base.strides, dtype, base.buffer)
         if kind == "Transpose":
@@ -215,8 +216,6 @@ class Graph:
     def extras(self, chip: Chip) -> Dispatches:
         """Dispatches beyond one per kernel-launching primitive."""
         found = Dispatches()
-        self._produced = {n for node in self.nodes for n in node.outputs}
-        self._producers = {n: node for node in self.nodes for n in node.outputs}
         readers = self._readers()
         ancestors = self._ancestors()
         for i, node in enumerate(self.nodes):
@@ -265,7 +264,7 @@ class Graph:
     def _ancestors(self) -> list[int]:
         """Per node, a bitset of the nodes it depends on."""
         producer = {out: i for i, node in enumerate(self.nodes) for out in node.outputs}
-        bits = []
+        bits: list[int] = []
         for node in self.nodes:
             mask = 0
             for name in node.inputs:
@@ -277,7 +276,7 @@ class Graph:
 
     def _update_copy(self, i: int, buffer: str, readers, ancestors) -> str:
         """'certain', 'possible' or '' (donated): whether update node i copies the buffer it writes."""
-        if buffer not in self._produced:
+        if buffer not in self._producers:
             return "possible"  # an evaluated array (an input, a state): donated only if nothing else holds it
         if any(self.arrays[name].buffer == buffer for name in self.outputs):
             return "certain"
