@@ -13,10 +13,11 @@ the CPU backend does differently are taken out:
   split, stop_gradient and depends change how an array is read, not its memory.
 
 Everything else counts once: a matmul, a gather, a scatter, a sort, an attention, a reduction, a copy, a
-random draw, and a group of elementwise operations that `mx.compile` fused (one `Compiled…` node). Not
-counted, because the graph does not show them: the copy MLX makes inside an op whose input view it cannot
-read in place (e.g. a reshape of a transposed array; none in our frame is of that kind but the attention
-output's, whose moved axis has size 1), and the command-buffer boundaries Metal adds every few dozen kernels.
+random draw, and a group of elementwise operations that `mx.compile` fused (one `Compiled…` node). That is
+a count of graph primitives; what Metal launches for them (a sort past 2,048 elements is four kernels, a
+concatenate one copy per input, an input an op cannot read in place is copied first, an update in place
+copies its buffer while another kernel reads it, ...) is dispatch.py's, which adds those to this count.
+Not counted anywhere: the command-buffer boundaries Metal adds every few dozen kernels.
 """
 
 from __future__ import annotations
