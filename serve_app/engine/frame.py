@@ -63,14 +63,14 @@ class FrameWeights:
         self.decoder_steps = {
             start: (cos[start:end][None, None], sin[start:end][None, None]) for start, end in starts
         }  # (1, 1, S, D/2, ...): heads first, as `_attention_inputs` lays q and k out
-        # Where each step of the depth decoder writes in its cache (CSM needs 33 positions), and which column
-        # of the frame's codes each codebook fills: masks made once.
+        # Where each step of the depth decoder writes in its cache (CSM needs 33 positions), and which row of
+        # the frame's codes (K, B) each codebook fills: masks made once.
         slots = mx.arange(model.args.audio_num_codebooks + 1)[None, None, None, :, None, None]
         self.decoder_slots = {start: slots == start for start in range(model.args.audio_num_codebooks + 1)}
         self.is_keys = (mx.arange(2) == 0)[:, None, None, None, None, None]  # the cache's first half: keys
         self.first_position = (mx.arange(2) == 0)[None, :, None]  # a frame's first depth step: the backbone state
-        columns = mx.arange(model.args.audio_num_codebooks)[None, :]
-        self.code_columns = [columns == i for i in range(model.args.audio_num_codebooks)]
+        codebooks = mx.arange(model.args.audio_num_codebooks)[:, None]
+        self.code_rows = [codebooks == i for i in range(model.args.audio_num_codebooks)]
         # Each codebook's rows of the embedding table, as views made once (None: quantized rows, not plain ones).
         table, vocab = model.audio_embeddings, model.args.audio_vocab_size
         self._embed_audio = model._embed_audio
@@ -90,7 +90,7 @@ class FrameWeights:
             self.decoder_slots,
             self.is_keys,
             self.first_position,
-            self.code_columns,
+            self.code_rows,
             self.code_tables or [],
             self.offsets,
             self.heads,
@@ -238,12 +238,13 @@ def embed_frame(model, codes: mx.array, offsets: mx.array) -> mx.array:
 
 
 def gather_codes(weights: FrameWeights, codes: list) -> mx.array:
-    """The frame's codes (B, K) as int32 from each codebook's (B,): each placed in its column by a select, a
-    chain `mx.compile` fuses into a few kernels, where a stack is one copy kernel per codebook on Metal."""
+    """The frame's codes (B, K) as int32 from each codebook's (B,): each placed in its row of (K, B) by a select
+    (a chain `mx.compile` fuses into a few kernels, where a stack is one copy kernel per codebook on Metal),
+    then seen as (B, K) (one view, where a column each would take an expansion per codebook)."""
     out = 0
-    for column, code in zip(weights.code_columns, codes):
-        out = mx.where(column, code[:, None].astype(mx.int32), out)
-    return out
+    for row, code in zip(weights.code_rows, codes):
+        out = mx.where(row, code.astype(mx.int32), out)
+    return out.T
 
 
 def draw_noise(keys: mx.array, codebooks: int, vocab: int) -> tuple[mx.array, mx.array]:
@@ -342,12 +343,13 @@ class FrameStep:
             hidden.insert(0, last)
         last = mx.concatenate(hidden) if len(hidden) > 1 else hidden[0]
         noise, rng = draw_noise(rng, args.audio_num_codebooks, args.audio_vocab_size)
-        noise = mx.split(noise, args.audio_num_codebooks, axis=1)  # one node for the 32 codebooks' views
+        # The 32 codebooks' (B, V) noise as views of one split node (rows of K * V: no squeeze per codebook).
+        noise = mx.split(noise.reshape(noise.shape[0], -1), args.audio_num_codebooks, axis=1)
         top_k = TopK(kth, args.audio_vocab_size)
         codes: list[mx.array] = []
 
         def next_input(i: int, logits: mx.array) -> Optional[mx.array]:
-            codes.append(sample(logits, noise[i].squeeze(1), inv_temperature, top_k))
+            codes.append(sample(logits, noise[i], inv_temperature, top_k))
             return weights.embed_code(i, codes[-1]) if i + 1 < args.audio_num_codebooks else None
 
         depth_frame(model, weights, last, next_input)
