@@ -168,7 +168,7 @@ def _embed_and_sample(model, weights):
         return (lambda i, tokens: embed_code(model, i, tokens)), stacked
 
     def sampling(logits, noise, t, k):
-        top = TopK(k, vocab)
+        top = TopK(k, vocab, weights.dtype)
         return gather_codes(weights, [sample(x, noise[:, i], t, top) for i, x in enumerate(logits)])
 
     return weights.embed_code, sampling

@@ -170,13 +170,13 @@ def backbone_math(backbone, weights, h: mx.array, positions: mx.array, keys: lis
     its own position, its own write into the cache and its own mask."""
     rows, capacity = h.shape[0], keys[0].shape[2]
     mask = (mx.arange(capacity)[None, :] <= positions[:, None]).reshape(rows, 1, 1, capacity)
-    slot = (mx.arange(capacity)[None, :] == positions[:, None]).reshape(rows, 1, capacity, 1)
+    slot = (mx.arange(capacity)[None, :] == positions[:, None]).reshape(rows, 1, capacity, 1, 1)  # as pairs
     cos, sin = (t[positions][:, None, None] for t in weights.backbone_tables)
     keys, values = list(keys), list(values)
 
     def written(cache: mx.array, new: mx.array) -> mx.array:  # a select, as `write_cache` says why
         pairs = cache.reshape(*cache.shape[:-1], *new.shape[-2:])
-        return mx.where(slot[..., None], new.astype(cache.dtype), pairs).reshape(cache.shape)
+        return mx.where(slot, new.astype(cache.dtype), pairs).reshape(cache.shape)
 
     for i, layer in enumerate(backbone.layers):
         attn = layer.self_attn
@@ -345,7 +345,7 @@ class FrameStep:
         noise, rng = draw_noise(rng, args.audio_num_codebooks, args.audio_vocab_size)
         # The 32 codebooks' (B, V) noise as views of one split node (rows of K * V: no squeeze per codebook).
         noise = mx.split(noise.reshape(noise.shape[0], -1), args.audio_num_codebooks, axis=1)
-        top_k = TopK(kth, args.audio_vocab_size)
+        top_k = TopK(kth, args.audio_vocab_size, weights.dtype)
         codes: list[mx.array] = []
 
         def next_input(i: int, logits: mx.array) -> Optional[mx.array]:

@@ -25,13 +25,16 @@ class TopK:
     whose A_(k-j) does not exist (k - j > n) counts as +inf; k - j >= 1 always, as top_k <= SORT_BLOCK (the
     API's limit). Only selections, no arithmetic: ties and all, the sort's own value."""
 
-    def __init__(self, kth: mx.array, vocab: int):
+    def __init__(self, kth: mx.array, vocab: int, dtype: mx.Dtype):
+        """`dtype`: the logits' (the threshold is found in it)."""
         self.kth = kth
         self.tail = vocab - SORT_BLOCK
         if self.merged:
             place = kth + 1 - mx.arange(self.tail + 1)  # k - j, A's part of each pair (1-indexed)
             self.index = mx.minimum(place, SORT_BLOCK) - 1
-            self.absent = mx.where(place > SORT_BLOCK, mx.inf, -mx.inf)  # (B, m + 1): +inf where A has no such
+            # Per pair j, a (B, 1) column: +inf where A has no such element, else -inf (made once, not per codebook).
+            absent = mx.where(place > SORT_BLOCK, mx.inf, -mx.inf).astype(dtype)
+            self.absent = [absent[:, j : j + 1] for j in range(self.tail + 1)]
 
     @property
     def merged(self) -> bool:
@@ -44,11 +47,10 @@ class TopK:
         if not self.merged:
             return mx.take_along_axis(mx.sort(logits, axis=-1), self.kth, axis=-1)
         head = mx.take_along_axis(mx.sort(logits[:, :SORT_BLOCK], axis=-1), self.index, axis=-1)
-        absent = self.absent.astype(logits.dtype)
         tail = _in_order([logits[:, c : c + 1] for c in range(SORT_BLOCK, SORT_BLOCK + self.tail)])
         candidates = []
         for j, t in enumerate([None, *tail]):
-            a = mx.maximum(head[:, j : j + 1], absent[:, j : j + 1])
+            a = mx.maximum(head[:, j : j + 1], self.absent[j])
             candidates.append(a if t is None else mx.maximum(a, t))
         while len(candidates) > 1:  # their minimum as a balanced tree: shallow, for compile's fusion depth
             pairs = zip(candidates[::2], candidates[1::2])

@@ -136,9 +136,9 @@ def test_the_top_k_threshold_without_the_long_sort_is_the_sorts_value(dtype):
     top_k = np.concatenate([[1, 2, 3, 4, 5, 50, 2047, 2048], rng.integers(1, 2049, size=rows - 8)])
     kth = mx.array((vocab - top_k)[:, None].astype(np.int32))
     expected = mx.take_along_axis(mx.sort(logits, axis=-1), kth, axis=-1)
-    got = TopK(kth, vocab).threshold(logits)
+    got = TopK(kth, vocab, dtype).threshold(logits)
     assert got.dtype == expected.dtype and mx.array_equal(got, expected).item()
-    assert mx.array_equal(mx.compile(lambda x, k: TopK(k, vocab).threshold(x))(logits, kth), expected).item()
+    assert mx.array_equal(mx.compile(lambda x, k: TopK(k, vocab, dtype).threshold(x))(logits, kth), expected).item()
 
 
 def test_the_frames_cuts_show_in_its_count(engine):
