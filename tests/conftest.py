@@ -99,22 +99,24 @@ def engine_reference(tiny_checkpoint, voices):
     return load_engine(Settings(model_id=str(tiny_checkpoint), prefix_cache=False, **ENGINE_CAPS), voices)
 
 
-# The shared server is stopped right after the last test that uses it (not at the session's end): an idle
+# The shared servers are stopped right after the last test that uses each (not at the session's end): an idle
 # Ray cluster costs a fifth of a core, which every later test would pay.
-_SHARED: dict = {"last_user": None, "server": None}  # the node id of its last user; the server, once started
+_SHARED: dict = {name: {"last_user": None, "server": None} for name in ("server", "lan_service")}
 
 
 def pytest_collection_finish(session):
-    """Which test is the last to use the shared server, among those that will run (after -k and -m)."""
-    users = [item.nodeid for item in session.items if "server" in getattr(item, "fixturenames", ())]
-    _SHARED["last_user"] = users[-1] if users else None
+    """Which test is the last to use each shared server, among those that will run (after -k and -m)."""
+    for name, shared in _SHARED.items():
+        users = [item.nodeid for item in session.items if name in getattr(item, "fixturenames", ())]
+        shared["last_user"] = users[-1] if users else None
 
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_teardown(item, nextitem):
     yield
-    if item.nodeid == _SHARED["last_user"] and _SHARED["server"] is not None:
-        _SHARED["server"].stop()
+    for shared in _SHARED.values():
+        if item.nodeid == shared["last_user"] and shared["server"] is not None:
+            shared["server"].stop()
 
 
 @pytest.fixture(scope="session")
@@ -124,13 +126,30 @@ def server(tiny_checkpoint, tmp_path_factory):
 
     # Wyoming on too (Home Assistant's protocol, tests/e2e/test_wyoming.py): the same server, another port.
     server = launch_server(tmp_path_factory.mktemp("server"), tiny_checkpoint, WYOMING_PORT=str(free_port()))
-    _SHARED["server"] = server
+    _SHARED["server"]["server"] = server
     try:
         server.wait_until(healthy)
         yield server
     finally:
-        _SHARED["server"] = None
+        _SHARED["server"]["server"] = None
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def lan_service(tiny_checkpoint, tmp_path_factory, macos_path):
+    """The server as a LAN-facing Mac runs it (tests/support/service.py), for tests/e2e/test_security.py and
+    test_service.py, which run one after the other; the control script's last test stops it (and so does this,
+    should a test fail before)."""
+    from tests.support import service
+
+    controlled = service.start(tmp_path_factory.mktemp("lan"), tiny_checkpoint, macos_path)
+    _SHARED["lan_service"]["server"] = controlled
+    try:
+        yield controlled
+    finally:
+        _SHARED["lan_service"]["server"] = None
+        controlled.stop()
+        shutil.rmtree(controlled.ray_dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

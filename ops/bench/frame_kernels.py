@@ -17,6 +17,7 @@ build has it (the counting stand-ins add a `Depends` node each, taken out).
 
 from __future__ import annotations
 
+import inspect
 import statistics
 import time
 
@@ -68,8 +69,9 @@ def count_frame(engine, batch: int) -> dict:
         outputs = _flat(step(*inputs))
         names = kernels.primitives(outputs)
         total, primitives = kernels.kernels(names), kernels.by_primitive(outputs)
+        traced = getattr(step, "traced", step._frame)  # a --baseline tree from before FrameStep.traced
         by_capacity = {
-            capacity: _extras_by_chip(dispatch.Graph(step._frame, *steady_inputs(engine, batch, capacity)))
+            capacity: _extras_by_chip(dispatch.Graph(traced, *steady_inputs(engine, batch, capacity)))
             for capacity in (CAPACITY_STEP, LONG_CAPACITY)
         }
         components = _components(engine, step, inputs, compiled)
@@ -119,7 +121,7 @@ def _components(engine, step, inputs: tuple, compiled: bool) -> dict:
     prev, positions, keys, values, joined, rng, inv_temperature, kth = inputs
     batch, weights = prev.shape[0], step.weights
     last = mx.zeros((batch, model.backbone.norm.weight.shape[0]), dtype=model.audio_head.dtype)
-    embed_code, sampling = _embed_and_sample(model, weights)
+    embed_code, sampling = _embed_and_sample(model, weights, compiled)
     embedded = [embed_code(i, prev[:, i]) for i in range(codebooks - 1)]
     logits = [mx.zeros((batch, vocab), dtype=model.audio_head.dtype) for _ in range(codebooks)]
     noise, _ = draw_noise(rng, codebooks, vocab)
@@ -150,10 +152,11 @@ def _components(engine, step, inputs: tuple, compiled: bool) -> dict:
     }
 
 
-def _embed_and_sample(model, weights):
+def _embed_and_sample(model, weights, compiled: bool):
     """The frame's code embedding and its sampling of the 32 codebooks (with the codes gathered), as this tree
-    writes them, or as a baseline tree from before engine/sampling.py did (`python -m ops.bench.loop
-    --baseline`: the sort-based threshold, the stack, the embedding table sliced each frame)."""
+    writes them (the top-k merge only where compiled), or as a baseline tree from before engine/sampling.py did
+    (`python -m ops.bench.loop --baseline`: the sort-based threshold, the stack, the embedding table sliced each
+    frame; or before `TopK` took `fused`: merged always)."""
     vocab = model.args.audio_vocab_size
     try:
         from serve_app.engine.frame import gather_codes
@@ -167,8 +170,10 @@ def _embed_and_sample(model, weights):
 
         return (lambda i, tokens: embed_code(model, i, tokens)), stacked
 
+    fused = [compiled] if "fused" in inspect.signature(TopK).parameters else []
+
     def sampling(logits, noise, t, k):
-        top = TopK(k, vocab, weights.dtype)
+        top = TopK(k, vocab, weights.dtype, *fused)
         return gather_codes(weights, [sample(x, noise[:, i], t, top) for i, x in enumerate(logits)])
 
     return weights.embed_code, sampling

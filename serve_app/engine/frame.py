@@ -300,7 +300,7 @@ class FrameStep:
         self.model = model
         self.compiled = compiled
         self.weights = FrameWeights(model)
-        self._fn = mx.compile(self._frame) if compiled else self._frame
+        self._fn = mx.compile(self.traced) if compiled else self._frame
         self.shapes: set[tuple[int, int]] = set()  # (rows, capacity) traced so far
 
     def __call__(self, prev, positions, keys, values, joined, rng, inv_temperature, kth):
@@ -308,6 +308,10 @@ class FrameStep:
             return self._frame(prev, positions, keys, values, joined, rng, inv_temperature, kth)
         self.shapes.add((prev.shape[0], keys[0].shape[2]))
         return self._fn(prev, positions, keys, values, joined, rng, inv_temperature, kth)
+
+    def traced(self, prev, positions, keys, values, joined, rng, inv_temperature, kth):
+        """The steady frame as `mx.compile` traces it (before fusion): what ops/bench/dispatch.py counts."""
+        return self._frame(prev, positions, keys, values, joined, rng, inv_temperature, kth, fused=self.compiled)
 
     def prepare(self, rows: int, capacity: int) -> bool:
         """Trace and compile the steady frame for `rows` and the cache's `capacity` now, evaluating nothing
@@ -334,7 +338,7 @@ class FrameStep:
             mx.zeros((rows, 1), mx.int32),
         )
 
-    def _frame(self, prev, positions, keys, values, joined, rng, inv_temperature, kth):
+    def _frame(self, prev, positions, keys, values, joined, rng, inv_temperature, kth, fused: bool = False):
         model, args, weights = self.model, self.model.args, self.weights
         hidden = list(joined)
         if prev is not None:
@@ -345,7 +349,7 @@ class FrameStep:
         noise, rng = draw_noise(rng, args.audio_num_codebooks, args.audio_vocab_size)
         # The 32 codebooks' (B, V) noise as views of one split node (rows of K * V: no squeeze per codebook).
         noise = mx.split(noise.reshape(noise.shape[0], -1), args.audio_num_codebooks, axis=1)
-        top_k = TopK(kth, args.audio_vocab_size, weights.dtype)
+        top_k = TopK(kth, args.audio_vocab_size, weights.dtype, fused)
         codes: list[mx.array] = []
 
         def next_input(i: int, logits: mx.array) -> Optional[mx.array]:

@@ -25,10 +25,12 @@ class TopK:
     whose A_(k-j) does not exist (k - j > n) counts as +inf; k - j >= 1 always, as top_k <= SORT_BLOCK (the
     API's limit). Only selections, no arithmetic: ties and all, the sort's own value."""
 
-    def __init__(self, kth: mx.array, vocab: int, dtype: mx.Dtype):
-        """`dtype`: the logits' (the threshold is found in it)."""
+    def __init__(self, kth: mx.array, vocab: int, dtype: mx.Dtype, fused: bool = True):
+        """`dtype`: the logits' (the threshold is found in it). `fused`: the frame runs under `mx.compile`, which
+        fuses the merge into the sampling's kernel; run as it is built, the merge is ~20 kernels per codebook
+        where the whole sort is one (on a GPU, four), so an uncompiled frame sorts the whole vocabulary."""
         self.kth = kth
-        self.tail = vocab - SORT_BLOCK
+        self.tail = vocab - SORT_BLOCK if fused else 0
         if self.merged:
             place = kth + 1 - mx.arange(self.tail + 1)  # k - j, A's part of each pair (1-indexed)
             self.index = mx.minimum(place, SORT_BLOCK) - 1

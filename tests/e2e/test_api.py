@@ -182,7 +182,7 @@ def test_openai_voice_alias_object_voice_and_unknown_field(openai_client):
 
 def test_a_responses_id_names_it_in_the_next_request(openai_client):
     """Under the launcher (our proxy middleware in Serve's proxy) as under a bare `serve run`
-    (test_serve_run.py): one `x-request-id`, which names the response in the next request."""
+    (test_reliability.py): one `x-request-id`, which names the response in the next request."""
     one_request_id_names_the_next(openai_client)
 
 

@@ -1,15 +1,19 @@
 """Faults: a model that fails to load, and memory exhaustion during generation.
 
-The fault server is the real application started as the README does, on a checkpoint cut short. (ffmpeg
-missing at start is tests/http/test_missing_ffmpeg.py, in-process; ffmpeg dying mid-stream is in
-test_api.py; a killed model replica in test_reliability.py; SIGTERM with streams in flight in test_ops.py.)
+The fault server is the real application started as the boot service does (`python -m serve_app.launch
+--service`: the supervisor, which writes what `./ops/serve.sh` would print into the rotated log), on a
+checkpoint cut short; last, its Ray cluster dies under it. (ffmpeg missing at start is
+tests/http/test_missing_ffmpeg.py, in-process; ffmpeg dying mid-stream is in test_api.py; a killed model
+replica in test_reliability.py; SIGTERM with streams in flight in test_service.py.)
 """
 
 from __future__ import annotations
 
 import asyncio
 import gc
+import os
 import shutil
+import signal
 import subprocess
 import time
 
@@ -26,7 +30,7 @@ from serve_app.model.replica import CSMModel
 from serve_app.text.chunking import chunk_text
 from serve_app.voices.presets import VoiceLibrary
 from tests.support.docs import first_request
-from tests.support.servers import launch_server, settled
+from tests.support.servers import launch_server, session_processes, settled
 from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.server
@@ -38,7 +42,7 @@ def fault_servers(tiny_checkpoint, tmp_path_factory):
     shutil.copytree(tiny_checkpoint, broken, dirs_exist_ok=True)
     weights = broken / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # truncated mid-file
-    bad_model = launch_server(tmp_path_factory.mktemp("bad-model"), broken)
+    bad_model = launch_server(tmp_path_factory.mktemp("bad-model"), broken, service=True)
     try:
         bad_model.wait_until(lambda r: r.json()["model"]["status"] == "failed")
         yield {"bad_model": bad_model}
@@ -160,3 +164,24 @@ def test_memory_limit_fails_that_request_releases_the_cache_and_the_next_succeed
     items = _run(model, small)
     assert sum(len(item) for item in items if isinstance(item, bytes)) > 0
     assert items[-1].output_tokens > 0
+
+
+def test_the_supervisor_exits_when_its_ray_cluster_dies(fault_servers):
+    """Runs last in this module: it ends the server's Ray cluster. `serve run` outlives a dead cluster with its
+    port closed; the supervisor notices (it watches Ray's core processes) and exits non-zero, so launchd's
+    KeepAlive / systemd's Restart=on-failure start a fresh server (whether its model loaded or not)."""
+    from serve_app.supervisor import CLUSTER_GONE_EXIT
+
+    server = fault_servers["bad_model"]
+    serve_pid = server.session_pid
+    running = session_processes(serve_pid)
+    cluster = [line for line in running if line.split()[2].rsplit("/", 1)[-1] in ("raylet", "gcs_server")]
+    assert len(cluster) == 2, (serve_pid, running)
+    for line in cluster:
+        os.kill(int(line.split()[1]), signal.SIGKILL)
+    code = server.proc.wait(timeout=120)
+    log = server.log_text()
+    assert code == CLUSTER_GONE_EXIT, log[-3000:]
+    assert "raylet exited: the Ray cluster is gone" in log.replace("gcs_server and ", "")
+    wait_for(lambda: session_processes(serve_pid) == [], "every process of the server's session ended")
+    assert not (server.work / "cache" / "server.pid").exists()

@@ -1,7 +1,12 @@
-"""Overload, hostile input, soak and a killed model replica, on a server of their own with a small queue.
+"""Overload, hostile input, soak and a killed model replica, on a server of their own with a small queue: the
+design card's own ops command, a bare `serve run serve_config.yaml` (no launcher, so no proxy callback of
+ours), its settings from the environment.
 
 The server admits MAX_BATCH_SIZE=2 generating (batched) + MAX_QUEUED_REQUESTS=1 waiting requests; beyond
-that it must answer 429 with Retry-After and OpenAI's body, before any audio.
+that it must answer 429 with Retry-After and OpenAI's body, before any audio. As shipped, with Serve's proxy
+as it comes, every response carries exactly one `x-request-id` (Serve's own, which the app adopts), a client
+that passes that header's value back as it received it gets context from it, and Home Assistant's Wyoming
+port starts with the app and is gone when it stops (the last test).
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ import asyncio
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -34,7 +40,15 @@ from serve_app.audio.pool import MAX_COMMANDS
 from serve_app.tools.local_server import free_port
 from tests.support import sockets
 from tests.support.audio import decode, duration, rms
-from tests.support.servers import ROOT, healthy, launch_server, run_loadtest, session_processes
+from tests.support.servers import (
+    ROOT,
+    bare_serve_run,
+    healthy,
+    one_request_id_names_the_next,
+    run_loadtest,
+    session_processes,
+)
+from tests.support.waiting import wait_for
 from tests.support.wyoming import client as wyoming_client
 from tests.support.wyoming import closed, read_until
 
@@ -47,7 +61,7 @@ HOLD_TEXT = "This sentence keeps the model busy for a little while, long enough 
 
 @pytest.fixture(scope="module")
 def busy(tiny_checkpoint, tmp_path_factory):
-    server = launch_server(
+    server = bare_serve_run(
         tmp_path_factory.mktemp("busy"),
         tiny_checkpoint,
         MAX_BATCH_SIZE="2",
@@ -317,7 +331,7 @@ def test_server_is_healthy_after_fuzzing(busy):
 
 
 def test_killed_model_replica_comes_back_and_in_flight_clients_see_an_error(busy):
-    """Runs last in this module: it kills the model replica outright."""
+    """It kills the model replica outright (the tests after it start once it is back)."""
     pid = busy.health().json()["model"]["memory"]["pid"]
     outcome: dict = {}
 
@@ -366,3 +380,50 @@ def test_killed_model_replica_comes_back_and_in_flight_clients_see_an_error(busy
         f"during the outage got {during.status_code} ({during.text[:80]!r}) at {answered:.2f} s; "
         f"healthy and serving again after {time.monotonic() - killed:.1f} s"
     )
+
+
+def logged(server, request_id: str) -> None:
+    """The request's log line names this id (Ray forwards replica output to the log as it comes)."""
+    wait_for(lambda: f"request id={request_id} " in server.log_text(), f"a log line for request {request_id}")
+
+
+def request_ids(response: httpx.Response) -> list[str]:
+    return [value for name, value in response.headers.multi_items() if name.lower() == "x-request-id"]
+
+
+def test_one_request_id_that_the_next_request_can_name(busy):
+    busy.wait_until(healthy)
+    earlier = len(busy.log_text())  # (the replica killed before may have logged its death)
+    client = OpenAI(base_url=busy.api, api_key="unused", max_retries=0, timeout=120)
+    first, second = one_request_id_names_the_next(client)
+    logged(busy, first)  # the log line names the same id
+    logged(busy, second)
+
+    refused = httpx.post(f"{busy.api}/audio/speech", json={"input": "x", "voice": "nobody"}, timeout=30)
+    assert refused.status_code == 400 and len(request_ids(refused)) == 1
+    logged(busy, request_ids(refused)[0])
+    assert "Traceback" not in busy.log_text()[earlier:]
+    assert "user-provided callback" not in busy.log_text()  # it really was Serve's proxy as it comes
+
+
+def test_the_wyoming_port_lives_as_long_as_the_app(busy):
+    """Runs last here: it stops the server."""
+    port = busy.health().json()["wyoming"]["port"]
+
+    async def speak():
+        async with wyoming_client(busy) as wyoming:
+            await wyoming.write_event(Synthesize(text="Hello there.").event())
+            return await read_until(wyoming, "audio-stop")
+
+    events = asyncio.run(speak())
+    assert events[0].type == "audio-start" and any(e.type == "audio-chunk" for e in events)
+    busy.stop()
+
+    def closed() -> bool:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=5).close()
+        except OSError:
+            return True
+        return False
+
+    wait_for(closed, "the Wyoming port closed with the app")

@@ -6,15 +6,10 @@ from __future__ import annotations
 
 import ipaddress
 import json
-import os
-import shutil
-import signal
 import socket
 import stat
-import tempfile
 import threading
 import time
-from pathlib import Path
 
 import httpx
 import psutil
@@ -23,47 +18,20 @@ from websockets.sync.client import connect
 
 from ops.bench.stalled_readers import request_status, speech_body, stalled_request, was_reset
 from serve_app.core import processes
-from serve_app.tools.local_server import free_port
 from tests.support import sockets
 from tests.support.audio import decode, duration, probe, rms
-from tests.support.servers import healthy, launch_server, session_processes
+from tests.support.service import API_KEY, HF_TOKEN
 from tests.support.waiting import wait_for
 from tests.support.wyoming import request_lines
 
 pytestmark = pytest.mark.server
 
-API_KEY = "sk-lan-secret-5f2c"
-HF_TOKEN = "hf_fake_token_9d1e"
 
-
-@pytest.fixture(scope="module")
-def ray_dir():
-    path = Path(tempfile.mkdtemp(prefix="rs", dir="/tmp"))  # short: Ray's socket paths
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
-
-
-@pytest.fixture(scope="module")
-def lan_server(tiny_checkpoint, tmp_path_factory, ray_dir):
-    """The server as a LAN-facing Mac runs it: the boot service (the supervisor), API_KEY and a token set, short
-    body and write deadlines. The module's last test ends its Ray cluster."""
-    server = launch_server(
-        tmp_path_factory.mktemp("lan"),
-        tiny_checkpoint,
-        service=True,
-        API_KEY=API_KEY,
-        HF_TOKEN=HF_TOKEN,
-        BODY_TIMEOUT_S="2",
-        BODY_MIN_RATE="1024",
-        WRITE_TIMEOUT_S="2",
-        RAY_TMPDIR=str(ray_dir),
-        WYOMING_PORT=str(free_port()),  # with the key set: on 127.0.0.1 only (HOST is loopback here anyway)
-    )
-    try:
-        server.wait_until(healthy)
-        yield server
-    finally:
-        server.stop()
+@pytest.fixture
+def lan_server(lan_service):
+    """The server as a LAN-facing Mac runs it (conftest's `lan_service`: started by the control script, API_KEY
+    and a token set, short body and write deadlines), shared with test_service.py, which runs next and stops it."""
+    return lan_service
 
 
 def _slow_request(port: int, headers: str, result: list, index: int, sent: threading.Semaphore) -> None:
@@ -114,7 +82,7 @@ def test_slow_bodies_cannot_hold_the_server(lan_server):
         assert all(r is not None and f" {expected} " in r for r in results), results
 
 
-def test_secrets_are_in_no_file_that_ray_or_serve_writes(lan_server, ray_dir):
+def test_secrets_are_in_no_file_that_ray_or_serve_writes(lan_server):
     # Something was logged with the key in play: a refused and an accepted request.
     assert httpx.post(f"{lan_server.api}/audio/speech", json={"input": "hi"}, timeout=30).status_code == 401
     ok = httpx.post(
@@ -124,7 +92,7 @@ def test_secrets_are_in_no_file_that_ray_or_serve_writes(lan_server, ray_dir):
         timeout=60,
     )
     assert ok.status_code == 200 and ok.content
-    cache = lan_server.work / "cache"
+    cache, ray_dir = lan_server.cache, lan_server.ray_dir
     secrets_file = cache / "secrets.env"
     assert API_KEY in secrets_file.read_text() and stat.S_IMODE(secrets_file.stat().st_mode) == 0o600
     scanned = 0
@@ -266,23 +234,3 @@ def test_a_websocket_client_that_stops_reading_is_cut_off_and_its_generation_can
     assert line["status"] == "cancelled" and float(line["audio_s"]) < 50, line
     assert "took no response bytes for 2 s" in lan_server.log_text()[before:]
     wait_for(lambda: lan_server.health().json()["model"]["generating"] == 0, "the model's batch is empty")
-
-
-def test_the_supervisor_exits_when_its_ray_cluster_dies(lan_server):
-    """Runs last in this module: it ends the server's Ray cluster. `serve run` outlives a dead cluster with its
-    port closed; the supervisor notices (it watches Ray's core processes) and exits non-zero, so launchd's
-    KeepAlive / systemd's Restart=on-failure start a fresh server."""
-    from serve_app.supervisor import CLUSTER_GONE_EXIT
-
-    serve_pid = lan_server.session_pid
-    running = session_processes(serve_pid)
-    cluster = [line for line in running if line.split()[2].rsplit("/", 1)[-1] in ("raylet", "gcs_server")]
-    assert len(cluster) == 2, (serve_pid, running)
-    for line in cluster:
-        os.kill(int(line.split()[1]), signal.SIGKILL)
-    code = lan_server.proc.wait(timeout=120)
-    log = lan_server.log_text()
-    assert code == CLUSTER_GONE_EXIT, log[-3000:]
-    assert "raylet exited: the Ray cluster is gone" in log.replace("gcs_server and ", "")
-    wait_for(lambda: session_processes(serve_pid) == [], "every process of the server's session ended")
-    assert not (lan_server.work / "cache" / "server.pid").exists()

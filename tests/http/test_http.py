@@ -310,7 +310,7 @@ def test_a_guard_that_acts_is_in_the_request_log_and_the_audio(local, caplog, mo
 def test_one_request_id_in_the_header_the_log_line_and_error_responses(local, keyed, caplog):
     """Each response carries exactly one `x-request-id`, and the request's log line names the same id: for
     audio, for a 400, and for a 401 turned away on the headers. An id the client sends (Serve's proxy keeps
-    it) is adopted; one that is not a short token is refused. Serve's proxy itself: tests/e2e/test_serve_run.py."""
+    it) is adopted; one that is not a short token is refused. Serve's proxy itself: tests/e2e/test_reliability.py."""
 
     def ids(response) -> list[str]:
         return [value for name, value in response.headers.multi_items() if name.lower() == "x-request-id"]

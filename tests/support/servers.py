@@ -64,6 +64,34 @@ def launch_server(work: Path, model_id: Path, service: bool = False, **env_overr
     return Server(work, {**TEST_ENV, "MODEL_ID": str(model_id), **env_overrides}, service=service)
 
 
+def bare_serve_run(work: Path, model_id: Path, **env_overrides: str) -> Server:
+    """The design card's own ops command, a bare `serve run serve_config.yaml` as shipped (no launcher, so no
+    proxy callback of ours: Serve's proxy exactly as it comes) on a free loopback port, its settings from the
+    environment as Serve hands it to the replicas; returns at once."""
+    import os
+    import shutil
+
+    import yaml
+
+    from serve_app.api.proxy import PROXY_CALLBACK_VARIABLE
+    from serve_app.launch import prepare_ray_environment
+
+    config = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
+    serve = shutil.which("serve", path=os.path.dirname(sys.executable))
+    assert serve, "ray[serve]'s `serve` command is installed beside this Python"
+
+    def command(port: int) -> list[str]:  # the file as shipped, on a free loopback port
+        config["http_options"].update(host="127.0.0.1", port=port)
+        path = work / "serve_config.yaml"
+        path.write_text(yaml.safe_dump(config))
+        return [serve, "run", str(path)]
+
+    env = {**TEST_ENV, "MODEL_ID": str(model_id), "RAY_ADDRESS": "local", **env_overrides}
+    prepare_ray_environment(env)  # Ray private and on loopback, as on a user's machine
+    env[PROXY_CALLBACK_VARIABLE] = ""  # Serve's proxy exactly as it comes: none of our middleware
+    return Server(work, env, command=command)
+
+
 def healthy(response: httpx.Response) -> bool:
     return response.status_code == 200
 

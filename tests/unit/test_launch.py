@@ -157,9 +157,13 @@ def test_a_cluster_address_gets_what_ray_needs_on_a_mac_and_never_runs_without_a
     with pytest.raises(SystemExit, match="RAY_AUTH_MODE=disabled"):
         prepare_ray_environment({"RAY_ADDRESS": "192.168.1.20:6379", "RAY_AUTH_MODE": "disabled"})
     assert local["GRPC_VERBOSITY"] == cluster["GRPC_VERBOSITY"] == "ERROR"  # no INFO line per ffmpeg start
-    chosen = {"RAY_TMPDIR": "/tmp/x", "GRPC_VERBOSITY": "DEBUG"}
+    # Serve's loops wake less often on an idle server (launch.IDLE_RAY_SERVE), alone or in a cluster.
+    assert local["RAY_SERVE_CONTROL_LOOP_INTERVAL_S"] == cluster["RAY_SERVE_CONTROL_LOOP_INTERVAL_S"] == "0.5"
+    assert local["RAY_SERVE_METRICS_EXPORT_INTERVAL_MS"] == "1000"
+    chosen = {"RAY_TMPDIR": "/tmp/x", "GRPC_VERBOSITY": "DEBUG", "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.1"}
     prepare_ray_environment(chosen)
     assert chosen["GRPC_VERBOSITY"] == "DEBUG"  # an operator's own value wins
+    assert chosen["RAY_SERVE_CONTROL_LOOP_INTERVAL_S"] == "0.1"
 
 
 def test_ray_gets_a_temp_folder_of_this_users_own(tmp_path, monkeypatch):

@@ -2,7 +2,7 @@
 script and module for `/proc`, `setsid(1)`, `ps`, GNU-only `sed`/`readlink`/`stat`/`date`/`grep`/`xargs`
 flags, commands macOS does not ship, and bash-4 syntax (macOS's /bin/bash is 3.2). The scan's own patterns
 are checked on known-bad lines first, so it cannot pass by matching nothing. Running the control script
-under a macOS-like userland is in test_ops.py (tests/support/macos_userland.py builds that PATH).
+under a macOS-like userland is in tests/e2e/test_service.py (tests/support/macos_userland.py builds that PATH).
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 it: a client that stops reading is cut off and the app behind it learns that the client left; a client that
 reads slowly but steadily gets every byte. Both of uvicorn's HTTP
 implementations (Serve's proxy takes whichever is installed). Through the real Serve proxy:
-tests/e2e/test_security.py; one request id per response: tests/e2e/test_serve_run.py."""
+tests/e2e/test_security.py; one request id per response: tests/e2e/test_reliability.py."""
 
 from __future__ import annotations
 

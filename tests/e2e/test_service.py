@@ -1,8 +1,8 @@
 """Operations: the service files, and the control script's start/status/stop cycle on the tiny checkpoint:
-one server started with `start` (the module's `controlled` fixture), then a test each for what it must do
-(API_KEY, the per-request log line, Ray Serve metrics), and last a graceful stop with a stream in flight.
-(The supervisor's exit when its Ray cluster dies is tests/e2e/test_security.py's last test, on the LAN
-server, which runs as the boot service does.)
+the LAN server started with `start` (conftest's `lan_service`, which tests/e2e/test_security.py uses first),
+then a test each for what it must do (API_KEY, the per-request log line, Ray Serve metrics), and last a
+graceful stop with a stream in flight. (The supervisor's exit when its Ray cluster dies is
+tests/e2e/test_faults.py's last test, on a server run as the boot service does.)
 
 The control script runs under a macOS-like userland (tests/support/macos_userland.py: no setsid, a BSD-strict ps,
 sed and readlink), with a HOME of its own and SESAME_TTS_SERVICE=none: it never sees, starts or stops a
@@ -14,31 +14,20 @@ import json
 import os
 import plistlib
 import re
-import shutil
 import subprocess
 import sys
-import tempfile
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import httpx
 import pytest
 
 from serve_app.core import processes
-from serve_app.tools.local_server import free_port
 from tests.support.audio import decode, duration
-from tests.support.servers import ROOT, TEST_ENV, children, session_processes
+from tests.support.servers import ROOT, session_processes
+from tests.support.service import API_KEY, CTL, WRONG_KEY, ctl
 from tests.support.waiting import wait_for
-
-CTL = ROOT / "ops" / "sesame-tts"
-API_KEY, WRONG_KEY = "sk-local-secret", "sk-not-the-key-7f3a"
-
-
-def ctl(*args, env=None, timeout=300) -> subprocess.CompletedProcess:
-    return subprocess.run([str(CTL), *args], env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def test_launchd_plist_parses_and_points_at_real_paths():
@@ -129,73 +118,10 @@ def _metric_lines(name: str, ray_dir: Path) -> list[str]:
     return found
 
 
-@dataclass
-class Controlled:
-    """A server started by `ops/sesame-tts start` (what launchd and systemd run), and what the tests need of it."""
-
-    env: dict
-    cache: Path
-    port: int
-    ray_dir: Path
-    started: subprocess.CompletedProcess
-    wall: float  # seconds `start` took, as measured around it
-    pid: int  # the supervisor's
-    serve_pid: int  # its `serve run`
-
-    @property
-    def api(self) -> str:
-        return f"http://127.0.0.1:{self.port}/v1"
-
-    def speak(self, text: str, key: Optional[str] = API_KEY, **body) -> httpx.Response:
-        headers = {"Authorization": f"Bearer {key}"} if key else {}
-        return httpx.post(f"{self.api}/audio/speech", json={"input": text, **body}, headers=headers, timeout=120)
-
-    def logged(self, request_id: str) -> str:
-        """The request's line in the rotated server log (Ray forwards replica output as it comes: waited for)."""
-
-        def line() -> str:
-            text = (self.cache / "server.log").read_text()
-            return next((entry for entry in text.splitlines() if f"request id={request_id} " in entry), "")
-
-        return wait_for(line, f"the log line of request {request_id}", timeout=120, every=0.2)
-
-
-@pytest.fixture(scope="module")
-def controlled(tiny_checkpoint, tmp_path_factory, macos_path):
-    """One server for the control script's tests, started with `start` under a macOS-like userland and
-    API_KEY; the last test stops it with `stop` (and the fixture does, should a test fail before)."""
-    tmp_path = tmp_path_factory.mktemp("ctl")
-    ray_dir = Path(tempfile.mkdtemp(prefix="r", dir="/tmp"))  # short: Ray's socket paths
-    cache = tmp_path / "cache"
-    port = free_port()
-    (tmp_path / "home").mkdir()
-    env = {
-        **os.environ,
-        **TEST_ENV,
-        "MODEL_ID": str(tiny_checkpoint),
-        "CACHE_DIR": str(cache),
-        "HOST": "127.0.0.1",
-        "PORT": str(port),
-        "API_KEY": API_KEY,
-        "ENV_FILE": str(tmp_path / "none.env"),
-        "RAY_ADDRESS": "local",
-        "RAY_TMPDIR": str(ray_dir),
-        "PATH": macos_path,
-        "HOME": str(tmp_path / "home"),
-        "SESAME_TTS_SERVICE": "none",
-    }
-    (tmp_path / "none.env").write_text("")
-    began = time.monotonic()
-    started = ctl("start", env=env)
-    wall = time.monotonic() - began
-    try:
-        assert started.returncode == 0, started.stdout + started.stderr
-        pid = int((cache / "server.pid").read_text())
-        (serve_pid,) = children(pid)  # the supervisor's `serve run`, in a session of its own
-        yield Controlled(env, cache, port, ray_dir, started, wall, pid, serve_pid)
-    finally:
-        ctl("stop", env=env)
-        shutil.rmtree(ray_dir, ignore_errors=True)
+@pytest.fixture
+def controlled(lan_service):
+    """The LAN server, started by the control script (conftest's `lan_service`); this module's last test stops it."""
+    return lan_service
 
 
 def test_start_detaches_reports_its_time_and_refuses_a_second_start(controlled):
