@@ -23,7 +23,7 @@ from dotenv import dotenv_values
 
 from serve_app import service
 from serve_app.api.proxy import PROXY_CALLBACK, PROXY_CALLBACK_VARIABLE
-from serve_app.core.constants import PROJECT_ROOT
+from serve_app.core.constants import IDLE_RAY_SERVE, PROJECT_ROOT
 from serve_app.core.settings import SECRET_SETTINGS, Settings, find_env_file
 from serve_app.service import running_pid
 from serve_app.supervisor import base_url, supervise
@@ -89,13 +89,6 @@ def private_ray_dir(environ=os.environ) -> None:
     if info.st_mode & 0o077:
         folder.chmod(0o700)
     environ["RAY_TMPDIR"] = str(folder)
-
-
-# What an idle server costs (a background service waits most of its life): Serve's controller runs its control
-# loop every 0.1 s and each replica and handle flushes its cached metrics every 0.1 s; every 0.5 s and 1 s
-# suffice for one machine (a replica's death is seen 0.4 s later, and Prometheus scrapes every 10-15 s).
-# Measured here (docs/pages/performance.md): 5.9 -> 4.3 CPU-seconds per idle 30 s. An operator's value wins.
-IDLE_RAY_SERVE = {"RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.5", "RAY_SERVE_METRICS_EXPORT_INTERVAL_MS": "1000"}
 
 
 def prepare_ray_environment(environ=os.environ) -> None:

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from serve_app.api.proxy import PROXY_CALLBACK, PROXY_CALLBACK_VARIABLE
+from serve_app.core.constants import IDLE_RAY_SERVE
 from serve_app.core.processes import kill_session
 from serve_app.tools.local_server import free_port
 
@@ -32,13 +33,14 @@ class LocalCluster:
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
         # RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER: Ray refuses `ray start --address` on macOS without it (Linux's
-        # default), and the head's proxy applies the write deadline, as the README's "Several machines" recipe
-        # says.
+        # default), the head's proxy applies the write deadline and Serve's loops wake less often when idle, as
+        # docs/pages/cluster.md's recipe says.
         self.env = {
             **os.environ,
             "RAY_AUTH_MODE": "token",
             "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1",
             PROXY_CALLBACK_VARIABLE: PROXY_CALLBACK,
+            **{name: os.environ.get(name, value) for name, value in IDLE_RAY_SERVE.items()},
         }
         self.env.pop("RAY_ADDRESS", None)
         # A cluster with token authentication needs a token before its head starts; `ray start` makes none.

@@ -163,9 +163,9 @@ def test_openai_sdk_retries_a_429_after_retry_after_and_succeeds(busy):
 
 
 def test_loadtest_at_eight_times_capacity_gives_only_audio_or_429(busy, tmp_path):
-    report = run_loadtest(busy.base_url, 8 * CAPACITY, 32, tmp_path)
+    report = run_loadtest(busy.base_url, 8 * CAPACITY, 24, tmp_path)
     assert report["ok"] >= 1 and report["attempts_429"] >= 8, report  # it served, and it really was overloaded
-    assert report["ok"] + report["rate_limited"] + report["hung_up"] == report["requests"] == 32
+    assert report["ok"] + report["rate_limited"] + report["hung_up"] == report["requests"] == 24
     assert report["ttfb_ms"]["p50"] is not None
     health = busy.wait_until(lambda r: r.json()["in_flight"] == 0, timeout=30).json()
     assert health["status"] == "ok" and health["encoders_running"] == 0

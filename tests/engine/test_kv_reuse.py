@@ -112,12 +112,12 @@ def test_batched_requests_with_every_voice_match_the_reference_alone(reusing, re
 def test_a_row_that_no_longer_fits_falls_back_to_a_trimmed_prefill_from_the_prefix(
     reusing, reference, voices, prefills, monkeypatch
 ):
-    """With CSM's context made short (600 positions), a later chunk no longer fits behind the row's whole
-    history: it is prefilled from the cached voice prefix plus the most recent history that fits, exactly
-    as the reference path chooses, and the codes stay the same."""
-    monkeypatch.setattr(session_module, "MAX_POSITIONS", 600)
+    """With CSM's context made short (480 positions: the voice's prompt is 378), a later chunk no longer fits
+    behind the row's whole history: it is prefilled from the cached voice prefix plus the most recent history
+    that fits, exactly as the reference path chooses, and the codes stay the same."""
+    monkeypatch.setattr(session_module, "MAX_POSITIONS", 480)
     chunks = [f"Chunk number {n} of a longer answer." for n in range(5)]
-    request = greedy(voices, "conversational", chunks, seed=9, max_frames_per_chunk=40)
+    request = greedy(voices, "conversational", chunks, seed=9, max_frames_per_chunk=20)
     ours = solo(reusing, request)
     prompt = len(reusing._prompts["conversational"])
     continued = [p for p in prefills[1:] if p[1] > prompt]
