@@ -1,6 +1,7 @@
 """Facts every layer shares: the codec's rates, the model's name, the logger's name, how long a stop waits.
 
-They are not settings (nothing here is tunable), and they live apart from `settings.py` so that a module
+They are not settings (nothing here is tunable; IDLE_RAY_SERVE holds defaults for Ray's own variables, which an
+operator may set instead), and they live apart from `settings.py` so that a module
 that needs a sample rate does not have to load the server's whole configuration.
 """
 

@@ -5,6 +5,7 @@ last test stops it."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import tempfile
 import time
@@ -83,8 +84,6 @@ class Controlled:
 def start(work: Path, model_id: Path, macos_path: str) -> Controlled:
     """`ops/sesame-tts start` with a HOME of its own and SESAME_TTS_SERVICE=none (it never sees, starts or stops
     a launchd job or systemd unit the developer installed); fails with the script's output if it did not."""
-    import os
-
     ray_dir = Path(tempfile.mkdtemp(prefix="r", dir="/tmp"))  # short: Ray's socket paths
     (work / "home").mkdir(parents=True)
     (work / "none.env").write_text("")
