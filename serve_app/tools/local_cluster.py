@@ -36,11 +36,11 @@ class LocalCluster:
         # default), the head's proxy applies the write deadline and Serve's loops wake less often when idle, as
         # docs/pages/cluster.md's recipe says.
         self.env = {
+            **IDLE_RAY_SERVE,
             **os.environ,
             "RAY_AUTH_MODE": "token",
             "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1",
             PROXY_CALLBACK_VARIABLE: PROXY_CALLBACK,
-            **{name: os.environ.get(name, value) for name, value in IDLE_RAY_SERVE.items()},
         }
         self.env.pop("RAY_ADDRESS", None)
         # A cluster with token authentication needs a token before its head starts; `ray start` makes none.

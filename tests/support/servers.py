@@ -1,9 +1,12 @@
-"""Starting and probing real servers for the tests: the README's own launcher on a free loopback port, the
-load test against it, and the processes a server started (psutil, by session)."""
+"""Starting and probing real servers for the tests: the README's own launcher (or the design card's bare
+`serve run`) on a free loopback port, the load test against it, and the processes a server started (psutil, by
+session)."""
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable
@@ -12,9 +15,12 @@ from pathlib import Path
 import httpx
 import psutil
 import pytest
+import yaml
 
+from serve_app.api.proxy import PROXY_CALLBACK_VARIABLE
 from serve_app.core import processes
 from serve_app.core.constants import PROJECT_ROOT as ROOT
+from serve_app.launch import prepare_ray_environment
 from serve_app.tools.local_server import LocalServer, ServerFailed
 
 # Small runaway caps: the tiny model never emits end-of-speech, so every request runs to its cap.
@@ -68,14 +74,6 @@ def bare_serve_run(work: Path, model_id: Path, **env_overrides: str) -> Server:
     """The design card's own ops command, a bare `serve run serve_config.yaml` as shipped (no launcher, so no
     proxy callback of ours: Serve's proxy exactly as it comes) on a free loopback port, its settings from the
     environment as Serve hands it to the replicas; returns at once."""
-    import os
-    import shutil
-
-    import yaml
-
-    from serve_app.api.proxy import PROXY_CALLBACK_VARIABLE
-    from serve_app.launch import prepare_ray_environment
-
     config = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
     serve = shutil.which("serve", path=os.path.dirname(sys.executable))
     assert serve, "ray[serve]'s `serve` command is installed beside this Python"
