@@ -32,7 +32,7 @@ STOP_KILL_AFTER_S = 15  # then `serve run`'s own shutdown gets this long before 
 
 # What an idle server costs (a background service waits most of its life): Serve's controller runs its control
 # loop every 0.1 s and each replica and handle flushes its cached metrics every 0.1 s; every 0.5 s and 1 s
-# suffice (a replica's death is seen 0.4 s later; Prometheus scrapes every 10-15 s). Measured: 6.4 -> 4.7
-# CPU-seconds per idle 30 s (docs/pages/service.md). Set for the Ray node Serve runs on: the launcher's own
-# alone, the head's `ray start` in a cluster; an operator's value wins.
+# suffice (a replica's death is seen 0.4 s later; Prometheus scrapes every 10-15 s), and an idle server uses about
+# a quarter less CPU (results/bench/<machine>/history.md). Set for the Ray node Serve runs on: the launcher's
+# own alone, the head's `ray start` in a cluster; an operator's value wins.
 IDLE_RAY_SERVE = {"RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.5", "RAY_SERVE_METRICS_EXPORT_INTERVAL_MS": "1000"}
