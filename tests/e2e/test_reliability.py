@@ -44,6 +44,7 @@ from tests.support.servers import (
     ROOT,
     bare_serve_run,
     healthy,
+    logged,
     one_request_id_names_the_next,
     run_loadtest,
     session_processes,
@@ -380,11 +381,6 @@ def test_killed_model_replica_comes_back_and_in_flight_clients_see_an_error(busy
         f"during the outage got {during.status_code} ({during.text[:80]!r}) at {answered:.2f} s; "
         f"healthy and serving again after {time.monotonic() - killed:.1f} s"
     )
-
-
-def logged(server, request_id: str) -> None:
-    """The request's log line names this id (Ray forwards replica output to the log as it comes)."""
-    wait_for(lambda: f"request id={request_id} " in server.log_text(), f"a log line for request {request_id}")
 
 
 def request_ids(response: httpx.Response) -> list[str]:

@@ -25,7 +25,7 @@ import pytest
 
 from serve_app.core import processes
 from tests.support.audio import decode, duration
-from tests.support.servers import ROOT, session_processes
+from tests.support.servers import ROOT, logged, session_processes
 from tests.support.service import API_KEY, CTL, WRONG_KEY, ctl
 from tests.support.waiting import wait_for
 
@@ -166,10 +166,10 @@ def test_the_api_key_guards_speech_and_not_health_or_the_lists(controlled):
 def test_each_request_is_one_log_line_without_the_key(controlled):
     ok = controlled.speak("Logged and counted.", response_format="wav")
     refused = controlled.speak("hi", key=WRONG_KEY)
-    line = controlled.logged(ok.headers["x-request-id"])
+    line = logged(controlled, ok.headers["x-request-id"])
     for part in ("voice=conversational", "format=wav", "chars=19", "ttfb_ms=", "audio_s=", "rtf=", "status=ok"):
         assert part in line
-    assert "status=401" in controlled.logged(refused.headers["x-request-id"])
+    assert "status=401" in logged(controlled, refused.headers["x-request-id"])
     log = (controlled.cache / "server.log").read_text()
     assert API_KEY not in log and WRONG_KEY not in log
     assert "\x1b[" not in log  # colour codes stripped

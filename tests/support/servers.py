@@ -22,6 +22,7 @@ from serve_app.core import processes
 from serve_app.core.constants import PROJECT_ROOT as ROOT
 from serve_app.launch import prepare_ray_environment
 from serve_app.tools.local_server import LocalServer, ServerFailed
+from tests.support.waiting import wait_for
 
 # Small runaway caps: the tiny model never emits end-of-speech, so every request runs to its cap.
 TEST_ENV = {
@@ -88,6 +89,16 @@ def bare_serve_run(work: Path, model_id: Path, **env_overrides: str) -> Server:
     prepare_ray_environment(env)  # Ray private and on loopback, as on a user's machine
     env[PROXY_CALLBACK_VARIABLE] = ""  # Serve's proxy exactly as it comes: none of our middleware
     return Server(work, env, command=command)
+
+
+def logged(server, request_id: str) -> str:
+    """The request's line in a server's log (`server.log_text()`), waited for: Ray forwards replica output as it
+    comes."""
+
+    def line() -> str:
+        return next((entry for entry in server.log_text().splitlines() if f"request id={request_id} " in entry), "")
+
+    return wait_for(line, f"the log line of request {request_id}", timeout=120, every=0.2)
 
 
 def healthy(response: httpx.Response) -> bool:

@@ -17,7 +17,6 @@ import httpx
 
 from serve_app.tools.local_server import free_port
 from tests.support.servers import ROOT, TEST_ENV, children
-from tests.support.waiting import wait_for
 
 CTL = ROOT / "ops" / "sesame-tts"
 API_KEY, WRONG_KEY = "sk-lan-secret-5f2c", "sk-not-the-key-7f3a"
@@ -68,14 +67,6 @@ class Controlled:
     def speak(self, text: str, key: Optional[str] = API_KEY, **body) -> httpx.Response:
         headers = {"Authorization": f"Bearer {key}"} if key else {}
         return httpx.post(f"{self.api}/audio/speech", json={"input": text, **body}, headers=headers, timeout=120)
-
-    def logged(self, request_id: str) -> str:
-        """The request's line in the rotated server log (Ray forwards replica output as it comes: waited for)."""
-
-        def line() -> str:
-            return next((entry for entry in self.log_text().splitlines() if f"request id={request_id} " in entry), "")
-
-        return wait_for(line, f"the log line of request {request_id}", timeout=120, every=0.2)
 
     def stop(self) -> None:
         ctl("stop", env=self.env)
