@@ -66,9 +66,19 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory) -> Path:
+    """The suite's checkpoint: tiny, with fewer codebooks (tests/support/servers.TINY_CODEBOOKS says why)."""
+    from serve_app.tools.tiny_checkpoint import write_checkpoint
+    from tests.support.servers import TINY_CODEBOOKS
+
+    return write_checkpoint(tmp_path_factory.mktemp("tiny-csm"), codebooks=TINY_CODEBOOKS)
+
+
+@pytest.fixture(scope="session")
+def csm_tiny_checkpoint(tmp_path_factory) -> Path:
+    """The tiny checkpoint as the tool writes it by default: CSM's 32 codebooks per frame."""
     from serve_app.tools.tiny_checkpoint import write_checkpoint
 
-    return write_checkpoint(tmp_path_factory.mktemp("tiny-csm"))
+    return write_checkpoint(tmp_path_factory.mktemp("tiny-csm-32"))
 
 
 @pytest.fixture(scope="session")

@@ -2,6 +2,7 @@
 
     python -m serve_app.tools.tiny_checkpoint OUT_DIR              # tiny: a test request takes well under a second
     python -m serve_app.tools.tiny_checkpoint OUT_DIR --full-size  # CSM-1B's exact architecture and the real Mimi
+    python -m serve_app.tools.tiny_checkpoint OUT_DIR --codebooks 8  # tiny with Moshi's 8 Mimi codebooks, not CSM's 32
 
 The output is loaded through exactly the same code as a downloaded checkpoint (see engine/checkpoint.py):
 config.json + model.safetensors, a byte-level BPE tokenizer.json with Llama-3-style BOS/EOS tokens, Mimi
@@ -26,6 +27,7 @@ from mlx.utils import tree_flatten
 BOS, EOS = "<|begin_of_text|>", "<|end_of_text|>"
 MIMI_FILE = "tokenizer-e351c8d8-checkpoint125.safetensors"
 AUDIO_VOCAB = 2051  # sesame/csm-1b's audio_vocab_size
+CSM_CODEBOOKS = 32  # the Mimi codebooks CSM-1B samples per frame (Moshi samples 8 of the same Mimi)
 PROMPTS = {
     "conversational_a": "Hi there, this is the conversational voice speaking naturally.",
     "conversational_b": "And this is the second speaker, a little brighter and quicker.",
@@ -86,15 +88,16 @@ def _llama(hidden: int, layers: int, heads: int, kv_heads: int, ffn: int) -> dic
     }
 
 
-def csm_config(text_vocab: int, full_size: bool) -> dict:
-    """A transformers-style CSM config; full size is CSM-1B's (llama-1B backbone, llama-100M decoder)."""
+def csm_config(text_vocab: int, full_size: bool, codebooks: int = CSM_CODEBOOKS) -> dict:
+    """A transformers-style CSM config; full size is CSM-1B's (llama-1B backbone, llama-100M decoder).
+    `codebooks`: the Mimi codebooks a frame samples (CSM's 32; the depth decoder takes one step per codebook)."""
     backbone = _llama(2048, 16, 32, 8, 8192) if full_size else _llama(64, 2, 4, 2, 128)
     decoder = _llama(1024, 4, 8, 2, 8192) if full_size else _llama(32, 1, 2, 1, 64)
     # CSM's real audio vocabulary: Mimi's 2048 codes plus 3 (codebook pad 2050), so random weights also sample
     # codes >= 2048 and the clip before Mimi runs in every test.
     decoder.update(
         model_type="csm_depth_decoder_model",
-        num_codebooks=32,
+        num_codebooks=codebooks,
         vocab_size=AUDIO_VOCAB,
         backbone_hidden_size=backbone["hidden_size"],
     )
@@ -104,8 +107,8 @@ def csm_config(text_vocab: int, full_size: bool) -> dict:
         "decoder_flavor": "llama-100M",
         "text_vocab_size": 128256 if full_size else text_vocab,
         "audio_vocab_size": AUDIO_VOCAB,
-        "audio_num_codebooks": 32,
-        "num_codebooks": 32,
+        "audio_num_codebooks": codebooks,
+        "num_codebooks": codebooks,
         "vocab_size": AUDIO_VOCAB,
         "audio_eos_token_id": 0,
         "audio_token_id": 128002,
@@ -131,10 +134,10 @@ def _write_csm(out: Path, config: dict, dtype) -> None:
     (out / "config.json").write_text(json.dumps(config, indent=2))
 
 
-def mimi_config(full_size: bool):
+def mimi_config(full_size: bool, codebooks: int = CSM_CODEBOOKS):
     from mlx_audio.codec.models.mimi.mimi import mimi_202407
 
-    cfg = mimi_202407(32)
+    cfg = mimi_202407(codebooks)
     if full_size:
         return cfg
     seanet = dataclasses.replace(cfg.seanet, dimension=32, nfilters=4)
@@ -170,10 +173,10 @@ def to_kyutai(key: str, value: mx.array) -> tuple[str, mx.array]:
     return key, value
 
 
-def _write_mimi(out: Path, full_size: bool, dtype) -> None:
+def _write_mimi(out: Path, full_size: bool, codebooks: int, dtype) -> None:
     from mlx_audio.codec.models.mimi.mimi import Mimi
 
-    cfg = mimi_config(full_size)
+    cfg = mimi_config(full_size, codebooks)
     mimi = Mimi(cfg)
     params = {}
     for key, value in tree_flatten(mimi.parameters()):
@@ -217,16 +220,20 @@ def _write_prompts(out: Path, seconds: float) -> None:
         (out / "prompts" / f"{name}.txt").write_text(text)
 
 
-def write_checkpoint(out: Path, full_size: bool = False, seed: int = 0) -> Path:
-    """Write the checkpoint into `out` (created); returns `out`."""
+def write_checkpoint(out: Path, full_size: bool = False, seed: int = 0, codebooks: int = CSM_CODEBOOKS) -> Path:
+    """Write the checkpoint into `out` (created); returns `out`. `codebooks` below CSM's 32 (Mimi's first ones,
+    as Moshi uses 8) makes each frame cheaper where only the code path matters: every part of the serving
+    code reads the count from the checkpoint's config."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     mx.random.seed(seed)
     vocab = _write_tokenizer(out)
     # Full size stores bf16 like the published weights (kyutai's Mimi file is bf16); tiny stays float32.
     dtype = mx.bfloat16 if full_size else mx.float32
-    _write_csm(out, csm_config(vocab, full_size), dtype)
-    _write_mimi(out, full_size, dtype)
+    if full_size and codebooks != CSM_CODEBOOKS:
+        raise ValueError("the full-size checkpoint is CSM-1B's architecture: 32 codebooks")
+    _write_csm(out, csm_config(vocab, full_size, codebooks), dtype)
+    _write_mimi(out, full_size, codebooks, dtype)
     _write_prompts(out, seconds=1.0)
     return out
 
@@ -236,8 +243,16 @@ def main(argv=None) -> None:
     parser.add_argument("out_dir", type=Path)
     parser.add_argument("--full-size", action="store_true", help="CSM-1B's architecture and the real Mimi (~3.4 GB)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--codebooks",
+        type=int,
+        default=CSM_CODEBOOKS,
+        choices=range(1, CSM_CODEBOOKS + 1),
+        metavar="1-32",
+        help="Mimi codebooks per frame (tiny only; CSM's 32 by default)",
+    )
     args = parser.parse_args(argv)
-    write_checkpoint(args.out_dir, args.full_size, args.seed)
+    write_checkpoint(args.out_dir, args.full_size, args.seed, args.codebooks)
     print(f"wrote {'full-size' if args.full_size else 'tiny'} random-weight checkpoint to {args.out_dir}")
 
 

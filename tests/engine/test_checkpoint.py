@@ -1,4 +1,5 @@
-"""Checkpoint resolution and loading: a local folder, a hub id served from the cache, and broken ones."""
+"""Checkpoint resolution and loading: a local folder, a hub id served from the cache, and broken ones (the tiny
+checkpoint as the tool writes it by default: CSM's 32 codebooks)."""
 
 from __future__ import annotations
 
@@ -21,16 +22,16 @@ def settings(model_id, **kw) -> Settings:
     return Settings(model_id=str(model_id), **kw)
 
 
-def test_local_folder_resolves_every_piece(tiny_checkpoint):
-    files = resolve_checkpoint(settings(tiny_checkpoint))
-    assert files.root == tiny_checkpoint.resolve()
+def test_local_folder_resolves_every_piece(csm_tiny_checkpoint):
+    files = resolve_checkpoint(settings(csm_tiny_checkpoint))
+    assert files.root == csm_tiny_checkpoint.resolve()
     assert [p.name for p in files.weights] == ["model.safetensors"]
     assert files.tokenizer_dir == files.root
     assert files.mimi_weights.name == MIMI_FILE and files.mimi_config["quantizer_nq"] == 32
 
 
-def test_tokenizer_wraps_text_in_bos_and_eos(tiny_checkpoint):
-    tok = TextTokenizer(tiny_checkpoint)
+def test_tokenizer_wraps_text_in_bos_and_eos(csm_tiny_checkpoint):
+    tok = TextTokenizer(csm_tiny_checkpoint)
     ids = tok.encode("[0]Hello there")
     assert ids[0] == tok._tok.token_to_id("<|begin_of_text|>")
     assert ids[-1] == tok._tok.token_to_id("<|end_of_text|>")
@@ -50,9 +51,9 @@ def _hub_repo(cache: Path, repo_id: str, files: dict[str, Path]) -> Path:
     return snapshot
 
 
-def test_hub_id_loads_from_cache_without_network(tiny_checkpoint, tmp_path, monkeypatch):
+def test_hub_id_loads_from_cache_without_network(csm_tiny_checkpoint, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    everything = {str(p.relative_to(tiny_checkpoint)): p for p in tiny_checkpoint.rglob("*") if p.is_file()}
+    everything = {str(p.relative_to(csm_tiny_checkpoint)): p for p in csm_tiny_checkpoint.rglob("*") if p.is_file()}
     snapshot = _hub_repo(tmp_path, "test-org/csm-tiny", everything)
     s = settings("test-org/csm-tiny", cache_dir=tmp_path)
     files = resolve_checkpoint(s)
@@ -73,15 +74,19 @@ def test_hub_id_loads_from_cache_without_network(tiny_checkpoint, tmp_path, monk
     assert codes.shape == (1, 32, 4)  # 4 frames of 80 ms, one code per codebook
 
 
-def test_hub_id_fetches_tokenizer_and_mimi_from_their_own_repos(tiny_checkpoint, tmp_path, monkeypatch):
+def test_hub_id_fetches_tokenizer_and_mimi_from_their_own_repos(csm_tiny_checkpoint, tmp_path, monkeypatch):
     """The mlx-community layout: config, weights and prompts only; the rest comes from TOKENIZER_ID/MIMI_ID."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    model_files = {n: tiny_checkpoint / n for n in ["config.json", "model.safetensors", "prompts/conversational_a.wav"]}
+    model_files = {
+        n: csm_tiny_checkpoint / n for n in ["config.json", "model.safetensors", "prompts/conversational_a.wav"]
+    }
     _hub_repo(tmp_path, "test-org/csm", model_files)
     tok = _hub_repo(
-        tmp_path, "test-org/tokenizer", {n: tiny_checkpoint / n for n in ["tokenizer.json", "tokenizer_config.json"]}
+        tmp_path,
+        "test-org/tokenizer",
+        {n: csm_tiny_checkpoint / n for n in ["tokenizer.json", "tokenizer_config.json"]},
     )
-    mimi = _hub_repo(tmp_path, "test-org/mimi", {MIMI_FILE: tiny_checkpoint / "mimi" / MIMI_FILE})
+    mimi = _hub_repo(tmp_path, "test-org/mimi", {MIMI_FILE: csm_tiny_checkpoint / "mimi" / MIMI_FILE})
     s = settings("test-org/csm", cache_dir=tmp_path, tokenizer_id="test-org/tokenizer", mimi_id="test-org/mimi")
     files = resolve_checkpoint(s)
     assert files.tokenizer_dir == tok
@@ -96,9 +101,9 @@ def test_uncached_hub_id_offline_is_a_clear_error(tmp_path, monkeypatch):
 
 
 @pytest.fixture
-def broken(tiny_checkpoint, tmp_path) -> Path:
+def broken(csm_tiny_checkpoint, tmp_path) -> Path:
     copy = tmp_path / "ckpt"
-    shutil.copytree(tiny_checkpoint, copy)
+    shutil.copytree(csm_tiny_checkpoint, copy)
     return copy
 
 
@@ -151,10 +156,10 @@ def test_corrupt_mimi(broken):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_mimi_runs_in_the_chosen_dtype_tables_included(tiny_checkpoint, dtype):
+def test_mimi_runs_in_the_chosen_dtype_tables_included(csm_tiny_checkpoint, dtype):
     """MIMI_DTYPE reaches every array, also the tables mlx-audio derives from the weights (codebook
     embeddings, expanded conv weights), and the codec still encodes and decodes."""
-    mimi = load_mimi(resolve_checkpoint(settings(tiny_checkpoint)), dtype)
+    mimi = load_mimi(resolve_checkpoint(settings(csm_tiny_checkpoint)), dtype)
     found = {v.dtype for _, module in mimi.named_modules() for v in module.values() if isinstance(v, mx.array)}
     assert found == {getattr(mx, dtype)}
     codes = mimi.encode(mx.array(np.sin(np.arange(1920 * 3) / 9.0).astype(np.float32))[None, None])

@@ -109,7 +109,8 @@ def test_context_that_does_not_fit_keeps_the_clip_and_the_most_recent_turns(engi
     """CSM has 2,048 positions: the voice's clip always, then the most recent turns that fit (oldest out
     first), then the text and its frames. Three turns of ~700 positions each cannot all fit."""
     turns = [
-        ContextSegment(speaker=1, text=f"Turn {i}.", codes=np.full((32, 690), i + 1, dtype=np.int32)) for i in range(3)
+        ContextSegment(speaker=1, text=f"Turn {i}.", codes=np.full((engine.num_codebooks, 690), i + 1, dtype=np.int32))
+        for i in range(3)
     ]
     chosen = []
     original = session_module.fit_context

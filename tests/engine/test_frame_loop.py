@@ -61,7 +61,7 @@ def test_compiled_equals_uncompiled(tiny_checkpoint, voices, engine, monkeypatch
 
 def test_batched_mimi_equals_each_stream_alone(engine):
     rng = np.random.default_rng(0)
-    groups = [rng.integers(0, 2048, size=(3, 32, t)).astype(np.int32) for t in (2, 6, 6)]
+    groups = [rng.integers(0, 2048, size=(3, engine.num_codebooks, t)).astype(np.int32) for t in (2, 6, 6)]
     alone = [MimiDecodeState(engine.mimi_decoder) for _ in range(3)]
     together = [MimiDecodeState(engine.mimi_decoder) for _ in range(3)]
     for codes in groups:

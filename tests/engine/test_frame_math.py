@@ -99,7 +99,7 @@ def test_mimi_decoder_equals_mimi_decode_step(engine, rows):
     mine, theirs = [MimiDecodeState(ours) for _ in range(rows)], [MimiDecodeState(reference) for _ in range(rows)]
     rng = np.random.default_rng(rows)
     for frames in (2, 6, 3):
-        codes = list(rng.integers(0, 2048, size=(rows, 32, frames)).astype(np.int32))
+        codes = list(rng.integers(0, 2048, size=(rows, engine.num_codebooks, frames)).astype(np.int32))
         for got, want in zip(decode_states(mine, codes), decode_states(theirs, codes)):
             assert got.shape == (frames * 1920,) and np.array_equal(got, want)
             assert np.abs(got).max() > 0

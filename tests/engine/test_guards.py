@@ -90,7 +90,7 @@ def test_a_silent_tail_ends_the_chunk_and_the_next_one_follows_a_short_pause(eng
     assert rms(pause) < 1e-2 < rms(samples[13 * SAMPLES_PER_FRAME :]) and pause[-1] == 0.0
     # What CSM keeps as this chunk's history (and the utterance memory) is what was heard of it.
     utterance = next(p for p in posts if isinstance(p, Utterance))
-    assert utterance.codes.shape == (32, 13 + 40)
+    assert utterance.codes.shape == (engine.num_codebooks, 13 + 40)
 
 
 @pytest.mark.slow("generates long enough for a guard to act (or not)")

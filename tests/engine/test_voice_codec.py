@@ -15,7 +15,7 @@ from serve_app.model.loading import ReplicaVoices, load_engine
 from serve_app.tools.tiny_checkpoint import write_checkpoint
 from serve_app.voices.directory import VoiceDirectory
 from serve_app.voices.store import CustomVoiceStore, VoiceRecord, new_id, read_wav
-from tests.support.servers import ENGINE_CAPS
+from tests.support.servers import ENGINE_CAPS, TINY_CODEBOOKS
 
 TRANSCRIPT = "This is how I sound."
 
@@ -32,7 +32,7 @@ def _ids(tokens) -> np.ndarray:
 @pytest.fixture(scope="module")
 def other_mimi(tmp_path_factory):
     """The same layout with other random weights: another Mimi, so another codes tag."""
-    return write_checkpoint(tmp_path_factory.mktemp("other-mimi"), seed=1)
+    return write_checkpoint(tmp_path_factory.mktemp("other-mimi"), seed=1, codebooks=TINY_CODEBOOKS)
 
 
 @pytest.fixture

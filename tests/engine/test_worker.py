@@ -15,7 +15,7 @@ from serve_app.core.errors import ServiceUnavailableError
 from serve_app.core.messages import ContextSegment, SynthesisRequest, Usage
 from serve_app.core.settings import Settings
 from serve_app.model.replica import CSMModel, WorkerUnhealthy
-from tests.support.servers import ENGINE_CAPS, settled
+from tests.support.servers import ENGINE_CAPS, TINY_CODEBOOKS, settled
 
 LONE_SURROGATE = "Hello \ud800 there."  # what a JSON body can carry ("\ud800"), and no tokenizer takes
 CODES = np.ones((32, 3), dtype=np.int32)  # three frames of Mimi codes
@@ -267,7 +267,7 @@ def test_streams_keep_going_while_a_voice_sample_is_encoded(model, voices, monke
         return encoded, generating
 
     (codes, tag), generating = asyncio.run(both())
-    assert codes.shape[0] == 32 and tag
+    assert codes.shape[0] == TINY_CODEBOOKS and tag
     assert generating == 1  # the request was still speaking when the encode ended
     gaps = np.diff(steps_at_each_layer)
     assert len(gaps) >= 10 and (gaps >= 1).all(), steps_at_each_layer

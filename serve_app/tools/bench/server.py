@@ -7,6 +7,7 @@ streamed requests per format, concurrency, and the memory of the model replica a
 
 from __future__ import annotations
 
+import shutil
 import statistics
 import tempfile
 import threading
@@ -163,3 +164,4 @@ def server_part(
         return result
     finally:
         server.stop(timeout=60)
+        shutil.rmtree(server.work, ignore_errors=True)
