@@ -58,10 +58,24 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.network)
         if tier == "e2e" or item.get_closest_marker("cluster") or item.get_closest_marker("server"):
             item.add_marker(pytest.mark.slow)
-    # The modules that use the shared server run first, one after another, so it can stop before the
-    # servers of the other modules start (pytest_runtest_teardown below): whole modules move, in their order.
-    shared = {item.module.__name__ for item in items if "server" in getattr(item, "fixturenames", ())}
-    items.sort(key=lambda item: tiers[item.nodeid] != "e2e" or item.module.__name__ not in shared)
+    # Groups of tests that must run in one process, one after another: a module (its module-scoped servers
+    # and its order), or every module that uses one shared server. ./ops/test.sh runs the groups on two
+    # workers (pytest-xdist: --dist loadgroup); each group's server stops after its last test, here
+    # (pytest_runtest_teardown below) or there. The e2e groups come first, the heaviest work, so the in-process
+    # tiers fill in beside them; a group's modules run one after another in their order.
+    groups: dict = {}
+    for item in items:
+        used = set(getattr(item, "fixturenames", ()))
+        used |= {"server"} if "openai_client" in used else set()
+        shared = next((name for name in _SHARED if name in used), None)
+        if shared or item.module.__name__ not in groups:
+            groups[item.module.__name__] = shared or item.module.__name__
+    order: dict = {}
+    for item in items:
+        group = groups[item.module.__name__]
+        item.add_marker(pytest.mark.xdist_group(group))
+        order.setdefault(group, (tiers[item.nodeid] != "e2e", len(order)))
+    items.sort(key=lambda item: order[groups[item.module.__name__]])
 
 
 @pytest.fixture(scope="session")
