@@ -29,6 +29,7 @@ OTHER_VARIABLES = {
     "NO_MKDOCS_2_WARNING",
     "ERROR_CODES",  # the table the error page is generated from
     "GRPC_VERBOSITY",
+    "TEST_WORKERS",  # ./ops/test.sh's workers
 }
 PATH = re.compile(r"(?<![\w/.~-])((?:serve_app|ops|tests|voices|docs|results|\.ci)/[\w./-]*)")
 
