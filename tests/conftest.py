@@ -43,6 +43,7 @@ os.environ.setdefault("RAY_ADDRESS", "local")
 TIERS = ("unit", "engine", "http", "e2e")
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own, which reads the groups
 def pytest_collection_modifyitems(config, items):
     """Each test gets its tier's marker, `server` when it uses the shared server, and `slow` when it starts
     servers or clusters of its own (the e2e tier) or is marked so."""
