@@ -45,8 +45,8 @@ TIERS = ("unit", "engine", "http", "e2e")
 
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own, which reads the groups
 def pytest_collection_modifyitems(config, items):
-    """Each test gets its tier's marker, `server` when it uses the shared server, and `slow` when it starts
-    servers or clusters of its own (the e2e tier) or is marked so."""
+    """Each test gets its tier's marker, `server` when it uses the shared server, `slow` when it starts
+    servers or clusters of its own (the e2e tier) or is marked so, and its group (`xdist_group`)."""
     tiers = {}
     for item in items:
         parts = Path(str(item.fspath)).relative_to(ROOT / "tests").parts
@@ -61,9 +61,9 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.slow)
     # Groups of tests that must run in one process, one after another: a module (its module-scoped servers
     # and its order), or every module that uses one shared server. ./ops/test.sh runs the groups on two
-    # workers (pytest-xdist: --dist loadgroup); each group's server stops after its last test, here
-    # (pytest_runtest_teardown below) or there. The e2e groups come first, the heaviest work, so the in-process
-    # tiers fill in beside them; a group's modules run one after another in their order.
+    # workers (pytest-xdist: --dist loadgroup, started in this order: --no-loadscope-reorder); each group's
+    # server stops after its last test (pytest_runtest_teardown below). The e2e groups come first, the
+    # heaviest work, so the in-process tiers fill in beside them; a group's modules run one after another.
     groups: dict = {}
     for item in items:
         used = set(getattr(item, "fixturenames", ()))
