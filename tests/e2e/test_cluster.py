@@ -19,9 +19,10 @@ from tests.support.servers import launch_server, run_loadtest
 pytestmark = [pytest.mark.server, pytest.mark.cluster]
 MAX_BATCH, MAX_QUEUED = 2, 4
 CAPACITY = 2 * MAX_BATCH + MAX_QUEUED  # two replicas' batches and the queue
-# Two text chunks (~13 s of audio in all at the tests' frame caps, ~160 frames): still generating when a replica
-# is killed, however slowly a loaded machine got all four streams to their first audio.
-HOLD_TEXT = "This request runs long enough to still be generating when the replica goes away. " * 3
+# ~26 s of audio at the tests' frame caps (~330 frames): still generating when a replica is killed, however
+# slowly a loaded machine got all four streams to their first audio, and however fast it generates (the victim
+# is chosen from health published up to 2 s before).
+HOLD_TEXT = "This request runs long enough to still be generating when the replica goes away. " * 6
 
 
 def serving(body: dict) -> list[dict]:
