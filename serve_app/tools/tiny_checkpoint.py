@@ -224,14 +224,14 @@ def write_checkpoint(out: Path, full_size: bool = False, seed: int = 0, codebook
     """Write the checkpoint into `out` (created); returns `out`. `codebooks` below CSM's 32 (Mimi's first ones,
     as Moshi uses 8) makes each frame cheaper where only the code path matters: every part of the serving
     code reads the count from the checkpoint's config."""
+    if full_size and codebooks != CSM_CODEBOOKS:
+        raise ValueError(f"the full-size checkpoint is CSM-1B's architecture: {CSM_CODEBOOKS} codebooks")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     mx.random.seed(seed)
     vocab = _write_tokenizer(out)
     # Full size stores bf16 like the published weights (kyutai's Mimi file is bf16); tiny stays float32.
     dtype = mx.bfloat16 if full_size else mx.float32
-    if full_size and codebooks != CSM_CODEBOOKS:
-        raise ValueError("the full-size checkpoint is CSM-1B's architecture: 32 codebooks")
     _write_csm(out, csm_config(vocab, full_size, codebooks), dtype)
     _write_mimi(out, full_size, codebooks, dtype)
     _write_prompts(out, seconds=1.0)
@@ -252,6 +252,8 @@ def main(argv=None) -> None:
         help="Mimi codebooks per frame (tiny only; CSM's 32 by default)",
     )
     args = parser.parse_args(argv)
+    if args.full_size and args.codebooks != CSM_CODEBOOKS:
+        parser.error(f"--full-size is CSM-1B's architecture: {CSM_CODEBOOKS} codebooks")
     write_checkpoint(args.out_dir, args.full_size, args.seed, args.codebooks)
     print(f"wrote {'full-size' if args.full_size else 'tiny'} random-weight checkpoint to {args.out_dir}")
 

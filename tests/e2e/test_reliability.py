@@ -56,8 +56,9 @@ from tests.support.wyoming import closed, read_until
 pytestmark = pytest.mark.server
 
 CAPACITY = 3  # MAX_BATCH_SIZE + MAX_QUEUED_REQUESTS
-# Two text chunks of ~2.2 s of audio each: under a second of generation on the suite's tiny checkpoint here.
-HOLD_TEXT = "This sentence keeps the model busy for a little while, long enough to fill the queue. " * 2
+# Six sentences, ~2 s of audio each at this server's caps (~150 frames): a few seconds of generation here, so the
+# holders keep their places while a test's requests are refused (the two generating end first, then the third).
+HOLD_TEXT = "This sentence keeps the model busy for a little while, long enough to fill the queue. " * 6
 
 
 @pytest.fixture(scope="module")
@@ -93,8 +94,7 @@ def in_flight(server) -> int:
 class Holders:
     """`n` long requests in threads, holding the server's places until they finish."""
 
-    def __init__(self, server, n: int, text: str = HOLD_TEXT):
-        self.text = text
+    def __init__(self, server, n: int):
         self.responses: list[httpx.Response] = []
         self.threads = [threading.Thread(target=self._post, args=(server,)) for _ in range(n)]
         for thread in self.threads:
@@ -106,7 +106,7 @@ class Holders:
 
     def _post(self, server) -> None:
         self.responses.append(
-            httpx.post(f"{server.api}/audio/speech", timeout=120, json={"input": self.text, "response_format": "wav"})
+            httpx.post(f"{server.api}/audio/speech", timeout=120, json={"input": HOLD_TEXT, "response_format": "wav"})
         )
 
     def join(self) -> list[httpx.Response]:
@@ -116,9 +116,7 @@ class Holders:
 
 
 def test_over_capacity_gets_429_with_retry_after_before_any_audio(busy):
-    # Three times the hold: the places stay taken while HTTP, Wyoming and a WebSocket are each refused (the two
-    # generating holders end first, then the queued one starts: capacity is full until then).
-    holders = Holders(busy, CAPACITY, text=HOLD_TEXT * 3)
+    holders = Holders(busy, CAPACITY)
     response = httpx.post(f"{busy.api}/audio/speech", json={"input": "One more."}, timeout=30)
     assert response.status_code == 429, response.text
     assert response.headers["content-type"] == "application/json"
@@ -342,7 +340,7 @@ def test_killed_model_replica_comes_back_and_in_flight_clients_see_an_error(busy
     def stream() -> None:
         try:
             with httpx.stream(
-                "POST", f"{busy.api}/audio/speech", timeout=60, json={"input": HOLD_TEXT * 3, "response_format": "mp3"}
+                "POST", f"{busy.api}/audio/speech", timeout=60, json={"input": HOLD_TEXT, "response_format": "mp3"}
             ) as response:
                 outcome["status"] = response.status_code
                 for _ in response.iter_raw():
