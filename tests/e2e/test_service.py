@@ -24,6 +24,8 @@ import httpx
 import pytest
 
 from serve_app.core import processes
+from serve_app.core.settings import Settings
+from serve_app.text.chunking import chunk_text
 from tests.support.audio import decode, duration
 from tests.support.servers import ROOT, logged, session_processes
 from tests.support.service import API_KEY, CTL, WRONG_KEY, ctl
@@ -208,8 +210,14 @@ def test_stop_lets_the_stream_in_flight_finish_then_everything_is_gone(controlle
     env, cache, port = controlled.env, controlled.cache, controlled.port
     result = {}
 
+    # Four text chunks, ~32 s of audio at the tests' caps: still generating while the stop begins and the late
+    # request is refused, however fast the machine generates.
+    text = "A longer answer that keeps the model busy for a few seconds here. " * 9
+    settings = Settings(_env_file=None)
+    chunks = chunk_text(text.strip(), settings.chunk_max_chars, settings.first_chunk_max_chars)
+    whole_s = sum(0.5 + 0.05 * len(chunk) for chunk in chunks)  # each chunk runs to its cap (TEST_ENV)
+
     def long_request():
-        text = "A longer answer that keeps the model busy for a few seconds here. " * 3
         result["response"] = controlled.speak(text, response_format="wav")
 
     client = threading.Thread(target=long_request)
@@ -229,7 +237,7 @@ def test_stop_lets_the_stream_in_flight_finish_then_everything_is_gone(controlle
     assert stopper.returncode == 0 and "stopped in" in stop_out
     response = result["response"]
     assert response.status_code == 200
-    assert duration(decode(response.content)) == pytest.approx(0.5 + 0.05 * 200, abs=0.6)  # not cut short
+    assert len(chunks) == 4 and duration(decode(response.content)) == pytest.approx(whole_s, abs=0.6)  # not cut short
     assert not (cache / "server.pid").exists()
     assert not (cache / "draining").exists()
     wait_for(lambda: session_processes(controlled.serve_pid) == [], "every process of the server's session ended")
