@@ -66,8 +66,7 @@ def pytest_collection_modifyitems(config, items):
     # heaviest work, so the in-process tiers fill in beside them; a group's modules run one after another.
     groups: dict = {}
     for item in items:
-        used = set(getattr(item, "fixturenames", ()))
-        used |= {"server"} if "openai_client" in used else set()
+        used = getattr(item, "fixturenames", ())  # every fixture it needs, through others (openai_client) too
         shared = next((name for name in _SHARED if name in used), None)
         if shared or item.module.__name__ not in groups:
             groups[item.module.__name__] = shared or item.module.__name__

@@ -24,10 +24,12 @@ import httpx
 import pytest
 
 from serve_app.core import processes
+from serve_app.core.constants import FRAME_RATE
 from serve_app.core.settings import Settings
+from serve_app.engine.options import EngineOptions
 from serve_app.text.chunking import chunk_text
 from tests.support.audio import decode, duration
-from tests.support.servers import ROOT, logged, session_processes
+from tests.support.servers import ENGINE_CAPS, ROOT, logged, session_processes
 from tests.support.service import API_KEY, CTL, WRONG_KEY, ctl
 from tests.support.waiting import wait_for
 
@@ -213,9 +215,10 @@ def test_stop_lets_the_stream_in_flight_finish_then_everything_is_gone(controlle
     # Four text chunks, ~32 s of audio at the tests' caps: still generating while the stop begins and the late
     # request is refused, however fast the machine generates.
     text = "A longer answer that keeps the model busy for a few seconds here. " * 9
-    settings = Settings(_env_file=None)
+    settings = Settings(_env_file=None, **ENGINE_CAPS)  # the server's caps (TEST_ENV)
     chunks = chunk_text(text.strip(), settings.chunk_max_chars, settings.first_chunk_max_chars)
-    whole_s = sum(0.5 + 0.05 * len(chunk) for chunk in chunks)  # each chunk runs to its cap (TEST_ENV)
+    cap = EngineOptions.from_settings(settings).max_frames_for  # each chunk runs to its frame cap
+    whole_s = sum(cap(chunk) for chunk in chunks) / FRAME_RATE
 
     def long_request():
         result["response"] = controlled.speak(text, response_format="wav")
